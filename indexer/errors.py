@@ -1,0 +1,36 @@
+"""Domain exceptions. The library raises these; ``cli.py`` turns them into click errors.
+
+Every message names the input (path, file and row, query name, value) and what is wrong with it.
+"""
+
+
+class ClipIndexError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class IndexNotFound(ClipIndexError):
+    """The index directory does not exist or holds no catalog."""
+
+
+class FormatVersionMismatch(ClipIndexError):
+    """The index was written by a different, incompatible format version."""
+
+
+class BadInput(ClipIndexError):
+    """Input data is malformed: the message names the file (and row where known)."""
+
+
+class InvalidParameter(ClipIndexError, ValueError):
+    """A parameter value is out of range or inconsistent with the index."""
+
+
+class UnknownQuery(ClipIndexError):
+    """A named SQL query does not exist."""
+
+
+class BudgetTooSmall(ClipIndexError):
+    """No FAISS index type fits the memory budget."""
+
+
+class NotReadOnly(ClipIndexError):
+    """A user query tried to modify the catalog through a read-only entry point."""

@@ -1,0 +1,55 @@
+"""The on-disk layout of one index directory.
+
+::
+
+    INDEX_DIR/
+      catalog.duckdb        DuckDB: manifest, samples, modality_stats (+ scores, weights, ... later)
+      image.faiss           FAISS index over the normalised image embeddings (ids = vec_id)
+      text.faiss            FAISS index over the normalised text embeddings (ids = vec_id)
+      image_emb.npy         normalised image embeddings, row i = vec_id i (float16 or float32)
+      text_emb.npy          normalised text embeddings
+      image_rawnorm.npy     ||u|| of the raw image embeddings (only when raw embeddings are known)
+      text_rawnorm.npy      ||u|| of the raw text embeddings
+
+Row ``i`` of every array and ``vec_id = i`` in ``samples`` describe the same (image, caption) pair;
+the raw embedding is ``rawnorm[i] * emb[i]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MODALITIES = ("image", "text")
+CATALOG = "catalog.duckdb"
+
+
+def check_modality(modality: str) -> str:
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    return modality
+
+
+@dataclass(frozen=True)
+class IndexPaths:
+    """Paths of the files inside one index directory."""
+
+    root: Path
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / CATALOG
+
+    def faiss(self, modality: str) -> Path:
+        return self.root / f"{check_modality(modality)}.faiss"
+
+    def embeddings(self, modality: str) -> Path:
+        return self.root / f"{check_modality(modality)}_emb.npy"
+
+    def rawnorms(self, modality: str) -> Path:
+        return self.root / f"{check_modality(modality)}_rawnorm.npy"
+
+    def work_dir(self, name: str) -> Path:
+        """Scratch space for resumable jobs (e.g. scoring chunks), inside the index."""
+        return self.root / "work" / name

@@ -1,0 +1,132 @@
+"""Open a built index directory: manifest, embeddings (memory-mapped), FAISS indexes, statistics."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexer.errors import FormatVersionMismatch, IndexNotFound
+from indexer.layout import FORMAT_VERSION, IndexPaths, check_modality
+from queries.store import Store
+
+
+class PoolIndex:
+    """A built index. Cheap to open; arrays and FAISS indexes load on first use.
+
+    Args:
+        path: the index directory.
+        mmap: memory-map the FAISS indexes read-only instead of reading them into memory.
+    """
+
+    def __init__(self, path: str | Path, mmap: bool = False):
+        self.root = Path(path)
+        self.paths = IndexPaths(self.root)
+        self.mmap = mmap
+        if not self.root.is_dir():
+            raise IndexNotFound(f"Index directory {str(self.root)!r} does not exist")
+        if not self.paths.catalog.is_file():
+            raise IndexNotFound(
+                f"{str(self.root)!r} is not an index: it has no {self.paths.catalog.name} "
+                "(build one with `cli.py build-index --out DIR`)"
+            )
+        self.manifest = self._read_manifest()
+        fv = self.manifest.get("format_version")
+        if fv != FORMAT_VERSION:
+            raise FormatVersionMismatch(
+                f"Index {str(self.root)!r} has format version {fv}; this tool reads version "
+                f"{FORMAT_VERSION}. Rebuild it with `cli.py build-index`."
+            )
+        self._faiss: dict[str, Any] = {}
+        self._emb: dict[str, np.ndarray] = {}
+
+    def _read_manifest(self) -> dict:
+        with self.store(read_only=True) as s:
+            if not s.has_table("manifest"):
+                raise IndexNotFound(f"Catalog {str(self.paths.catalog)!r} has no manifest table")
+            rows = list(s.query("SELECT * FROM manifest"))
+        if len(rows) != 1:
+            raise IndexNotFound(f"Catalog {str(self.paths.catalog)!r} has {len(rows)} manifest rows")
+        m = rows[0]
+        for key in ("index_params", "extra"):
+            if isinstance(m.get(key), str):
+                m[key] = json.loads(m[key])
+        return m
+
+    # -- manifest shortcuts ---------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return int(self.manifest["n"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.manifest["logit_scale"])
+
+    @property
+    def logit_bias(self) -> float | None:
+        b = self.manifest.get("logit_bias")
+        return None if b is None else float(b)
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.manifest["synthetic"])
+
+    @property
+    def raw_known(self) -> bool:
+        return bool(self.manifest["raw_known"])
+
+    # -- data -----------------------------------------------------------------------------
+    def store(self, read_only: bool = True) -> Store:
+        """A ``Store`` over the catalog (a context manager)."""
+        return Store(self.paths.catalog, read_only=read_only, must_exist=True)
+
+    def embeddings(self, modality: str) -> np.ndarray:
+        """Normalised embeddings of one modality, shape (n, dim), memory-mapped read-only."""
+        check_modality(modality)
+        if modality not in self._emb:
+            self._emb[modality] = np.load(self.paths.embeddings(modality), mmap_mode="r")
+        return self._emb[modality]
+
+    def raw_norms(self, modality: str) -> np.ndarray | None:
+        """||u|| of the raw embeddings, or None when the source gave normalised vectors only."""
+        p = self.paths.rawnorms(modality)
+        return np.load(p) if p.is_file() else None
+
+    def faiss(self, modality: str):
+        """The FAISS index of one modality (ids = vec_id), loaded on first use."""
+        check_modality(modality)
+        if modality not in self._faiss:
+            from indexer.faiss_index import load_index
+
+            self._faiss[modality] = load_index(self.paths.faiss(modality), mmap=self.mmap)
+        return self._faiss[modality]
+
+    @cached_property
+    def _stats(self) -> dict[tuple[str, str], np.ndarray]:
+        out = {}
+        with self.store(read_only=True) as s:
+            for row in s.query("SELECT modality, name, shape, value FROM modality_stats"):
+                out[(row["modality"], row["name"])] = np.asarray(row["value"], dtype=np.float64).reshape(
+                    tuple(row["shape"])
+                )
+        return out
+
+    def stat(self, modality: str, name: str) -> np.ndarray:
+        """A per-modality statistic (see ``sql/migrations/001_create_tables.sql`` for names)."""
+        check_modality(modality)
+        try:
+            return self._stats[(modality, name)]
+        except KeyError:
+            raise KeyError(f"Index {str(self.root)!r} has no statistic {name!r} for {modality}") from None
+
+
+def open_index(path: str | Path, mmap: bool = False) -> PoolIndex:
+    """Open the index at ``path``; raises ``IndexNotFound`` or ``FormatVersionMismatch``."""
+    return PoolIndex(path, mmap=mmap)

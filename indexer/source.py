@@ -1,0 +1,46 @@
+"""What every input source hands the builder: a header (``SourceInfo``) and a stream of ``Batch``.
+
+A source never normalises or validates vectors itself beyond its own file-level checks (missing
+files, row counts that disagree between files, dimension mismatch between files); the builder
+validates every batch (NaN / inf / all-zero rows, dimensions, uids) and names ``origin`` and the row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass
+class SourceInfo:
+    source: str  # "synthetic" | "open_clip" | "datacomp" | "clip-retrieval"
+    n: int  # number of samples the source will yield in total
+    dim: int
+    raw_known: bool  # True: vectors are raw (unnormalised) model outputs, their norms are kept
+    logit_scale: float  # a = exp(model.logit_scale)
+    logit_bias: float | None = None  # SigLIP bias b
+    model: str | None = None
+    pretrained: str | None = None
+    synthetic: bool = False
+    extra: dict = field(default_factory=dict)  # JSON-able, stored in manifest.extra
+
+
+@dataclass
+class Batch:
+    """A slice of the pool. ``meta`` has at least ``uid`` (32 lowercase hex digits) and ``caption``
+    (string) columns; any other column is source metadata and is kept in ``samples``."""
+
+    meta: pa.Table
+    image: np.ndarray  # (b, dim) float32, raw if SourceInfo.raw_known
+    text: np.ndarray  # (b, dim) float32
+    origin: str  # file (or "synthetic") the rows came from, for error messages
+    row_offset: int = 0  # index of the first row within ``origin``
+
+
+class Source(Protocol):
+    info: SourceInfo
+
+    def batches(self, batch_size: int) -> Iterator[Batch]: ...

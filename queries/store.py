@@ -1,0 +1,109 @@
+"""The catalog store: one small object over a DuckDB connection, and SQL loaded by name.
+
+SQL lives in ``sql/*.sql`` (one statement per file, ``$name`` parameters); schema changes live in
+``sql/migrations/NNN_*.sql`` and are applied in order, recorded in ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+from indexer.errors import IndexNotFound, UnknownQuery
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def available() -> list[str]:
+    """Names of the SQL files shipped in ``sql/``."""
+    return sorted(p.name[:-4] for p in files("sql").iterdir() if p.name.endswith(".sql"))
+
+
+@lru_cache(maxsize=None)
+def load_sql(name: str) -> str:
+    """Return the text of ``sql/<name>.sql``.
+
+    >>> "CREATE" in load_sql("migrations/001_create_tables").upper()
+    True
+    """
+    parts = name.split("/")
+    if not all(_NAME.match(p) or re.match(r"^\d{3}_[a-z0-9_]+$", p) for p in parts):
+        raise UnknownQuery(f"Unknown query {name!r}; available: {', '.join(available())}")
+    res = files("sql").joinpath(*parts[:-1], f"{parts[-1]}.sql")
+    if not res.is_file():
+        raise UnknownQuery(f"Unknown query {name!r}; available: {', '.join(available())}")
+    return res.read_text(encoding="utf-8")
+
+
+def migrations() -> list[tuple[int, str]]:
+    """(version, name) of every migration, in order."""
+    out = []
+    for p in files("sql").joinpath("migrations").iterdir():
+        m = re.match(r"^(\d{3})_([a-z0-9_]+)\.sql$", p.name)
+        if m:
+            out.append((int(m.group(1)), p.name[:-4]))
+    return sorted(out)
+
+
+class Store:
+    """A DuckDB catalog. Use as a context manager; ``run`` executes a named SQL file.
+
+    >>> with Store(":memory:") as s:
+    ...     s.migrate()
+    ...     s.schema_version()
+    1
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False, must_exist: bool = False):
+        self.path = str(path)
+        if must_exist and self.path != ":memory:" and not Path(self.path).is_file():
+            raise IndexNotFound(f"No catalog at {self.path}")
+        self.read_only = read_only
+        self.con = duckdb.connect(self.path, read_only=read_only)
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def run(self, name: str, **params: Any) -> duckdb.DuckDBPyConnection:
+        """Execute ``sql/<name>.sql`` with ``$param`` bindings; returns the cursor."""
+        sql = load_sql(name)
+        return self.con.execute(sql, params) if params else self.con.execute(sql)
+
+    def query(self, sql: str, params: dict | None = None) -> Iterator[dict]:
+        """Run SQL text and yield rows as dicts."""
+        cur = self.con.execute(sql, params or {})
+        cols = [d[0] for d in cur.description]
+        for row in cur.fetchall():
+            yield dict(zip(cols, row))
+
+    def has_table(self, table: str) -> bool:
+        return bool(
+            self.con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = $t", {"t": table}
+            ).fetchone()[0]
+        )
+
+    def schema_version(self) -> int:
+        if not self.has_table("schema_version"):
+            return 0
+        v = self.con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        return int(v or 0)
+
+    def migrate(self) -> None:
+        """Apply the migrations newer than ``schema_version``."""
+        current = self.schema_version()
+        for version, name in migrations():
+            if version > current:
+                self.con.execute(load_sql(f"migrations/{name}"))
+                self.con.execute("INSERT INTO schema_version VALUES ($v)", {"v": version})
