@@ -1,0 +1,334 @@
+"""Build an index directory from a source: write aside, validate, embed stats, FAISS, catalog, swap.
+
+The new index is written into a hidden sibling directory (``.NAME.building-PID-XXXX``) and renamed
+into place only once complete, so an interrupted or failed build leaves the previous index at
+``out`` intact and usable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from indexer import __version__
+from indexer.errors import BadInput, InvalidParameter
+from indexer.layout import FORMAT_VERSION, MODALITIES, IndexPaths
+from indexer.progress import Progress, null_progress
+from indexer.source import Batch, Source, SourceInfo
+from indexer.validate import validate_batch
+from queries.store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MEMORY = 8 << 30  # bytes per FAISS index
+DEFAULT_BATCH = 65536
+
+
+@dataclass
+class BuildReport:
+    """What a build did."""
+
+    path: Path
+    source: str
+    synthetic: bool
+    n: int
+    dim: int
+    index_keys: dict[str, str]
+    seconds: dict[str, float] = field(default_factory=dict)
+    skipped: int = 0
+    skipped_report: Path | None = None
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
+class LimitedSource:
+    """The first ``limit`` samples of another source."""
+
+    def __init__(self, source: Source, limit: int):
+        self._source = source
+        self._limit = limit
+        i = source.info
+        self.info = SourceInfo(**{**i.__dict__, "n": min(i.n, limit)})
+
+    @property
+    def skipped(self):
+        return getattr(self._source, "skipped", [])
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        left = self._limit
+        for b in self._source.batches(batch_size):
+            if left <= 0:
+                return
+            if b.meta.num_rows > left:
+                b = Batch(b.meta.slice(0, left), b.image[:left], b.text[:left], b.origin, b.row_offset)
+            left -= b.meta.num_rows
+            yield b
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove build directories left by builds of ``out`` whose process no longer exists."""
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(building|old)-(\d+)-[0-9a-f]+$")
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.iterdir():
+        m = pat.match(p.name)
+        if m and not _pid_alive(int(m.group(2))):
+            log.info("removing stale build directory %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_replaceable(out: Path) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BadInput(f"Output {str(out)!r} exists and is not a directory; refusing to replace it")
+    if any(out.iterdir()) and not IndexPaths(out).catalog.is_file():
+        raise BadInput(
+            f"Output {str(out)!r} exists, is not empty and is not an index; refusing to replace it "
+            "(choose another --out)"
+        )
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """Move the finished build at ``tmp`` to ``out``, replacing an older index there."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_index(
+    source: Source,
+    out: str | Path,
+    *,
+    index_key: str | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    dtype: str = "float32",
+    batch_size: int = DEFAULT_BATCH,
+    nprobe: int | None = None,
+    use_gpu: bool | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> BuildReport:
+    """Build an index directory at ``out`` from ``source``.
+
+    Args:
+        source: any ``indexer.source.Source`` (synthetic world, DataComp, clip-retrieval, open_clip).
+        out: the index directory; an existing index there is replaced only when the build succeeds.
+        index_key: FAISS factory string; default chosen from n, dim and ``max_memory``.
+        max_memory: memory budget in bytes for one modality's FAISS index.
+        dtype: storage of the normalised embeddings, "float32" or "float16".
+        batch_size: rows per batch read from the source.
+        nprobe: IVF probes stored as the index's default; default from ``choose.default_nprobe``.
+        use_gpu: use GPU FAISS for training/adding; None = when one is present.
+        limit: keep only the first ``limit`` samples of the source.
+        seed: seed for FAISS training samples.
+        progress: progress hook (see indexer.progress).
+
+    Returns:
+        A ``BuildReport``.
+
+    Raises:
+        BadInput: malformed input (the message names the file and row).
+        InvalidParameter: a bad option value.
+        BudgetTooSmall: no FAISS index fits ``max_memory``.
+    """
+    from indexer import choose, faiss_index
+    from indexer.stats import StatsAccumulator
+
+    progress = progress or null_progress
+    if dtype not in ("float32", "float16"):
+        raise InvalidParameter(f"dtype must be float32 or float16, got {dtype!r}")
+    if batch_size < 1:
+        raise InvalidParameter(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None:
+        if limit < 1:
+            raise InvalidParameter(f"n must be >= 1, got {limit}")
+        source = LimitedSource(source, limit)
+    out = Path(out)
+    _check_replaceable(out)
+    _clean_stale(out)
+    info = source.info
+    if info.n < 1:
+        raise BadInput(f"source {info.source!r} has no samples")
+    if not (info.logit_scale > 0 and np.isfinite(info.logit_scale)):
+        raise InvalidParameter(f"logit scale must be a positive number, got {info.logit_scale}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    paths = IndexPaths(tmp)
+    seconds: dict[str, float] = {}
+    try:
+        n_max, dim = info.n, info.dim
+        emb = {
+            m: np.lib.format.open_memmap(paths.embeddings(m), mode="w+", dtype=dtype, shape=(n_max, dim))
+            for m in MODALITIES
+        }
+        rawnorm = {m: np.zeros(n_max, np.float32) for m in MODALITIES} if info.raw_known else None
+        acc = {m: StatsAccumulator(dim, raw=info.raw_known) for m in MODALITIES}
+        store = Store(paths.catalog)
+        store.migrate()
+        segments: list[tuple[int, str, int]] = []  # (first vec_id, origin, row offset)
+        pos = 0
+        t0 = time.perf_counter()
+        with progress(f"Reading {info.source}", n_max) as advance:
+            for batch in source.batches(batch_size):
+                validate_batch(batch, dim)
+                b = batch.meta.num_rows
+                if pos + b > n_max:
+                    raise BadInput(f"{batch.origin}: source yielded more than the {n_max} rows it announced")
+                for m, arr in (("image", batch.image), ("text", batch.text)):
+                    arr = np.asarray(arr, dtype=np.float32)
+                    norms = np.linalg.norm(arr, axis=1)
+                    v = arr / norms[:, None]
+                    emb[m][pos : pos + b] = v
+                    if rawnorm is not None:
+                        rawnorm[m][pos : pos + b] = norms
+                    acc[m].update(v, norms if info.raw_known else None)
+                meta = batch.meta.add_column(0, "vec_id", pa.array(np.arange(pos, pos + b, dtype=np.int64)))
+                store.con.register("_batch", meta)
+                if pos == 0:
+                    store.con.execute("CREATE TABLE samples AS SELECT * FROM _batch")
+                else:
+                    store.con.execute("INSERT INTO samples BY NAME SELECT * FROM _batch")
+                store.con.unregister("_batch")
+                segments.append((pos, batch.origin, batch.row_offset))
+                pos += b
+                advance(b)
+        seconds["read"] = time.perf_counter() - t0
+        skipped = list(getattr(source, "skipped", []) or [])
+        n = pos
+        if n == 0:
+            raise BadInput(f"source {info.source!r} yielded no samples")
+        if n < n_max and not skipped:
+            raise BadInput(f"source {info.source!r} announced {n_max} samples but yielded {n}")
+        for m in MODALITIES:
+            emb[m].flush()
+        if n < n_max:  # rows were skipped: rewrite the arrays at their true size
+            for m in MODALITIES:
+                full = emb[m]
+                p = paths.embeddings(m)
+                part = p.with_suffix(".part.npy")
+                trimmed = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=(n, dim))
+                trimmed[:] = full[:n]
+                trimmed.flush()
+                del full, trimmed
+                os.replace(part, p)
+                emb[m] = np.load(p, mmap_mode="r")
+        _check_duplicate_uids(store, segments)
+
+        t0 = time.perf_counter()
+        for m in MODALITIES:
+            for name, value in acc[m].finalize().items():
+                value = np.asarray(value, dtype=np.float64)
+                store.con.execute(
+                    "INSERT INTO modality_stats VALUES ($m, $name, $shape, $value)",
+                    {"m": m, "name": name, "shape": list(value.shape), "value": value.ravel().tolist()},
+                )
+            if rawnorm is not None:
+                np.save(paths.rawnorms(m), rawnorm[m][:n])
+        seconds["stats"] = time.perf_counter() - t0
+
+        key = index_key or choose.choose_index_key(n, dim, max_memory)
+        probe = nprobe if nprobe is not None else choose.default_nprobe(key, n)
+        t0 = time.perf_counter()
+        params = {}
+        for m in MODALITIES:
+            try:
+                index = faiss_index.build_index(key, emb[m][:n], seed=seed, use_gpu=use_gpu, progress=progress,
+                                                label=f"Adding to FAISS ({m})")
+            except (RuntimeError, ValueError) as e:
+                if index_key is not None:
+                    raise InvalidParameter(f"FAISS could not build index {index_key!r}: {e}") from None
+                raise
+            faiss_index.set_nprobe(index, probe)
+            params[m] = faiss_index.index_params(index)
+            faiss_index.save_index(index, paths.faiss(m))
+            del index
+        seconds["faiss"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        extra = dict(info.extra)
+        if skipped:
+            report = tmp / "skipped.tsv"
+            report.write_text("path\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped), encoding="utf-8")
+            extra["skipped"] = len(skipped)
+            log.warning("skipped %d unreadable inputs; listed in %s", len(skipped), out / "skipped.tsv")
+        store.con.execute(
+            """INSERT INTO manifest VALUES ($fv, $source, $synthetic, $model, $pretrained, $dim, $scale,
+                 $bias, $n, $raw, $dtype, $ikey, $tkey, $params, $created, $version, $extra)""",
+            {
+                "fv": FORMAT_VERSION, "source": info.source, "synthetic": bool(info.synthetic),
+                "model": info.model, "pretrained": info.pretrained, "dim": dim,
+                "scale": float(info.logit_scale),
+                "bias": None if info.logit_bias is None else float(info.logit_bias),
+                "n": n, "raw": bool(info.raw_known), "dtype": dtype, "ikey": key, "tkey": key,
+                "params": json.dumps(params), "created": datetime.now(timezone.utc).replace(tzinfo=None),
+                "version": __version__, "extra": json.dumps(extra),
+            },
+        )
+        store.con.execute("CHECKPOINT")
+        store.close()
+        del emb
+        seconds["catalog"] = time.perf_counter() - t0
+        _swap(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildReport(
+        path=out, source=info.source, synthetic=bool(info.synthetic), n=n, dim=dim,
+        index_keys={m: key for m in MODALITIES}, seconds=seconds, skipped=len(skipped),
+        skipped_report=(out / "skipped.tsv") if skipped else None,
+    )
+
+
+def _check_duplicate_uids(store: Store, segments: list[tuple[int, str, int]]) -> None:
+    row = store.con.execute(
+        """SELECT uid, list(vec_id ORDER BY vec_id)[1:2] FROM samples
+           GROUP BY uid HAVING count(*) > 1 ORDER BY min(vec_id) LIMIT 1"""
+    ).fetchone()
+    if row is None:
+        return
+    uid, (a, b) = row
+    starts = [s[0] for s in segments]
+
+    def where(vec_id: int) -> str:
+        i = int(np.searchsorted(starts, vec_id, side="right")) - 1
+        first, origin, offset = segments[i]
+        return f"{origin}, row {offset + vec_id - first}"
+
+    raise BadInput(f"duplicate uid {uid!r}: {where(a)} and {where(b)}")

@@ -1,0 +1,38 @@
+"""A summary of a built index: manifest, counts, files and per-modality statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from indexer.layout import MODALITIES
+from indexer.pool import open_index
+
+
+def index_info(path: str | Path) -> dict:
+    """Manifest, table row counts, file sizes and a statistics summary of the index at ``path``."""
+    pool = open_index(path)
+    with pool.store(read_only=True) as s:
+        tables = [r["table_name"] for r in s.query(
+            "SELECT table_name FROM information_schema.tables ORDER BY table_name")]
+        counts = {t: s.con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
+        runs = list(s.query("SELECT * FROM score_runs ORDER BY created_at DESC LIMIT 1")) if "score_runs" in tables else []
+    stats = {}
+    for m in MODALITIES:
+        mean = pool.stat(m, "mean")
+        cov = pool.stat(m, "cov")
+        n = pool.n
+        # mean pairwise cosine of unit vectors (self-pairs excluded): (||sum||^2 - n) / (n (n-1))
+        total = pool.stat(m, "sum")
+        stats[m] = {
+            "norm_of_mean": float(np.linalg.norm(mean)),
+            "total_variance": float(np.trace(cov)),
+            "mean_pairwise_cosine": float((total @ total - n) / (n * (n - 1))) if n > 1 else float("nan"),
+        }
+        if pool.raw_known:
+            raw_mean, raw_cov = pool.stat(m, "raw_mean"), pool.stat(m, "raw_cov")
+            stats[m]["raw_mean_over_std"] = float(np.linalg.norm(raw_mean) / np.sqrt(np.trace(raw_cov)))
+    files = {p.name: p.stat().st_size for p in sorted(pool.root.iterdir()) if p.is_file()}
+    return {"path": str(pool.root), "manifest": pool.manifest, "tables": counts, "files": files,
+            "stats": stats, "last_score_run": runs[0] if runs else None}

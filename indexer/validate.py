@@ -1,0 +1,72 @@
+"""Per-batch checks the builder runs on every source: shapes, finite non-zero vectors, uids.
+
+Every error names the origin file and the row within it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from indexer.errors import BadInput
+from indexer.source import Batch
+
+UID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+def _where(batch: Batch, row: int) -> str:
+    return f"{batch.origin}, row {batch.row_offset + int(row)}"
+
+
+def validate_batch(batch: Batch, dim: int) -> None:
+    """Raise ``BadInput`` if ``batch`` is malformed.
+
+    Checks: ``meta`` has ``uid`` and ``caption`` columns and as many rows as both arrays; both arrays
+    are 2-D with ``dim`` columns; every value is finite; no row is all zeros; uids are 32 lowercase
+    hex digits and unique within the batch (the builder checks uniqueness across batches).
+    """
+    rows = batch.meta.num_rows
+    for col in ("uid", "caption"):
+        if col not in batch.meta.column_names:
+            raise BadInput(f"{batch.origin}: no {col!r} column (columns: {', '.join(batch.meta.column_names)})")
+    for name, arr in (("image", batch.image), ("text", batch.text)):
+        if arr.ndim != 2:
+            raise BadInput(f"{batch.origin}: {name} embeddings have shape {arr.shape}, expected (rows, {dim})")
+        if arr.shape[1] != dim:
+            raise BadInput(
+                f"{batch.origin}: {name} embeddings have dimension {arr.shape[1]}, expected {dim} "
+                "(dimension mismatch between files or modalities)"
+            )
+        if arr.shape[0] != rows:
+            raise BadInput(
+                f"{batch.origin}: {arr.shape[0]} {name} embeddings but {rows} metadata rows "
+                "(row counts disagree)"
+            )
+        finite = np.isfinite(arr).all(axis=1)
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            raise BadInput(f"{_where(batch, bad)}: {name} embedding contains NaN or inf")
+        zero = ~np.any(arr != 0, axis=1)
+        if zero.any():
+            bad = int(np.flatnonzero(zero)[0])
+            raise BadInput(f"{_where(batch, bad)}: {name} embedding is all zeros (cannot be normalised)")
+    uid = batch.meta.column("uid")
+    if uid.null_count:
+        bad = int(np.flatnonzero(uid.is_null().to_numpy(zero_copy_only=False))[0])
+        raise BadInput(f"{_where(batch, bad)}: uid is missing")
+    ok = pc.match_substring_regex(pc.cast(uid, pa.string()), UID_PATTERN).to_numpy(zero_copy_only=False)
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
+        raise BadInput(
+            f"{_where(batch, bad)}: malformed uid {uid[bad].as_py()!r} (expected 32 lowercase hex digits)"
+        )
+    values = uid.to_numpy(zero_copy_only=False)
+    uniq, first, counts = np.unique(values, return_index=True, return_counts=True)
+    if len(uniq) != rows:
+        dup = uniq[counts > 1][0]
+        where = np.flatnonzero(values == dup)[:2]
+        raise BadInput(
+            f"{batch.origin}: duplicate uid {dup!r} at rows "
+            f"{batch.row_offset + int(where[0])} and {batch.row_offset + int(where[1])}"
+        )

@@ -1,0 +1,25 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def clustered_pairs(n: int, d: int, seed: int = 0, clusters: int = 20):
+    """Raw (image, text) embeddings with shared cluster structure, a modality offset and noise."""
+    r = np.random.default_rng(seed)
+    centers = r.standard_normal((clusters, d))
+    z = centers[r.integers(0, clusters, n)]
+    gap = r.standard_normal(d)
+    image = (z + 0.8 * r.standard_normal((n, d)) + gap) * r.uniform(5, 15, (n, 1))
+    text = (z + 0.8 * r.standard_normal((n, d)) - gap) * r.uniform(5, 15, (n, 1))
+    return image.astype(np.float32), text.astype(np.float32)

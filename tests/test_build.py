@@ -1,0 +1,135 @@
+"""The builder: arrays in, a complete index directory out; bad input; write-aside-then-swap."""
+
+import numpy as np
+import pytest
+
+from conftest import clustered_pairs
+from indexer import faiss_index
+from indexer.build import build_index
+from indexer.errors import BadInput, InvalidParameter
+from indexer.pool import open_index
+from indexer.sources import ArraySource
+
+
+def make(n=600, d=16, seed=0, **kw):
+    image, text = clustered_pairs(n, d, seed)
+    return ArraySource(image, text, **kw), image, text
+
+
+def test_build_stores_normalised_embeddings_norms_metadata_and_stats(tmp_path):
+    src, image, text = make(meta={"url": [f"http://x/{i}" for i in range(600)]})
+    report = build_index(src, tmp_path / "idx", batch_size=128)
+    assert report.n == 600 and report.dim == 16
+    pool = open_index(tmp_path / "idx")
+    for m, raw in (("image", image), ("text", text)):
+        raw = raw.astype(np.float64)
+        norms = np.linalg.norm(raw, axis=1)
+        v = raw / norms[:, None]
+        np.testing.assert_allclose(pool.embeddings(m), v, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(pool.raw_norms(m), norms, rtol=1e-6)
+        np.testing.assert_allclose(pool.stat(m, "mean"), v.mean(0), atol=1e-6)
+        np.testing.assert_allclose(pool.stat(m, "sum"), v.sum(0), atol=1e-4)
+        np.testing.assert_allclose(pool.stat(m, "cov"), np.cov(v, rowvar=False, ddof=1), atol=1e-6)
+        np.testing.assert_allclose(pool.stat(m, "raw_mean"), raw.mean(0), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(pool.stat(m, "raw_cov"), np.cov(raw, rowvar=False), rtol=1e-4, atol=1e-3)
+    with pool.store() as s:
+        rows = list(s.query("SELECT vec_id, uid, caption, url FROM samples ORDER BY vec_id"))
+    assert [r["vec_id"] for r in rows] == list(range(600))
+    assert rows[5]["uid"] == src.meta.column("uid")[5].as_py() and rows[5]["url"] == "http://x/5"
+    assert pool.n == 600 and pool.dim == 16 and pool.logit_scale == 100.0 and not pool.synthetic
+    assert pool.manifest["image_index"] == "Flat"
+
+
+def test_faiss_ids_are_vec_ids(tmp_path):
+    src, image, text = make()
+    build_index(src, tmp_path / "idx")
+    pool = open_index(tmp_path / "idx")
+    q = np.asarray(pool.embeddings("text")[:5], dtype=np.float32)
+    scores, ids = faiss_index.search(pool.faiss("image"), q, 10)
+    exact = q @ np.asarray(pool.embeddings("image")).T
+    np.testing.assert_array_equal(ids, np.argsort(-exact, axis=1)[:, :10])
+
+
+def test_float16_storage(tmp_path):
+    src, image, _ = make()
+    build_index(src, tmp_path / "idx", dtype="float16")
+    emb = open_index(tmp_path / "idx").embeddings("image")
+    assert emb.dtype == np.float16
+    v = image / np.linalg.norm(image, axis=1, keepdims=True)
+    np.testing.assert_allclose(emb.astype(np.float32), v, atol=2e-3)
+
+
+def test_index_factory_override_and_limit(tmp_path):
+    src, *_ = make(n=2000)
+    report = build_index(src, tmp_path / "idx", index_key="IVF16,Flat", limit=1500)
+    pool = open_index(tmp_path / "idx")
+    assert report.n == 1500 and pool.n == 1500
+    assert pool.manifest["text_index"] == "IVF16,Flat"
+    assert pool.faiss("text").ntotal == 1500
+
+
+def test_rebuild_replaces_and_interrupted_build_keeps_old_index(tmp_path, monkeypatch):
+    out = tmp_path / "idx"
+    build_index(make(n=300)[0], out)
+    assert open_index(out).n == 300
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(faiss_index, "build_index", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(make(n=500, seed=1)[0], out)
+    pool = open_index(out)  # the old index is still there and usable
+    assert pool.n == 300 and pool.faiss("image").ntotal == 300
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # nothing half-written left
+    monkeypatch.undo()
+    build_index(make(n=500, seed=1)[0], out)
+    assert open_index(out).n == 500
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_an_index(tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(BadInput, match="not an index"):
+        build_index(make()[0], out)
+    assert (out / "cat.jpg").exists()
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda img, txt, uids: img.__setitem__((7, 3), np.nan), r"arrays, row 7: image embedding contains NaN"),
+        (lambda img, txt, uids: txt.__setitem__((9, 0), np.inf), r"arrays, row 9: text embedding contains NaN or inf"),
+        (lambda img, txt, uids: img.__setitem__(11, 0.0), r"arrays, row 11: image embedding is all zeros"),
+        (lambda img, txt, uids: uids.__setitem__(4, "xyz"), r"arrays, row 4: malformed uid 'xyz'"),
+        (lambda img, txt, uids: uids.__setitem__(4, "A" * 32), r"malformed uid"),
+        (lambda img, txt, uids: uids.__setitem__(250, uids[3]), r"duplicate uid '.*': arrays, row 3 and arrays, row 250"),
+    ],
+)
+def test_bad_input_is_named_and_leaves_nothing(tmp_path, mutate, message):
+    image, text = clustered_pairs(300, 8)
+    uids = [f"{i:032x}" for i in range(300)]
+    mutate(image, text, uids)
+    with pytest.raises(BadInput, match=message):
+        build_index(ArraySource(image, text, uids=uids), tmp_path / "idx", batch_size=100)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dimension_and_row_mismatch(tmp_path):
+    image, text = clustered_pairs(100, 8)
+    with pytest.raises(BadInput, match="text embeddings have dimension 6, expected 8"):
+        build_index(ArraySource(image, text[:, :6]), tmp_path / "a")
+    with pytest.raises(BadInput, match="99 text embeddings but 100 metadata rows"):
+        build_index(ArraySource(image, text[:99]), tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_parameters(tmp_path):
+    src = make()[0]
+    with pytest.raises(InvalidParameter, match="float64"):
+        build_index(src, tmp_path / "i", dtype="float64")
+    with pytest.raises(InvalidParameter, match="NotAnIndex"):
+        build_index(src, tmp_path / "i", index_key="NotAnIndex")
+    assert list(tmp_path.iterdir()) == []
