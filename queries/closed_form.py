@@ -26,6 +26,7 @@ import numpy as np
 from indexer.errors import BadInput, InvalidParameter
 from indexer.layout import MODALITIES, check_modality
 from indexer.progress import Progress, null_progress
+from indexer.stats import whitened_loglik
 
 __all__ = [
     "METRICS",
@@ -176,25 +177,25 @@ def conformity_est(v: np.ndarray, mean: np.ndarray) -> np.ndarray:
 
 
 def loglik(u: np.ndarray, mu: np.ndarray, W: np.ndarray, logdet: float) -> np.ndarray:
-    """Whitened Gaussian log-likelihood (SPEC 6).
+    """Whitened Gaussian log-likelihood (SPEC 6); delegates to ``indexer.stats.whitened_loglik``.
 
-    ``log p(u) = -||W (u - mu)||^2 / 2 - (d/2) log(2 pi) + log|det W|``. With ``W = S^-1/2`` this is
-    exactly the log-density of N(mu, S) at ``u``.
+    ``log p(u) = -||W (u - mu)||^2 / 2 - (d/2) log(2 pi) + log|det W|``. With ``W = S^-1/2`` (or any
+    W with ``W^T W = S^-1``) this is exactly the log-density of N(mu, S) at ``u``.
 
     Args:
         u: (rows, d) embeddings: raw ones when the raw vectors are known, else normalised ones (the
             same space the whitening statistics were computed in).
-        mu: (d,) mean used for whitening.
-        W: (d, d) whitening matrix.
-        logdet: ``log|det W|`` (= -1/2 log det S).
+        mu: (d,) mean used for whitening (stat ``whiten_mean``).
+        W: (d, d) whitening matrix (stat ``whiten``).
+        logdet: ``log|det W|`` (= -1/2 log det S; stat ``whiten_logdet``).
 
     Returns:
         (rows,) float64.
+
+    Raises:
+        InvalidParameter: shapes of u, mu and W disagree.
     """
-    u = _rows(u, "u")
-    d = u.shape[1]
-    z = (u - _f64(mu)) @ _f64(W).T
-    return -0.5 * _rowdot(z, z) - 0.5 * d * math.log(2.0 * math.pi) + float(logdet)
+    return whitened_loglik(_rows(u, "u"), mu, W, logdet)
 
 
 def clipscore(v_img: np.ndarray, v_txt: np.ndarray) -> np.ndarray:

@@ -345,3 +345,52 @@ def test_clipscore_scores(pools):
         vt = pool.embeddings("text").astype(np.float64)
         assert got.dtype == np.float64 and got.shape == (pool.n,)
         np.testing.assert_allclose(got, 2.5 * np.maximum(ref_cos(vi, vt), 0), rtol=1e-10)
+
+
+# -- a real index ---------------------------------------------------------------------------------
+
+
+def test_closed_form_scores_on_a_built_synthetic_index(tmp_path):
+    """Build a real index (SyntheticSource, raw known) and recompute every column with numpy from
+    the source's raw arrays: normalisation, statistics, whitening and scores all independent of
+    indexer.stats and of this module."""
+    from indexer.build import build_index
+    from indexer.pool import open_index
+    from indexer.synthetic import SyntheticSource
+
+    src = SyntheticSource(n=2000, dim=64)
+    raw = {"image": [], "text": []}
+    for b in src.batches(512):
+        raw["image"].append(b.image)
+        raw["text"].append(b.text)
+    raw = {m: np.concatenate(x).astype(np.float64) for m, x in raw.items()}
+    # nprobe plays no part in closed-form scores; explicit so the test does not hinge on FAISS defaults
+    build_index(SyntheticSource(n=2000, dim=64), tmp_path / "idx", batch_size=300, nprobe=1)
+    pool = open_index(tmp_path / "idx")
+    a = pool.logit_scale
+    assert pool.n == 2000 and pool.raw_known
+
+    # embeddings and raw norms are stored in float32: agreement to ~2e-7 relative is expected
+    v = {m: unit(u) for m, u in raw.items()}
+    for m, other in (("image", "text"), ("text", "image")):
+        got = cf.closed_form_scores(pool, m, chunk=333)
+        x, u = v[m], raw[m]
+        vbar = x.mean(0)
+        np.testing.assert_allclose(got[f"dc_{m}"], a * a * ((x - vbar) ** 2).sum(1), rtol=1e-5)
+        G = np.cov(v[other], rowvar=False, ddof=1)
+        np.testing.assert_allclose(got[f"dw_{m}"], ref_dw(x, vbar, G, a), rtol=1e-5)
+        np.testing.assert_allclose(got[f"rawnorm_{m}"], a * a * (u**2).sum(1), rtol=1e-5)
+        np.testing.assert_allclose(got[f"conformity_{m}"], ref_conformity(x), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            got[f"conformity_est_{m}"], ref_cos(x, np.broadcast_to(vbar, x.shape)), rtol=1e-5, atol=1e-7
+        )
+        # whitening on the raw vectors, with the documented relative ridge (1e-6 * mean eigenvalue)
+        S = np.cov(u, rowvar=False)
+        S = S + 1e-6 * np.trace(S) / S.shape[0] * np.eye(S.shape[0])
+        ref = sps.multivariate_normal(u.mean(0), S).logpdf(u)
+        np.testing.assert_allclose(got[f"loglik_{m}"], ref, rtol=1e-6)
+        assert abs(np.corrcoef(got[f"dc_{m}"], got[f"conformity_{m}"])[0, 1] + 1) < 1e-6
+
+    np.testing.assert_allclose(
+        cf.clipscore_scores(pool, chunk=333), 2.5 * np.maximum(ref_cos(v["image"], v["text"]), 0), rtol=1e-5, atol=1e-7
+    )
