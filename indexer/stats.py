@@ -1,0 +1,231 @@
+"""Streaming per-modality statistics: mean, sum, covariance and whitening (SPEC sections 4-6).
+
+``StatsAccumulator`` sees the pool batch by batch and keeps float64 sums; ``finalize`` returns the
+statistics stored in the catalog's ``modality_stats`` table:
+
+=================  ==========  ==============================================================
+name               shape       meaning
+=================  ==========  ==============================================================
+``mean``           (d,)        mean of the normalised vectors v (SPEC 4: vbar)
+``sum``            (d,)        sum of the normalised vectors (SPEC 3: exact mean score; SPEC 5)
+``cov``            (d, d)      sample covariance (ddof = 1) of the normalised vectors (SPEC 4: G)
+``raw_mean``       (d,)        mean of the raw vectors u = rawnorm * v (only when raw is known)
+``raw_cov``        (d, d)      sample covariance of the raw vectors (only when raw is known)
+``whiten_mean``    (d,)        mu of SPEC 6: ``raw_mean`` when raw is known, else ``mean``
+``whiten``         (d, d)      W = S^{-1/2} (symmetric) of the covariance S matching whiten_mean
+``whiten_logdet``  ()          log|det W|
+=================  ==========  ==============================================================
+
+Covariances use a shifted accumulation for numerical stability: the first batch's mean c is
+subtracted before summing, ``cov = (sum (x-c)(x-c)^T - n (mu-c)(mu-c)^T) / (n-1)``, which avoids the
+cancellation of ``S2 - n mu mu^T`` when the mean is large against the spread (raw vectors).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from indexer.errors import InvalidParameter
+
+logger = logging.getLogger(__name__)
+
+#: Rows per float64 block inside ``update`` (bounds the temporary copy to ~block * d * 8 bytes).
+_BLOCK = 16384
+
+
+class _Moments:
+    """Shifted first and second moments of a stream of vectors, in float64."""
+
+    def __init__(self, dim: int):
+        self.shift: np.ndarray | None = None
+        self.s1 = np.zeros(dim, dtype=np.float64)  # sum (x - shift)
+        self.s2 = np.zeros((dim, dim), dtype=np.float64)  # sum (x - shift)(x - shift)^T
+
+    def update(self, x: np.ndarray) -> None:
+        if self.shift is None:
+            self.shift = x.mean(axis=0)
+        y = x - self.shift
+        self.s1 += y.sum(axis=0)
+        self.s2 += y.T @ y
+
+    def mean_cov(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        assert self.shift is not None
+        delta = self.s1 / n
+        cov = (self.s2 - np.outer(self.s1, delta)) / (n - 1)
+        cov = (cov + cov.T) / 2
+        return self.shift + delta, cov
+
+
+class StatsAccumulator:
+    """Accumulate the statistics of one modality over batches of normalised vectors.
+
+    Args:
+        dim: embedding dimension d.
+        raw: True when raw (unnormalised) embeddings are known: every ``update`` then needs the
+            raw norms, and whitening uses the raw vectors (SPEC 6 whitens the model's output u).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> u = rng.normal(size=(100, 4)) + 3
+        >>> acc = StatsAccumulator(4, raw=True)
+        >>> norms = np.linalg.norm(u, axis=1)
+        >>> acc.update(u[:60] / norms[:60, None], norms[:60])
+        >>> acc.update(u[60:] / norms[60:, None], norms[60:])
+        >>> stats = acc.finalize()
+        >>> bool(np.allclose(stats["raw_cov"], np.cov(u, rowvar=False)))
+        True
+        >>> acc.whiten_source
+        'raw'
+    """
+
+    def __init__(self, dim: int, raw: bool):
+        if dim < 1:
+            raise InvalidParameter(f"Invalid dim={dim}: must be at least 1")
+        self.dim = dim
+        self.raw = bool(raw)
+        self._n = 0
+        self._sum = np.zeros(dim, dtype=np.float64)
+        self._v = _Moments(dim)
+        self._u = _Moments(dim) if self.raw else None
+
+    @property
+    def count(self) -> int:
+        """Number of vectors seen so far."""
+        return self._n
+
+    @property
+    def whiten_source(self) -> str:
+        """Which vectors ``whiten`` / ``whiten_mean`` describe: ``"raw"`` or ``"normalised"``."""
+        return "raw" if self.raw else "normalised"
+
+    def update(self, v: np.ndarray, rawnorm: np.ndarray | None = None) -> None:
+        """Add a batch.
+
+        Args:
+            v: (b, d) normalised vectors (any float dtype; accumulated in float64).
+            rawnorm: (b,) raw norms ``||u||`` (the raw vector is ``rawnorm[:, None] * v``);
+                required when ``raw`` is True, must be None otherwise.
+
+        Raises:
+            InvalidParameter: shapes disagree with d / each other, or rawnorm is missing / extra.
+        """
+        v = np.asarray(v)
+        if v.ndim != 2 or v.shape[1] != self.dim:
+            raise InvalidParameter(f"Stats batch must have shape (b, {self.dim}), got {v.shape}")
+        b = v.shape[0]
+        if self.raw:
+            if rawnorm is None:
+                raise InvalidParameter("Stats batch needs raw norms: the accumulator has raw=True")
+            rawnorm = np.asarray(rawnorm)
+            if rawnorm.shape != (b,):
+                raise InvalidParameter(
+                    f"Raw norms must have shape ({b},) to match the batch, got {rawnorm.shape}"
+                )
+        elif rawnorm is not None:
+            raise InvalidParameter("Stats batch has raw norms but the accumulator has raw=False")
+        for s in range(0, b, _BLOCK):
+            x = np.asarray(v[s : s + _BLOCK], dtype=np.float64)
+            self._n += x.shape[0]
+            self._sum += x.sum(axis=0)
+            self._v.update(x)
+            if self._u is not None:
+                assert rawnorm is not None
+                self._u.update(x * np.asarray(rawnorm[s : s + _BLOCK], dtype=np.float64)[:, None])
+
+    def finalize(self, ridge: float = 1e-6) -> dict[str, np.ndarray]:
+        """Return the statistics (see the module docstring), all float64.
+
+        Args:
+            ridge: whitening regulariser, relative to the mean eigenvalue (see ``whitening``).
+
+        Raises:
+            InvalidParameter: fewer than 2 vectors were seen, or the covariance is singular and
+                ``ridge`` is 0.
+        """
+        n = self._n
+        if n < 2:
+            raise InvalidParameter(f"Statistics need at least 2 vectors, got {n}")
+        mean, cov = self._v.mean_cov(n)
+        out = {"mean": mean, "sum": self._sum.copy(), "cov": cov}
+        if self._u is not None:
+            raw_mean, raw_cov = self._u.mean_cov(n)
+            out["raw_mean"], out["raw_cov"] = raw_mean, raw_cov
+            wmean, wcov = raw_mean, raw_cov
+        else:
+            wmean, wcov = mean, cov
+        W, logdet = whitening(wcov, ridge)
+        out["whiten_mean"] = wmean.copy()
+        out["whiten"] = W
+        out["whiten_logdet"] = np.array(logdet, dtype=np.float64)
+        logger.info("Statistics of %d vectors (whitening %s vectors, log|det W| = %.3f)",
+                    n, self.whiten_source, logdet)
+        return out
+
+
+def whitening(cov: np.ndarray, ridge: float = 1e-6) -> tuple[np.ndarray, float]:
+    """Symmetric inverse square root of a covariance, with a relative ridge.
+
+    With the eigendecomposition ``cov = Q diag(lam) Q^T`` (``numpy.linalg.eigh``; eigenvalues
+    below 0, which are rounding errors, are set to 0), the regularised eigenvalues are
+    ``lam_r = lam + ridge * mean(lam)``, i.e. ``cov + ridge * (trace(cov) / d) * I``, and
+
+    ``W = Q diag(lam_r ** -0.5) Q^T``,  ``log|det W| = -0.5 * sum(log(lam_r))``.
+
+    Args:
+        cov: (d, d) symmetric positive semi-definite matrix.
+        ridge: relative ridge (>= 0); 0 gives the exact ``cov ** -1/2``.
+
+    Returns:
+        ``(W, logdet)``: W (d, d) float64, symmetric; logdet = log|det W| as a float.
+
+    Raises:
+        InvalidParameter: negative ridge, or a singular regularised covariance.
+    """
+    if ridge < 0 or not math.isfinite(ridge):
+        raise InvalidParameter(f"Invalid whitening ridge={ridge}: must be a finite number >= 0")
+    cov = np.asarray(cov, dtype=np.float64)
+    lam, Q = np.linalg.eigh((cov + cov.T) / 2)
+    lam = np.clip(lam, 0.0, None)
+    lam_r = lam + ridge * lam.mean()
+    if not np.all(lam_r > 0):
+        raise InvalidParameter(
+            f"Covariance is singular ({int(np.sum(lam_r <= 0))} of {len(lam)} eigenvalues are 0) "
+            f"with ridge={ridge}; use a positive ridge or more vectors"
+        )
+    W = (Q * lam_r**-0.5) @ Q.T
+    W = (W + W.T) / 2
+    return W, float(-0.5 * np.sum(np.log(lam_r)))
+
+
+def whitened_loglik(
+    u: np.ndarray, mu: np.ndarray, W: np.ndarray, logdet: float | np.ndarray
+) -> np.ndarray:
+    """Whitened Gaussian log-likelihood surrogate (SPEC 6).
+
+    ``log p(u) = -||W (u - mu)||^2 / 2 - (d / 2) log(2 pi) + log|det W|``
+
+    Pass the vectors the whitening was fitted on (``StatsAccumulator.whiten_source``): raw
+    vectors ``rawnorm[:, None] * v`` when raw is known, else the normalised ``v``.
+
+    Args:
+        u: (b, d) vectors, or one (d,) vector.
+        mu: (d,) ``whiten_mean``.
+        W: (d, d) ``whiten``.
+        logdet: ``whiten_logdet``.
+
+    Returns:
+        (b,) float64 log-likelihoods (a float64 scalar array for a single vector).
+    """
+    u = np.asarray(u, dtype=np.float64)
+    mu = np.asarray(mu, dtype=np.float64)
+    W = np.asarray(W, dtype=np.float64)
+    d = W.shape[0]
+    if u.shape[-1] != d or mu.shape != (d,) or W.shape != (d, d):
+        raise InvalidParameter(
+            f"whitened_loglik shapes disagree: u {u.shape}, mu {mu.shape}, W {W.shape}"
+        )
+    z = (u - mu) @ W.T
+    return -0.5 * np.einsum("...i,...i->...", z, z) - 0.5 * d * math.log(2 * math.pi) + float(logdet)

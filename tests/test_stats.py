@@ -1,0 +1,180 @@
+"""indexer.stats: streaming statistics against numpy / scipy on the same data."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+
+import indexer.stats as stats_mod
+from indexer.errors import InvalidParameter
+from indexer.stats import StatsAccumulator, whitened_loglik, whitening
+
+N, D = 600, 12
+
+
+def raw_data(
+    n: int = N, d: int = D, seed: int = 0, offset: float = 1.0, well_conditioned: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(u, v, norms): correlated raw vectors with ||mean|| / ||std|| ~ offset, their unit vectors
+    and norms. The covariance has condition number ~1e4, or ~4 when well_conditioned."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((d, d)) / np.sqrt(d)
+    if well_conditioned:
+        A = np.eye(d) + 0.3 * A
+    mean_dir = rng.standard_normal(d)
+    u = rng.standard_normal((n, d)) @ A.T
+    u += offset * np.linalg.norm(u.std(axis=0)) * mean_dir / np.linalg.norm(mean_dir)
+    norms = np.linalg.norm(u, axis=1)
+    return u, u / norms[:, None], norms
+
+
+def accumulate(v, norms, splits, raw: bool) -> StatsAccumulator:
+    acc = StatsAccumulator(v.shape[1], raw=raw)
+    for part in np.split(np.arange(len(v)), splits):
+        acc.update(v[part], norms[part] if raw else None)
+    return acc
+
+
+SPLITS = [[], [1], [7, 100, 101, 350], list(range(25, N, 25)), [N - 1]]
+
+
+def test_doctests():
+    assert doctest.testmod(stats_mod).failed == 0
+
+
+@pytest.mark.parametrize("splits", SPLITS)
+@pytest.mark.parametrize("raw", [True, False])
+def test_matches_numpy(splits, raw):
+    u, v, norms = raw_data()
+    acc = accumulate(v, norms, splits, raw)
+    assert acc.count == N
+    s = acc.finalize(ridge=0.0)
+    assert all(a.dtype == np.float64 for a in s.values())
+    np.testing.assert_allclose(s["mean"], v.mean(axis=0), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(s["sum"], v.sum(axis=0), rtol=0, atol=1e-11)
+    np.testing.assert_allclose(s["cov"], np.cov(v, rowvar=False, ddof=1), rtol=0, atol=1e-13)
+    if raw:
+        np.testing.assert_allclose(s["raw_mean"], u.mean(axis=0), rtol=0, atol=1e-13)
+        np.testing.assert_allclose(s["raw_cov"], np.cov(u, rowvar=False, ddof=1), rtol=0, atol=1e-13)
+        src = u
+        assert acc.whiten_source == "raw"
+    else:
+        assert "raw_mean" not in s and "raw_cov" not in s
+        src = v
+        assert acc.whiten_source == "normalised"
+    np.testing.assert_allclose(s["whiten_mean"], src.mean(axis=0), atol=1e-13)
+    S = np.cov(src, rowvar=False)
+    W_ref = np.real(scipy.linalg.inv(scipy.linalg.sqrtm(S)))
+    np.testing.assert_allclose(s["whiten"], W_ref, rtol=1e-7, atol=1e-7 * np.abs(W_ref).max())
+    assert s["whiten_logdet"].shape == ()
+    np.testing.assert_allclose(s["whiten_logdet"], -0.5 * np.linalg.slogdet(S)[1], rtol=1e-10)
+
+
+def test_batch_splits_agree():
+    _, v, norms = raw_data()
+    results = [accumulate(v, norms, splits, raw=True).finalize() for splits in SPLITS]
+    for r in results[1:]:
+        assert r.keys() == results[0].keys()
+        for name in r:
+            np.testing.assert_allclose(r[name], results[0][name], rtol=1e-10, atol=1e-13)
+
+
+def test_whitening_gives_identity():
+    u, v, norms = raw_data(n=5000, well_conditioned=True)
+    assert np.linalg.cond(np.cov(u, rowvar=False)) < 10
+    s = accumulate(v, norms, [1000, 2500], raw=True).finalize(ridge=1e-9)
+    W = s["whiten"]
+    np.testing.assert_allclose(W, W.T, atol=0)
+    np.testing.assert_allclose(W @ s["raw_cov"] @ W, np.eye(D), atol=1e-7)
+    z = (u - s["whiten_mean"]) @ W
+    np.testing.assert_allclose(np.cov(z, rowvar=False), np.eye(D), atol=1e-7)
+
+
+def test_ridge_is_relative_to_the_mean_eigenvalue():
+    _, v, _ = raw_data()
+    S = np.cov(v, rowvar=False)
+    ridge = 0.1
+    W, logdet = whitening(S, ridge)
+    S_r = S + ridge * np.trace(S) / D * np.eye(D)
+    np.testing.assert_allclose(W @ S_r @ W, np.eye(D), atol=1e-10)
+    np.testing.assert_allclose(logdet, -0.5 * np.linalg.slogdet(S_r)[1], rtol=1e-12)
+    # scale invariance: the ridge does not depend on the units
+    W2, _ = whitening(100.0 * S, ridge)
+    np.testing.assert_allclose(W2 * 10.0, W, rtol=1e-10)
+
+
+def test_singular_covariance_needs_a_ridge():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, D))  # n < d: rank 4
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    acc = StatsAccumulator(D, raw=False)
+    acc.update(x)
+    with pytest.raises(InvalidParameter, match="singular"):
+        acc.finalize(ridge=0.0)
+    s = acc.finalize(ridge=1e-3)
+    assert np.all(np.isfinite(s["whiten"])) and np.isfinite(s["whiten_logdet"])
+
+
+def test_loglik_equals_scipy_gaussian():
+    u, v, norms = raw_data()
+    acc = accumulate(v, norms, [200], raw=True)
+    s = acc.finalize(ridge=0.0)
+    ref = scipy.stats.multivariate_normal(mean=u.mean(axis=0), cov=np.cov(u, rowvar=False)).logpdf(u)
+    ll = whitened_loglik(u, s["whiten_mean"], s["whiten"], s["whiten_logdet"])
+    assert ll.shape == (N,) and ll.dtype == np.float64
+    np.testing.assert_allclose(ll, ref, rtol=1e-9, atol=1e-9)
+    one = whitened_loglik(u[3], s["whiten_mean"], s["whiten"], s["whiten_logdet"])
+    np.testing.assert_allclose(one, ref[3], rtol=1e-9)
+
+
+def test_loglik_on_normalised_vectors():
+    _, v, _ = raw_data()
+    acc = StatsAccumulator(D, raw=False)
+    acc.update(v.astype(np.float32))
+    s = acc.finalize(ridge=0.0)
+    v32 = v.astype(np.float32).astype(np.float64)
+    ref = scipy.stats.multivariate_normal(v32.mean(axis=0), np.cov(v32, rowvar=False)).logpdf(v32)
+    np.testing.assert_allclose(whitened_loglik(v32, s["whiten_mean"], s["whiten"], s["whiten_logdet"]),
+                               ref, rtol=1e-8)
+
+
+def test_shifted_accumulation_is_stable_for_large_means():
+    # mean 1e4 times the spread: the naive S2 - n mu mu^T loses ~8 of float64's 16 digits
+    u, v, norms = raw_data(n=2000, offset=1e4)
+    s = accumulate(v, norms, [500, 1500], raw=True).finalize(ridge=0.0)
+    ref = np.cov(u, rowvar=False)
+    np.testing.assert_allclose(s["raw_cov"], ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+
+
+def test_float16_input():
+    _, v, _ = raw_data()
+    v16 = v.astype(np.float16)
+    acc = StatsAccumulator(D, raw=False)
+    acc.update(v16)
+    s = acc.finalize()
+    np.testing.assert_allclose(s["mean"], v16.astype(np.float64).mean(axis=0), atol=1e-14)
+
+
+def test_input_checks():
+    _, v, norms = raw_data(n=10)
+    with pytest.raises(InvalidParameter, match="raw norms"):
+        StatsAccumulator(D, raw=True).update(v)
+    with pytest.raises(InvalidParameter, match="raw=False"):
+        StatsAccumulator(D, raw=False).update(v, norms)
+    with pytest.raises(InvalidParameter, match=r"\(b, 12\)"):
+        StatsAccumulator(D, raw=False).update(v[:, :5])
+    with pytest.raises(InvalidParameter, match=r"\(10,\)"):
+        StatsAccumulator(D, raw=True).update(v, norms[:4])
+    acc = StatsAccumulator(D, raw=False)
+    acc.update(v[:1])
+    acc.update(v[:0])  # empty batches are fine
+    with pytest.raises(InvalidParameter, match="at least 2"):
+        acc.finalize()
+    with pytest.raises(InvalidParameter, match="ridge"):
+        whitening(np.eye(3), -1.0)
+    with pytest.raises(InvalidParameter, match="shapes"):
+        whitened_loglik(np.zeros((2, 3)), np.zeros(4), np.eye(4), 0.0)
