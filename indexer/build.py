@@ -275,7 +275,8 @@ def build_index(
                 if index_key is not None:
                     raise InvalidParameter(f"FAISS could not build index {index_key!r}: {e}") from None
                 raise
-            faiss_index.set_nprobe(index, probe)
+            if probe:  # 0 for indexes without probes (Flat, HNSW)
+                faiss_index.set_nprobe(index, probe)
             params[m] = faiss_index.index_params(index)
             faiss_index.save_index(index, paths.faiss(m))
             del index

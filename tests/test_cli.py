@@ -1,0 +1,46 @@
+"""The command line: help text with examples, error mapping, build-index and info end to end."""
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from indexer.pool import open_index
+
+
+@pytest.mark.parametrize("name", sorted(cli.cli.commands))
+def test_every_command_has_help_with_an_example(name):
+    command = cli.cli.commands[name]
+    assert command.help and "Example" in command.help, f"{name} needs help text with an example"
+    for param in command.params:
+        if param.param_type_name == "option":
+            assert param.help, f"{name} {param.opts} needs help="
+
+
+def test_build_index_synthetic_then_info(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "idx"
+    result = runner.invoke(cli.cli, ["build-index", "--n", "3000", "--dim", "32", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "SYNTHETIC" in result.output and "3,000 samples" in result.output
+    pool = open_index(out)
+    assert pool.synthetic and pool.n == 3000 and pool.dim == 32 and pool.manifest["source"] == "synthetic"
+    result = runner.invoke(cli.cli, ["info", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("SYNTHETIC DATA")
+    assert "samples" in result.output and "3000" in result.output
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli.cli, ["info", str(tmp_path / "missing")])
+    assert result.exit_code == 1
+    assert "Error: Index directory" in result.output and "missing" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_option_clashes_are_usage_errors(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli.cli, ["build-index", "--source", "datacomp", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--input is required" in result.output
+    result = runner.invoke(cli.cli, ["build-index", "--max-memory", "lots", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "lots" in result.output
