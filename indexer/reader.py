@@ -1,0 +1,550 @@
+"""Sources of precomputed embeddings: DataComp metadata shards and clip-retrieval output folders.
+
+Both readers check everything they can from file headers when they are constructed (shards present
+and paired, array keys, row counts, dimensions), so a bad input fails before a long build starts.
+``batches()`` then streams one shard at a time: ``.npy`` files and uncompressed ``.npz`` members are
+memory-mapped and converted to float32 one batch at a time; compressed ``.npz`` members are loaded
+one array at a time. Only the metadata of the current shard is held in memory.
+
+Vectors are neither normalised nor validated here (see ``indexer.source``); uids are lowercased and
+checked (32 hex digits) because the reader can name the file and row.
+
+The helpers ``md5_uid``, ``UidDeriver``, ``normalize_uids`` and ``arrange_meta`` are shared with
+``indexer.embed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from indexer.errors import BadInput, InvalidParameter
+from indexer.source import Batch, SourceInfo
+
+logger = logging.getLogger(__name__)
+
+UID_REGEX = "^[0-9a-f]{32}$"
+
+#: DataComp ``arch`` -> (open_clip model name, open_clip pretrained tag) that produced the arrays.
+DATACOMP_ARCHS: dict[str, tuple[str, str]] = {
+    "b32": ("ViT-B-32", "openai"),
+    "l14": ("ViT-L-14", "openai"),
+}
+
+_SHARD_RE = {
+    "image": re.compile(r"^img_emb_(\d+)\.npy$"),
+    "text": re.compile(r"^text_emb_(\d+)\.npy$"),
+    "meta": re.compile(r"^metadata_(\d+)\.parquet$"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers (also used by indexer.embed)
+# --------------------------------------------------------------------------------------------------
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders embedded numbers numerically (``shard_2`` before ``shard_10``).
+
+    >>> sorted(["s10", "s2", "s1"], key=natural_key)
+    ['s1', 's2', 's10']
+    """
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text.lower())]
+
+
+def md5_uid(key: str) -> str:
+    """The uid derived from a stable key: the md5 hex digest (32 lowercase hex digits).
+
+    >>> md5_uid("a.jpg")
+    '394659692a460258b45a99f1424ea357'
+    """
+    return hashlib.md5(key.encode("utf-8")).hexdigest()
+
+
+class UidDeriver:
+    """Derives unique uids from stable keys, deterministically in the order keys are given.
+
+    The first occurrence of a key gets ``md5(key)``; its k-th repeat (k >= 1) gets
+    ``md5(f"{key}#{k}")``, so a pool listing the same image twice (e.g. several captions per
+    image) still has unique uids. Create a new deriver for every pass over a source.
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[bytes] = set()
+        self._repeats: dict[str, int] = {}
+
+    def __call__(self, key: str) -> str:
+        digest = hashlib.md5(key.encode("utf-8")).digest()
+        if digest not in self._seen:
+            self._seen.add(digest)
+            return digest.hex()
+        k = self._repeats.get(key, 0) + 1
+        self._repeats[key] = k
+        return md5_uid(f"{key}#{k}")
+
+
+def normalize_uids(values: pa.Array | pa.ChunkedArray, origin: str, row_offset: int = 0) -> pa.Array:
+    """Cast uids to lowercase strings and check they are 32 hex digits.
+
+    Args:
+        values: the uid column.
+        origin: the file the column came from (for the error message).
+        row_offset: row of ``values[0]`` within ``origin``.
+
+    Returns:
+        A ``pa.string()`` array of lowercase uids.
+
+    Raises:
+        BadInput: a uid is null or not 32 hex digits; the message names the file, row and value.
+    """
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.string())
+    try:
+        uids = pc.utf8_lower(pc.utf8_trim_whitespace(values.cast(pa.string())))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise BadInput(f"{origin}: uid column of type {values.type} cannot be read as text: {exc}") from exc
+    ok = pc.fill_null(pc.match_substring_regex(uids, UID_REGEX), False).to_numpy(zero_copy_only=False)
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
+        value = values[bad].as_py()
+        raise BadInput(
+            f"{origin} row {row_offset + bad}: uid {value!r} is not 32 hex digits "
+            f"({int((~ok).sum())} bad uid(s) in this file)"
+        )
+    return uids
+
+
+def arrange_meta(table: pa.Table, uid: pa.Array, caption_column: str,
+                 drop: Sequence[str] = ()) -> pa.Table:
+    """Metadata table with ``uid`` and ``caption`` first, then every other source column.
+
+    Args:
+        table: the source metadata rows.
+        uid: the uid of every row (32 lowercase hex digits).
+        caption_column: the column of ``table`` holding the caption; it becomes ``caption``.
+        drop: columns of ``table`` not to keep (e.g. the column that became ``uid``).
+
+    Returns:
+        The arranged table. A remaining source column named ``uid`` or ``caption`` is kept as
+        ``uid_source`` / ``caption_source``.
+    """
+    caption = table.column(caption_column)
+    if caption.type != pa.string():
+        caption = caption.cast(pa.string())
+    names, arrays = ["uid", "caption"], [uid, caption]
+    for name in table.column_names:
+        if name == caption_column or name in drop:
+            continue
+        names.append(f"{name}_source" if name in ("uid", "caption") else name)
+        arrays.append(table.column(name))
+    return pa.table(arrays, names=names)
+
+
+def _check_logit_scale(logit_scale: float) -> float:
+    value = float(logit_scale)
+    if not np.isfinite(value) or value <= 0:
+        raise InvalidParameter(f"logit_scale must be a positive number (a = exp(logit_scale), about 100 "
+                               f"for CLIP), got {logit_scale!r}")
+    return value
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if int(batch_size) < 1:
+        raise InvalidParameter(f"batch_size must be >= 1, got {batch_size!r}")
+    return int(batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Array access: .npy files and .npz members, header-only until the data is needed
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ArrayRef:
+    """One 2-D embedding array on disk: a ``.npy`` file or a member ``key`` of an ``.npz``."""
+
+    path: Path
+    key: str | None  # npz member name (without .npy); None for a plain .npy file
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    data_offset: int | None  # byte offset of the raw data in ``path`` when it can be memory-mapped
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}[{self.key}]" if self.key else str(self.path)
+
+    def load(self) -> np.ndarray:
+        """The array: memory-mapped where possible, else read (one npz member only)."""
+        n = self.shape[0] if self.shape else 0
+        try:
+            if n == 0:
+                return np.zeros(self.shape, dtype=self.dtype)
+            if self.data_offset is not None:
+                return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.data_offset,
+                                 shape=self.shape, order="F" if self.fortran else "C")
+            with np.load(self.path, allow_pickle=False) as npz:
+                return npz[self.key]
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
+            raise BadInput(f"Cannot read {self.label}: {exc}") from exc
+
+
+def _read_npy_header(fp) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fp)
+    return np.lib.format.read_array_header_2_0(fp)
+
+
+def _npy_ref(path: Path) -> _ArrayRef:
+    """Header of a ``.npy`` file (nothing else is read)."""
+    try:
+        with open(path, "rb") as fp:
+            shape, fortran, dtype = _read_npy_header(fp)
+            offset = fp.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError, EOFError) as exc:
+        raise BadInput(f"Cannot read {path}: not a valid .npy file ({exc})") from exc
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if size < expected:
+        raise BadInput(f"Cannot read {path}: file is truncated ({size} bytes, header says shape "
+                       f"{tuple(shape)} {np.dtype(dtype)}: {expected} bytes)")
+    return _ArrayRef(path, None, tuple(shape), np.dtype(dtype), bool(fortran), offset)
+
+
+def _npz_refs(path: Path) -> dict[str, _ArrayRef]:
+    """Headers of every array in an ``.npz`` file; stored (uncompressed) members are mappable."""
+    refs: dict[str, _ArrayRef] = {}
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                key = info.filename[: -len(".npy")]
+                with zf.open(info) as member:
+                    shape, fortran, dtype = _read_npy_header(member)
+                    header_len = member.tell()
+                offset = None
+                if info.compress_type == zipfile.ZIP_STORED:
+                    raw.seek(info.header_offset)
+                    local = raw.read(30)
+                    if local[:4] == b"PK\x03\x04":
+                        name_len, extra_len = struct.unpack("<HH", local[26:30])
+                        offset = info.header_offset + 30 + name_len + extra_len + header_len
+                refs[key] = _ArrayRef(path, key, tuple(shape), np.dtype(dtype), bool(fortran), offset)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise BadInput(f"Cannot read {path}: not a valid .npz file ({exc})") from exc
+    return refs
+
+
+def _check_embedding_ref(ref: _ArrayRef) -> None:
+    if len(ref.shape) != 2:
+        raise BadInput(f"{ref.label}: expected a 2-D (rows, dim) array, got shape {ref.shape}")
+    if ref.dtype.kind != "f":
+        raise BadInput(f"{ref.label}: expected floating-point embeddings, got dtype {ref.dtype}")
+
+
+def _parquet_num_rows(path: Path) -> tuple[int, list[str]]:
+    """Row count and column names from a parquet footer."""
+    try:
+        pf = pq.ParquetFile(path)
+        return pf.metadata.num_rows, list(pf.schema_arrow.names)
+    except (OSError, pa.ArrowException) as exc:
+        raise BadInput(f"Cannot read {path}: not a valid parquet file ({exc})") from exc
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise BadInput(f"Cannot read {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One metadata file and its row-aligned image and text arrays."""
+
+    meta_path: Path
+    image: _ArrayRef
+    text: _ArrayRef
+    n: int
+    index: int  # position (DataComp) or shard number (clip-retrieval)
+
+
+def _check_shard(meta_path: Path, n_meta: int, image: _ArrayRef, text: _ArrayRef) -> int:
+    """Check one shard's arrays against each other and the metadata; return the dimension."""
+    for ref in (image, text):
+        _check_embedding_ref(ref)
+        if ref.shape[0] != n_meta:
+            raise BadInput(f"Row counts disagree: {meta_path} has {n_meta} rows but {ref.label} has "
+                           f"{ref.shape[0]}")
+    if image.shape[1] != text.shape[1]:
+        raise BadInput(f"Dimension mismatch between image and text embeddings: {image.label} has dim "
+                       f"{image.shape[1]}, {text.label} has dim {text.shape[1]}")
+    return image.shape[1]
+
+
+def _check_dims(shards: Sequence[_Shard]) -> int:
+    first = shards[0]
+    dim = first.image.shape[1]
+    for shard in shards[1:]:
+        if shard.image.shape[1] != dim:
+            raise BadInput(f"Dimension mismatch between shards: {shard.image.label} has dim "
+                           f"{shard.image.shape[1]}, {first.image.label} has dim {dim}")
+    return dim
+
+
+def _stream(shards: Sequence[_Shard], batch_size: int,
+            meta_of: Callable[[_Shard, pa.Table], pa.Table]) -> Iterator[Batch]:
+    """Yield the shards' rows in order, ``batch_size`` rows at most, one shard in memory at a time."""
+    batch_size = _check_batch_size(batch_size)
+    for shard in shards:
+        if shard.n == 0:
+            continue
+        table = _read_parquet(shard.meta_path)
+        if table.num_rows != shard.n:
+            raise BadInput(f"Row counts disagree: {shard.meta_path} now has {table.num_rows} rows, "
+                           f"{shard.n} when the source was opened")
+        meta = meta_of(shard, table)
+        image, text = shard.image.load(), shard.text.load()
+        logger.debug("Reading %s (%d rows)", shard.meta_path, shard.n)
+        for start in range(0, shard.n, batch_size):
+            stop = min(start + batch_size, shard.n)
+            try:
+                img = np.ascontiguousarray(image[start:stop], dtype=np.float32)
+                txt = np.ascontiguousarray(text[start:stop], dtype=np.float32)
+            except (OSError, ValueError) as exc:
+                raise BadInput(f"Cannot read rows {start}..{stop - 1} of {shard.image.label} / "
+                               f"{shard.text.label}: {exc}") from exc
+            yield Batch(meta=meta.slice(start, stop - start), image=img, text=txt,
+                        origin=str(shard.meta_path), row_offset=start)
+        del image, text
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{what} directory {path} does not exist")
+    if not path.is_dir():
+        raise BadInput(f"{what} path {path} is not a directory")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# DataComp
+# --------------------------------------------------------------------------------------------------
+
+
+class DataCompSource:
+    """A DataComp metadata directory: ``*.parquet`` files, each with an ``.npz`` of the same stem.
+
+    Each parquet has ``uid`` (32 hex digits), ``text`` (the caption), ``url``, ``original_width``,
+    ``original_height``, ``clip_b32_similarity_score``, ``clip_l14_similarity_score`` and maybe more
+    columns; its npz holds ``b32_img``, ``b32_txt``, ``l14_img``, ``l14_txt`` (usually float16,
+    L2-normalised, computed with OpenAI CLIP ViT-B/32 and ViT-L/14), row-aligned with the parquet.
+
+    Batches carry every parquet column, with ``text`` renamed ``caption`` and ``uid`` lowercased;
+    ``origin`` is the parquet path (its npz has the same stem and the same row order).
+
+    Args:
+        path: the metadata directory.
+        arch: ``"b32"`` or ``"l14"``: which pair of arrays to read.
+        logit_scale: ``a`` of the model that produced the arrays (100 for OpenAI CLIP).
+
+    Raises:
+        BadInput: the directory is missing or holds no parquet files; a parquet has no npz (or an
+            npz no parquet); an array key is missing; row counts or dimensions disagree; a file is
+            unreadable; the ``uid`` or ``text`` column is missing.
+        InvalidParameter: unknown ``arch`` or a non-positive ``logit_scale``.
+    """
+
+    def __init__(self, path: Path | str, arch: str = "b32", logit_scale: float = 100.0) -> None:
+        if arch not in DATACOMP_ARCHS:
+            raise InvalidParameter(f"arch must be one of {sorted(DATACOMP_ARCHS)}, got {arch!r}")
+        self.path = _require_dir(Path(path), "DataComp metadata")
+        self.arch = arch
+        logit_scale = _check_logit_scale(logit_scale)
+        parquets = sorted(self.path.glob("*.parquet"), key=lambda p: natural_key(p.name))
+        npzs = sorted(self.path.glob("*.npz"), key=lambda p: natural_key(p.name))
+        if not parquets:
+            raise BadInput(f"No DataComp shards (*.parquet with matching *.npz) found in {self.path}")
+        parquet_stems = {p.stem for p in parquets}
+        for npz in npzs:
+            if npz.stem not in parquet_stems:
+                raise BadInput(f"{npz} has no matching metadata file {npz.with_suffix('.parquet')}")
+        shards = []
+        for i, parquet in enumerate(parquets):
+            npz = parquet.with_suffix(".npz")
+            if not npz.is_file():
+                raise BadInput(f"{parquet} has no matching embeddings file {npz}")
+            n, columns = _parquet_num_rows(parquet)
+            for required in ("uid", "text"):
+                if required not in columns:
+                    raise BadInput(f"{parquet} has no {required!r} column; columns: {', '.join(columns)}")
+            refs = _npz_refs(npz)
+            keys = (f"{arch}_img", f"{arch}_txt")
+            for key in keys:
+                if key not in refs:
+                    raise BadInput(f"{npz} has no array {key!r}; arrays present: "
+                                   f"{', '.join(sorted(refs)) or 'none'}")
+            image, text = refs[keys[0]], refs[keys[1]]
+            _check_shard(parquet, n, image, text)
+            shards.append(_Shard(parquet, image, text, n, i))
+        self._shards = shards
+        dim = _check_dims(shards)
+        model_name, pretrained = DATACOMP_ARCHS[arch]
+        self.info = SourceInfo(
+            source="datacomp", n=sum(s.n for s in shards), dim=dim, raw_known=False,
+            logit_scale=logit_scale, model=f"datacomp-{arch}", pretrained=pretrained,
+            extra={"path": str(self.path), "arch": arch, "files": len(shards),
+                   "open_clip_model": model_name, "open_clip_pretrained": pretrained,
+                   "dtype": str(shards[0].image.dtype)},
+        )
+        logger.info("DataComp source %s: %d rows in %d files, arch %s, dim %d", self.path,
+                    self.info.n, len(shards), arch, dim)
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        """Stream the pool file by file, ``batch_size`` rows at most per batch.
+
+        Raises:
+            BadInput: a uid that is not 32 hex digits (naming file and row), or an unreadable file.
+        """
+
+        def meta_of(shard: _Shard, table: pa.Table) -> pa.Table:
+            uid = normalize_uids(table.column("uid"), str(shard.meta_path))
+            return arrange_meta(table, uid, "text", drop=("uid",))
+
+        yield from _stream(self._shards, batch_size, meta_of)
+
+
+# --------------------------------------------------------------------------------------------------
+# clip-retrieval
+# --------------------------------------------------------------------------------------------------
+
+
+def _indexed_files(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
+    found: dict[int, Path] = {}
+    if not folder.is_dir():
+        return found
+    for p in folder.iterdir():
+        m = pattern.match(p.name)
+        if m:
+            i = int(m.group(1))
+            if i in found:
+                raise BadInput(f"Two shards with index {i}: {found[i]} and {p}")
+            found[i] = p
+    return found
+
+
+class ClipRetrievalSource:
+    """A folder written by clip-retrieval's ``clip inference`` (numpy output format)::
+
+        PATH/img_emb/img_emb_{i}.npy       (n_i, dim) image embeddings, L2-normalised
+        PATH/text_emb/text_emb_{i}.npy     (n_i, dim) text embeddings
+        PATH/metadata/metadata_{i}.parquet image_path, caption, url, ... (row-aligned)
+
+    Shards are matched by the number ``i`` (zero-padding is ignored) and read in numeric order.
+    Batches carry every metadata column with ``uid`` and ``caption`` first; ``origin`` is the
+    metadata parquet path.
+
+    uids: the ``uid_column`` values when given (must be 32 hex digits), else derived: md5 of
+    ``image_path``, else of ``url``, else of ``f"{i}:{row}"`` (see ``UidDeriver`` for repeats).
+
+    Args:
+        path: the clip-retrieval output folder.
+        logit_scale: ``a`` of the model that produced the embeddings (100 for OpenAI CLIP).
+        caption_column: metadata column holding the caption.
+        uid_column: metadata column holding 32-hex-digit uids, or None to derive them.
+        model: optional name of the model that produced the embeddings (recorded in SourceInfo).
+        pretrained: optional pretrained tag of that model (recorded in SourceInfo).
+
+    Raises:
+        BadInput: the folder is missing or holds no shards; a shard lacks one of its three files;
+            row counts or dimensions disagree; a file is unreadable; a column is missing.
+        InvalidParameter: a non-positive ``logit_scale``.
+    """
+
+    def __init__(self, path: Path | str, logit_scale: float = 100.0, caption_column: str = "caption",
+                 uid_column: str | None = None, model: str | None = None,
+                 pretrained: str | None = None) -> None:
+        self.path = _require_dir(Path(path), "clip-retrieval output")
+        self.caption_column = caption_column
+        self.uid_column = uid_column
+        logit_scale = _check_logit_scale(logit_scale)
+        files = {kind: _indexed_files(self.path / folder, _SHARD_RE[kind])
+                 for kind, folder in (("image", "img_emb"), ("text", "text_emb"), ("meta", "metadata"))}
+        indices = sorted(set().union(*files.values()))
+        if not indices:
+            raise BadInput(f"No clip-retrieval shards found in {self.path} (expected "
+                           f"img_emb/img_emb_{{i}}.npy, text_emb/text_emb_{{i}}.npy, "
+                           f"metadata/metadata_{{i}}.parquet)")
+        expected = {"image": "img_emb/img_emb_{i}.npy", "text": "text_emb/text_emb_{i}.npy",
+                    "meta": "metadata/metadata_{i}.parquet"}
+        shards = []
+        warned_uid = False
+        for i in indices:
+            for kind in ("meta", "image", "text"):
+                if i not in files[kind]:
+                    present = next(files[k][i] for k in files if i in files[k])
+                    raise BadInput(f"Shard {i} is incomplete: {present} exists but "
+                                   f"{self.path / expected[kind].format(i=i)} is missing")
+            meta_path = files["meta"][i]
+            n, columns = _parquet_num_rows(meta_path)
+            for col in (caption_column, uid_column):
+                if col is not None and col not in columns:
+                    raise BadInput(f"{meta_path} has no {col!r} column; columns: {', '.join(columns)}")
+            if uid_column is None and "uid" in columns and not warned_uid:
+                logger.warning("%s has a 'uid' column; pass uid_column='uid' to use it (deriving uids "
+                               "from image_path/url instead, the column is kept as uid_source)",
+                               meta_path)
+                warned_uid = True
+            image, text = _npy_ref(files["image"][i]), _npy_ref(files["text"][i])
+            _check_shard(meta_path, n, image, text)
+            shards.append(_Shard(meta_path, image, text, n, i))
+        self._shards = shards
+        dim = _check_dims(shards)
+        self.info = SourceInfo(
+            source="clip-retrieval", n=sum(s.n for s in shards), dim=dim, raw_known=False,
+            logit_scale=logit_scale, model=model, pretrained=pretrained,
+            extra={"path": str(self.path), "shards": len(shards), "uid_column": uid_column,
+                   "caption_column": caption_column, "dtype": str(shards[0].image.dtype)},
+        )
+        logger.info("clip-retrieval source %s: %d rows in %d shards, dim %d", self.path, self.info.n,
+                    len(shards), dim)
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        """Stream the pool shard by shard in numeric order, ``batch_size`` rows at most per batch.
+
+        Raises:
+            BadInput: a bad ``uid_column`` value (naming file and row), or an unreadable file.
+        """
+        derive = UidDeriver()
+
+        def meta_of(shard: _Shard, table: pa.Table) -> pa.Table:
+            origin = str(shard.meta_path)
+            if self.uid_column is not None:
+                uid = normalize_uids(table.column(self.uid_column), origin)
+                return arrange_meta(table, uid, self.caption_column, drop=(self.uid_column,))
+            keys: list = [None] * table.num_rows
+            for col in ("url", "image_path"):  # later columns take precedence
+                if col in table.column_names:
+                    for row, value in enumerate(table.column(col).to_pylist()):
+                        if value is not None and value != "":
+                            keys[row] = str(value)
+            uid = pa.array([derive(key if key is not None else f"{shard.index}:{row}")
+                            for row, key in enumerate(keys)], pa.string())
+            return arrange_meta(table, uid, self.caption_column)
+
+        yield from _stream(self._shards, batch_size, meta_of)
