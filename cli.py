@@ -192,5 +192,240 @@ def info_cmd(index_dir, as_json):
         _echo_kv("Last score run", info["last_score_run"])
 
 
+# -- read side: sql, query, select, weights, sample (Python API in queries/) ---------------------
+OUTPUT_FORMATS = ("table", "csv", "jsonl", "parquet")
+
+format_option = click.option(
+    "-f", "--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None,
+    help="Output format (default: an aligned table on stdout, or from the --out suffix: "
+         ".csv, .jsonl, .parquet). parquet needs --out.")
+out_option = click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                          help="Write the result to this file instead of stdout (parent folders are created).")
+force_option = click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+width_option = click.option("--width", type=click.IntRange(min=0), default=60, show_default=True,
+                            help="Table format: truncate cells to this many characters (0: never).")
+prompt_options = [
+    click.option("--prompt", default=None,
+                 help="Domain prompt, e.g. \"a photo of food\", encoded with the index's own model "
+                      "(with --prompt-embedding: only its label)."),
+    click.option("--prompt-embedding", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="A .npy text embedding of the prompt, shape (d,) or (1, d), from the index's "
+                      "model; required for datacomp / clip-retrieval indexes."),
+    click.option("--logit-scale", type=float, default=10.0, show_default=True,
+                 help="a' in w(x) = exp(a' cos(image x, prompt)); the paper lowered it from ~100 to 10."),
+    click.option("--device", default="auto", show_default=True, help="open_clip: torch device for the prompt."),
+]
+
+
+def _prompt_options(f):
+    for option in reversed(prompt_options):
+        f = option(f)
+    return f
+
+
+def _need_prompt(prompt, prompt_embedding) -> None:
+    if prompt is None and prompt_embedding is None:
+        raise click.UsageError("give --prompt TEXT or --prompt-embedding FILE.npy")
+
+
+def _emit(table, fmt, out, force, width, what: str = "rows") -> None:
+    """Print a result table to stdout, or write it to ``out`` and say so on stderr."""
+    from queries.sqlrun import write_result
+
+    text = write_result(table, fmt, out, force=force, max_width=width)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        click.echo(f"Wrote {table.num_rows:,} {what} to {out}", err=True)
+
+
+@cli.command("sql")
+@click.argument("index_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("query")
+@format_option
+@out_option
+@force_option
+@width_option
+def sql_cmd(index_dir, query, fmt, out, force, width):
+    """Run one read-only SQL query over an index's catalog.
+
+    Tables: samples (uid, caption, vec_id, source metadata), scores (uid, vec_id and the
+    score columns kl_text, klr_text, kl_image, ..., clipscore), weights (prompt, uid, weight,
+    normalized_weight, ...), manifest. The catalog is opened read-only: only SELECT / WITH /
+    DESCRIBE / SHOW / SUMMARIZE / EXPLAIN statements run.
+
+    \b
+    Examples:
+      python cli.py sql index "SELECT count(*) FROM samples"
+      python cli.py sql index "SELECT caption, kl_text FROM scores JOIN samples USING (vec_id, uid)
+          ORDER BY kl_text DESC LIMIT 5"
+      python cli.py sql index "FROM scores" --out scores.parquet
+    """
+    from queries.sqlrun import format_for, run_sql
+
+    fmt = format_for(out, fmt)
+    _emit(run_sql(index_dir, query), fmt, out, force, width)
+
+
+@cli.command("query")
+@click.argument("index_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name", required=False)
+@click.option("--list", "list_", is_flag=True, help="List the named queries, their descriptions and parameters.")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="A parameter of the query, e.g. --param column=klr_text --param limit=50 (repeatable).")
+@format_option
+@out_option
+@force_option
+@width_option
+def query_cmd(index_dir, name, list_, params, fmt, out, force, width):
+    """Run a named query (a SQL file shipped in sql/) over an index's catalog.
+
+    Values reach the SQL only as bound parameters; a score-column parameter must name a numeric
+    column of the scores table.
+
+    \b
+    Examples:
+      python cli.py query --list
+      python cli.py query index top_by_score --param column=klr_text --param limit=10
+      python cli.py query index score_deciles --param column=kl_text
+      python cli.py query index score_correlations
+      python cli.py query index ngram_coverage --param column=kl_text --param top=2500
+    """
+    from queries.sqlrun import format_for, list_queries, run_query
+
+    if list_:
+        import textwrap
+
+        for q in list_queries():
+            click.echo(q.name)
+            click.echo(textwrap.fill(q.description, 100, initial_indent="  ", subsequent_indent="  "))
+            for p in q.params:
+                click.echo(textwrap.fill(f"--param {p.describe()}", 100, initial_indent="    ",
+                                         subsequent_indent="        "))
+        return
+    if index_dir is None or name is None:
+        raise click.UsageError("give INDEX_DIR and a query NAME (see `query --list`)")
+    values: dict[str, str] = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
+        if key.strip() in values:
+            raise click.BadParameter(f"parameter {key.strip()!r} given twice", param_hint="--param")
+        values[key.strip()] = value
+    fmt = format_for(out, fmt)
+    _emit(run_query(index_dir, name, **values), fmt, out, force, width)
+
+
+@cli.command("select")
+@index_dir_argument
+@click.option("--by", required=True, help="Score column to rank by, e.g. kl_text or klr_text (the paper's best).")
+@click.option("--top-fraction", type=float, required=True,
+              help="Fraction F in (0, 1] to keep: floor(F x candidates) samples, at least 1.")
+@click.option("--where", default=None,
+              help="SQL condition over samples and scores columns, applied first, e.g. \"clipscore > 0.2\".")
+@click.option("--lowest", is_flag=True, help="Keep the lowest scores instead of the highest.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the selection: .npy (DataComp subset: uids as u8,u8, sorted), .txt (uids) "
+                   "or .parquet (rank, uid, vec_id, score).")
+@force_option
+def select_cmd(index_dir, by, top_fraction, where, lowest, out, force):
+    """Keep the top fraction of the pool by a score (KL-guided data selection).
+
+    --where filters first; rows with a NULL score are dropped; then floor(F x remaining)
+    samples (at least 1) with the highest score are kept, ties broken by uid.
+
+    \b
+    Examples:
+      python cli.py select index --by kl_text --top-fraction 0.25 --out subset.npy
+      python cli.py select index --by klr_text --top-fraction 0.3 --where "clipscore > 0.2" --out subset.npy
+    """
+    from queries.select import select
+
+    sel = select(index_dir, by, top_fraction, where=where, lowest=lowest, out=out, force=force)
+    side = "lowest" if lowest else "highest"
+    if where is not None:
+        click.echo(f"{sel.passed_where:,} of {sel.total:,} samples passed --where {where}")
+    dropped = sel.passed_where - sel.candidates
+    if dropped:
+        click.echo(f"{dropped:,} samples have no {by} value and were dropped")
+    click.echo(f"Kept {sel.kept:,} of {sel.candidates:,} samples ({side} {by}, fraction {sel.fraction:g}"
+               + (f"; {by} {'<=' if lowest else '>='} {sel.threshold:.6g})" if sel.threshold is not None else ")"))
+    if out is not None:
+        kind = {".npy": "DataComp subset format", ".txt": "one uid per line", ".parquet": "parquet"}
+        click.echo(f"Wrote {sel.kept:,} uids to {out} ({kind.get(out.suffix.lower(), '')})")
+
+
+@cli.command("weights")
+@index_dir_argument
+@_prompt_options
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also export uid, weight, normalized_weight to .parquet / .csv / .jsonl.")
+@force_option
+def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, out, force):
+    """Importance weights of every image for a domain prompt: w = exp(a' cos), stored in `weights`.
+
+    Prints the effective sample size ESS = (sum w)^2 / sum w^2 and a summary of the normalised
+    weights w / mean(w). Rows of the same prompt are replaced.
+
+    \b
+    Examples:
+      python cli.py weights index --prompt "a photo of food"
+      python cli.py weights index --prompt "a photo of food" --logit-scale 20 --out food.parquet
+      python cli.py weights dc --prompt-embedding food.npy --prompt "a photo of food"
+    """
+    from queries.weights import weights
+
+    _need_prompt(prompt, prompt_embedding)
+    w = weights(index_dir, prompt, prompt_embedding, logit_scale, out=out, force=force, device=device)
+    s = w.summary()
+    click.echo(f"Prompt {w.prompt!r} ({w.encoder}), a' = {w.logit_scale:g}, {w.n:,} images")
+    click.echo(f"  ESS {s['ess']:,.1f} ({s['ess_fraction']:.2%} of n)")
+    click.echo(f"  normalized weight: min {s['min']:.4g}, median {s['median']:.4g}, max {s['max']:.4g}; "
+               f"top 1% of samples hold {s['top1_share']:.1%} of the weight")
+    click.echo("  stored in table weights" + (f"; exported to {w.out}" if w.out else ""))
+
+
+@cli.command("sample")
+@index_dir_argument
+@_prompt_options
+@click.option("-n", "n", type=click.IntRange(min=1), required=True, help="How many samples.")
+@click.option("--mode", type=click.Choice(["draw", "top"]), default="draw", show_default=True,
+              help="draw: random, probability proportional to the weight; top: the highest weights (FAISS).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw (same seed, same draw).")
+@click.option("--replace/--no-replace", default=False, show_default=True,
+              help="--mode draw: draw with replacement (default: without, by the Gumbel-top-k trick).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the rows to .parquet / .csv / .jsonl.")
+@force_option
+@width_option
+def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode, seed, replace, out, force,
+               width):
+    """Domain-weighted samples for a prompt: a seeded weighted draw, or the top samples by weight.
+
+    \b
+    Examples:
+      python cli.py sample index --prompt "a photo of food" -n 20
+      python cli.py sample index --prompt "a photo of food" -n 1000 --seed 1 --out food_draw.parquet
+      python cli.py sample index --prompt "a photo of food" -n 20 --mode top
+    """
+    from queries.sqlrun import render_table
+    from queries.weights import sample
+
+    _need_prompt(prompt, prompt_embedding)
+    if mode == "top" and replace:
+        raise click.UsageError("--replace only applies to --mode draw")
+    table = sample(index_dir, prompt, prompt_embedding, n, mode=mode, seed=seed, replace=replace,
+                   logit_scale=logit_scale, out=out, force=force, device=device)
+    cols = [c for c in ("rank", "uid", "caption", "cosine", "weight", "normalized_weight") if c in table.column_names]
+    shown = table.select(cols)
+    if out is not None:
+        shown = shown.slice(0, 10)
+    click.echo(render_table(shown, width, footer=out is None), nl=False)
+    if out is not None:
+        more = table.num_rows - shown.num_rows
+        click.echo((f"... {more:,} more; " if more else "") + f"wrote {table.num_rows:,} rows to {out}")
+
+
 if __name__ == "__main__":
     cli()

@@ -1,0 +1,575 @@
+"""Importance weights for a domain prompt, and domain-weighted samples (SPEC 8).
+
+For a prompt t encoded with the index's own model, every IMAGE x of the pool gets
+``w(x) = exp(a' <v_x, v_t>)`` (normalised vectors; ``a'`` defaults to 10, the paper's choice, not the
+model's ~100). Everything is computed in log space: ``log w = a' cos``;
+``normalized_weight = w / mean(w) = exp(log w - logmeanexp(log w))``; the effective sample size
+``ESS = (sum w)^2 / sum w^2 = exp(2 LSE(log w) - LSE(2 log w))``. ``weight`` itself is stored as
+``exp(log w)`` (it overflows to infinity only for ``a' cos > 709``; the normalised weights never do).
+
+Prompt encoding (``encode_prompt``), by how the index was built:
+
+* synthetic: the synthetic world's prompt encoder, the world rebuilt from ``manifest.extra``;
+* open_clip: ``indexer.embed.load_model(manifest.model, manifest.pretrained)`` + ``encode_texts``;
+* datacomp / clip-retrieval / arrays: there is no model to run, so the prompt's text embedding must
+  be given (``prompt_embedding``: a ``.npy`` of shape (d,) or (1, d) from the same model).
+
+Sampling (``sample``): ``mode="top"`` retrieves the highest-weight images through FAISS top-k on the
+image index (the weight is monotone in the cosine), probing every IVF list for this single query and
+rescoring the candidates exactly from the stored embeddings; ``mode="draw"`` draws with probability
+proportional to the weights, seeded: without replacement by the Gumbel-top-k trick on ``log w``
+(equivalent to drawing one at a time proportionally to w and removing each draw), with replacement
+by ``Generator.choice`` with ``p = w / sum w``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from indexer.errors import BadInput, InvalidParameter
+from queries.sqlrun import _arrow, _first_line, check_out, format_for, write_result
+
+log = logging.getLogger(__name__)
+
+#: a', the paper's lowered logit scale for importance weights.
+DEFAULT_LOGIT_SCALE = 10.0
+#: Rows of embeddings converted to float64 at a time.
+DEFAULT_CHUNK = 65536
+SAMPLE_MODES = ("draw", "top")
+#: Output suffixes of ``weights --out`` and ``sample --out``.
+TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
+
+
+def _pool(index):
+    from indexer.pool import PoolIndex, open_index
+
+    return index if isinstance(index, PoolIndex) else open_index(index)
+
+
+# -- prompt encoding ----------------------------------------------------------------------------
+@dataclass
+class Prompt:
+    """An encoded prompt.
+
+    Attributes:
+        label: what is stored in ``weights.prompt``: the prompt text, or ``embedding:<file>``.
+        vector: (d,) float64 unit vector.
+        encoder: how it was encoded (for messages), e.g. "synthetic world (seed 0)".
+    """
+
+    label: str
+    vector: np.ndarray
+    encoder: str
+
+
+def load_prompt_embedding(source: str | Path | np.ndarray, dim: int) -> np.ndarray:
+    """A prompt embedding from a ``.npy`` file (or an array), checked and normalised.
+
+    Args:
+        source: a ``.npy`` path holding shape (d,) or (1, d), or such an array.
+        dim: the index's embedding dimension d.
+
+    Returns:
+        (d,) float64 unit vector.
+
+    Raises:
+        BadInput: the file is missing or unreadable, the shape or dimension is wrong (the message
+            names the file and both dimensions), or the vector is zero or not finite.
+    """
+    name = "the prompt embedding" if isinstance(source, np.ndarray) else f"prompt embedding file {str(source)!r}"
+    if isinstance(source, np.ndarray):
+        arr = source
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise BadInput(f"{name} does not exist")
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BadInput(f"{name} is not a readable .npy array: {e}") from None
+    arr = np.asarray(arr)
+    if arr.ndim == 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 1:
+        raise BadInput(f"{name} has shape {arr.shape}; expected ({dim},) or (1, {dim})")
+    if arr.shape[0] != dim:
+        raise BadInput(f"{name} has dimension {arr.shape[0]}, but the index's embeddings have dimension {dim}")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise BadInput(f"{name} has dtype {arr.dtype}; expected floats")
+    v = arr.astype(np.float64)
+    norm = float(np.linalg.norm(v))
+    if not np.all(np.isfinite(v)) or norm == 0.0:
+        raise BadInput(f"{name} is zero or not finite")
+    return v / norm
+
+
+def _synthetic_prompt(pool, text: str) -> tuple[np.ndarray, str]:
+    from indexer.synthetic import WORLD_VERSION, SyntheticWorld
+
+    extra = pool.manifest.get("extra") or {}
+    try:
+        seed, dim, geometry = int(extra["seed"]), int(extra["dim"]), str(extra["geometry"])
+    except (KeyError, TypeError, ValueError):
+        raise BadInput(
+            f"Index {str(pool.root)!r} is synthetic but its manifest lacks the world parameters "
+            "(seed, dim, geometry); rebuild it with `cli.py build-index`"
+        ) from None
+    version = extra.get("world_version")
+    if version != WORLD_VERSION:
+        raise BadInput(
+            f"Index {str(pool.root)!r} was built by synthetic world version {version}, this code has "
+            f"version {WORLD_VERSION}: its prompt encoder would not match; rebuild the index"
+        )
+    world = SyntheticWorld(seed=seed, dim=dim, geometry=geometry)
+    return np.asarray(world.encode_prompt(text), dtype=np.float64), f"synthetic world (seed {seed}, dim {dim})"
+
+
+def _open_clip_prompt(pool, text: str, device: str) -> tuple[np.ndarray, str]:
+    model, pretrained = pool.manifest.get("model"), pool.manifest.get("pretrained")
+    if not model or not pretrained:
+        raise InvalidParameter(
+            f"Index {str(pool.root)!r} was built with open_clip model {model!r} without pretrained weights "
+            "(random initialisation), so the prompt cannot be encoded with the same model; pass "
+            "--prompt-embedding FILE.npy"
+        )
+    from indexer.embed import encode_texts, load_model
+
+    bundle = load_model(model, pretrained, device=device)
+    return np.asarray(encode_texts(bundle, [text])[0], dtype=np.float64), f"open_clip {model} ({pretrained})"
+
+
+def encode_prompt(
+    index,
+    prompt: str | None = None,
+    prompt_embedding: str | Path | np.ndarray | None = None,
+    device: str = "auto",
+) -> Prompt:
+    """Encode a domain prompt with the index's own model, or load its embedding.
+
+    Args:
+        index: index directory or an opened ``PoolIndex``.
+        prompt: the prompt text, e.g. "a photo of food". With ``prompt_embedding`` it is only the
+            label stored with the weights.
+        prompt_embedding: a ``.npy`` file (or array) with the prompt's text embedding, shape (d,)
+            or (1, d); required for indexes without a model to run (datacomp, clip-retrieval).
+        device: torch device for open_clip models.
+
+    Returns:
+        A ``Prompt`` (label, unit vector, encoder description).
+
+    Raises:
+        InvalidParameter: neither argument, an empty prompt, a synthetic prompt with no known
+            concept, or an index whose model cannot be run (the message says to pass
+            ``--prompt-embedding``).
+        BadInput: a bad embedding file (missing, wrong shape or dimension, zero).
+    """
+    pool = _pool(index)
+    if prompt is not None and not str(prompt).strip():
+        raise InvalidParameter("The prompt is empty; give a text such as \"a photo of food\"")
+    if prompt_embedding is not None:
+        v = load_prompt_embedding(prompt_embedding, pool.dim)
+        if prompt is not None:
+            label = str(prompt)
+        elif isinstance(prompt_embedding, np.ndarray):
+            label = "embedding:" + hashlib.sha1(v.tobytes()).hexdigest()[:12]
+        else:
+            label = f"embedding:{prompt_embedding}"
+        where = "array" if isinstance(prompt_embedding, np.ndarray) else str(prompt_embedding)
+        return Prompt(label, v, f"given embedding ({where})")
+    if prompt is None:
+        raise InvalidParameter("Give a prompt (--prompt TEXT) or its embedding (--prompt-embedding FILE.npy)")
+    source = pool.manifest.get("source")
+    if pool.synthetic:
+        u, encoder = _synthetic_prompt(pool, prompt)
+    elif source == "open_clip":
+        u, encoder = _open_clip_prompt(pool, prompt, device)
+    else:
+        raise InvalidParameter(
+            f"Index {str(pool.root)!r} holds precomputed {source} embeddings: there is no model here to "
+            f"encode the prompt {prompt!r}. Pass its text embedding from the same model "
+            f"(model {pool.manifest.get('model') or 'unknown'}, dimension {pool.dim}) with "
+            "--prompt-embedding FILE.npy (add --prompt TEXT to label it)"
+        )
+    if u.shape != (pool.dim,):
+        raise BadInput(f"The {encoder} gave a prompt embedding of shape {u.shape}; the index has dimension {pool.dim}")
+    return Prompt(str(prompt), load_prompt_embedding(u, pool.dim), encoder)
+
+
+# -- weights ------------------------------------------------------------------------------------
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(np.max(x))
+    if not math.isfinite(m):
+        return m
+    return m + math.log(float(np.sum(np.exp(x - m))))
+
+
+def check_logit_scale(a: float) -> float:
+    """Return ``a`` if it is a finite positive number.
+
+    Raises:
+        InvalidParameter: otherwise.
+    """
+    try:
+        f = float(a)
+    except (TypeError, ValueError):
+        raise InvalidParameter(f"--logit-scale must be a positive number, got {a!r}") from None
+    if not (math.isfinite(f) and f > 0):
+        raise InvalidParameter(f"--logit-scale must be a positive number, got {a!r}")
+    return f
+
+
+def image_cosines(index, vector: np.ndarray, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+    """``<v_x, v_t>`` for every image x of the pool (float64, chunked over the memory map)."""
+    pool = _pool(index)
+    emb = pool.embeddings("image")
+    v = np.asarray(vector, dtype=np.float64)
+    out = np.empty(emb.shape[0], dtype=np.float64)
+    for s in range(0, emb.shape[0], chunk):
+        out[s : s + chunk] = np.asarray(emb[s : s + chunk], dtype=np.float64) @ v
+    return out
+
+
+@dataclass
+class Weights:
+    """Importance weights of every image of the pool for one prompt.
+
+    Attributes:
+        prompt: the label (prompt text or ``embedding:<file>``).
+        logit_scale: a'.
+        cosine: (n,) ``<v_x, v_t>`` by ``vec_id``.
+        log_weight: (n,) ``a' * cosine``.
+        encoder: how the prompt was encoded.
+        out: file the weights were exported to, or None.
+    """
+
+    prompt: str
+    logit_scale: float
+    cosine: np.ndarray
+    log_weight: np.ndarray
+    encoder: str = ""
+    out: Path | None = None
+    stored: bool = False
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n(self) -> int:
+        return int(self.log_weight.shape[0])
+
+    @property
+    def log_mean(self) -> float:
+        """``log mean(w)``, computed stably."""
+        if "log_mean" not in self._cache:
+            self._cache["log_mean"] = _logsumexp(self.log_weight) - math.log(self.n)
+        return self._cache["log_mean"]
+
+    @property
+    def weight(self) -> np.ndarray:
+        """``w = exp(a' cos)`` (inf where ``a' cos > 709``)."""
+        with np.errstate(over="ignore"):
+            return np.exp(self.log_weight)
+
+    @property
+    def normalized_weight(self) -> np.ndarray:
+        """``w / mean(w)``; sums to n."""
+        return np.exp(self.log_weight - self.log_mean)
+
+    @property
+    def ess(self) -> float:
+        """Effective sample size ``(sum w)^2 / sum w^2``, from log space."""
+        return math.exp(2 * _logsumexp(self.log_weight) - _logsumexp(2 * self.log_weight))
+
+    @property
+    def ess_fraction(self) -> float:
+        return self.ess / self.n
+
+    def summary(self) -> dict[str, float]:
+        """``n, ess, ess_fraction`` and ``min / median / max`` of the normalised weights, and
+        ``top1_share``: the share of the total weight held by the top ``ceil(n / 100)`` samples."""
+        nw = self.normalized_weight
+        k = max(1, math.ceil(self.n / 100))
+        top = np.partition(nw, self.n - k)[self.n - k :]
+        return {
+            "n": self.n, "logit_scale": self.logit_scale, "ess": self.ess, "ess_fraction": self.ess_fraction,
+            "min": float(nw.min()), "median": float(np.median(nw)), "max": float(nw.max()),
+            "top1_share": float(top.sum() / nw.sum()),
+        }
+
+
+def compute_weights(
+    index,
+    prompt: str | None = None,
+    prompt_embedding: str | Path | np.ndarray | None = None,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    device: str = "auto",
+) -> Weights:
+    """Importance weights of every image for a prompt (not stored; see ``weights``).
+
+    Args:
+        index: index directory or an opened ``PoolIndex``.
+        prompt: the prompt text (encoded with the index's model), or the label of ``prompt_embedding``.
+        prompt_embedding: the prompt's text embedding (``.npy`` file or array).
+        logit_scale: a' (default 10).
+        device: torch device for open_clip models.
+
+    Returns:
+        ``Weights``.
+
+    Raises:
+        InvalidParameter, BadInput: see ``encode_prompt``; a non-positive ``logit_scale``.
+    """
+    a = check_logit_scale(logit_scale)
+    pool = _pool(index)
+    p = encode_prompt(pool, prompt, prompt_embedding, device=device)
+    cos = image_cosines(pool, p.vector)
+    return Weights(p.label, a, cos, a * cos, p.encoder)
+
+
+def _out_suffix(out: str | Path) -> str:
+    suffix = Path(out).suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise InvalidParameter(
+            f"Output {str(out)!r}: unknown suffix; use one of .parquet, .csv, .jsonl"
+        )
+    return suffix
+
+
+def _catalog_error(pool, e: duckdb.Error) -> BadInput:
+    return BadInput(f"Cannot write the weights into {str(pool.paths.catalog)!r}: {_first_line(e)}")
+
+
+def weights(
+    index,
+    prompt: str | None = None,
+    prompt_embedding: str | Path | np.ndarray | None = None,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    *,
+    out: str | Path | None = None,
+    force: bool = False,
+    store: bool = True,
+    device: str = "auto",
+) -> Weights:
+    """Compute importance weights for a prompt, store them in the ``weights`` table, export them.
+
+    The ``weights`` table (SPEC 11) gets one row per sample: ``prompt, uid, vec_id, logit_scale,
+    cosine, log_weight, weight, normalized_weight``; earlier rows of the same prompt are replaced.
+
+    Args:
+        index: index directory or an opened ``PoolIndex``.
+        prompt: the prompt text, e.g. "a photo of food" (or the label of ``prompt_embedding``).
+        prompt_embedding: the prompt's text embedding (``.npy`` file or array).
+        logit_scale: a' (default 10).
+        out: also export ``uid, weight, normalized_weight`` to this ``.parquet`` / ``.csv`` /
+            ``.jsonl`` file.
+        force: overwrite an existing ``out``.
+        store: write the ``weights`` table (False: compute and export only).
+        device: torch device for open_clip models.
+
+    Returns:
+        ``Weights`` (see its ``ess`` and ``summary()``).
+
+    Raises:
+        InvalidParameter: bad prompt / logit scale / output, or ``out`` exists without ``force``.
+        BadInput: a bad embedding file, or the catalog cannot be written (e.g. in use).
+    """
+    if out is not None:
+        _out_suffix(out)
+        check_out(out, force)
+    pool = _pool(index)
+    w = compute_weights(pool, prompt, prompt_embedding, logit_scale, device=device)
+    if store:
+        store_weights(pool, w)
+    if out is not None:
+        write_weights(pool, w, out, force=force)
+    return w
+
+
+def store_weights(index, w: Weights) -> None:
+    """Replace the rows of ``w.prompt`` in the ``weights`` table by ``w`` (one transaction)."""
+    from queries.store import load_sql
+
+    pool = _pool(index)
+    table = pa.table({
+        "vec_id": np.arange(w.n, dtype=np.int64), "cosine": w.cosine, "log_weight": w.log_weight,
+        "weight": w.weight, "normalized_weight": w.normalized_weight,
+    })
+    try:
+        with pool.store(read_only=False) as s:
+            con = s.con
+            con.execute(load_sql("weights_create"))
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute(load_sql("weights_delete"), {"prompt": w.prompt})
+                with con.cursor() as cur:
+                    cur.register("_weights", table)
+                    cur.execute(load_sql("weights_insert"), {"prompt": w.prompt, "logit_scale": w.logit_scale})
+                    cur.unregister("_weights")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("CHECKPOINT")
+    except duckdb.Error as e:
+        raise _catalog_error(pool, e) from None
+    w.stored = True
+
+
+def write_weights(index, w: Weights, out: str | Path, force: bool = False) -> Path:
+    """Export ``uid, weight, normalized_weight`` (by ``vec_id`` order) to parquet / CSV / JSON lines."""
+    pool = _pool(index)
+    _out_suffix(out)
+    with pool.store(read_only=True) as s:
+        uids = _arrow(s.con.sql("SELECT uid FROM samples ORDER BY vec_id")).column("uid")
+    table = pa.table({"uid": uids, "weight": w.weight, "normalized_weight": w.normalized_weight})
+    write_result(table, format_for(out, None), out, force=force)
+    w.out = Path(out)
+    return Path(out)
+
+
+# -- sampling -----------------------------------------------------------------------------------
+def _hnsw_ef(index: Any, k: int) -> None:
+    """Raise an HNSW index's efSearch to at least k (no-op for other indexes)."""
+    import faiss
+
+    sub = faiss.downcast_index(index)
+    while hasattr(sub, "index") and not hasattr(sub, "hnsw"):
+        sub = faiss.downcast_index(sub.index)
+    if hasattr(sub, "hnsw"):
+        sub.hnsw.efSearch = max(int(sub.hnsw.efSearch), int(k))
+
+
+def top_by_faiss(index, vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` images with the highest cosine to ``vector``, through the FAISS image index.
+
+    Every IVF list is probed for this one query (``nprobe = nlist``: exact recall for IVF-Flat),
+    a margin of extra candidates is fetched, and candidates are rescored exactly (float64) from the
+    stored embeddings, so approximate codes (PQ, SQ) do not reorder the result; ties are broken by
+    ``vec_id``.
+
+    Returns:
+        ``(vec_ids, cosines)``, best first.
+    """
+    from indexer import faiss_index
+
+    pool = _pool(index)
+    fx = pool.faiss("image")
+    exact = faiss_index.returns_exact_scores(fx)
+    margin = max(16, n // 10) if exact else max(64, 3 * n)
+    k = min(pool.n, n + margin)
+    params = (pool.manifest.get("index_params") or {}).get("image") or {}
+    nlist = params.get("nlist")
+    _hnsw_ef(fx, k)
+    _, ids = faiss_index.search(fx, np.asarray(vector, dtype=np.float32)[None, :], k,
+                                nprobe=int(nlist) if nlist else None)
+    ids = ids[0][ids[0] >= 0]
+    ids = np.unique(ids)  # sorted: memory-map friendly
+    emb = pool.embeddings("image")
+    cos = np.asarray(emb[ids], dtype=np.float64) @ np.asarray(vector, dtype=np.float64)
+    order = np.lexsort((ids, -cos))[:n]
+    return ids[order], cos[order]
+
+
+def gumbel_top_k(log_w: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` draws without replacement with probability proportional to ``exp(log_w)``
+    (in draw order): the top n of ``log_w + Gumbel noise``."""
+    keys = log_w + rng.gumbel(size=log_w.shape[0])
+    if n < keys.shape[0]:
+        part = np.argpartition(-keys, n - 1)[:n]
+    else:
+        part = np.arange(keys.shape[0])
+    return part[np.argsort(-keys[part], kind="stable")]
+
+
+def sample(
+    index,
+    prompt: str | None = None,
+    prompt_embedding: str | Path | np.ndarray | None = None,
+    n: int = 100,
+    *,
+    mode: str = "draw",
+    seed: int = 0,
+    replace: bool = False,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    out: str | Path | None = None,
+    force: bool = False,
+    device: str = "auto",
+) -> pa.Table:
+    """Domain-weighted samples of the pool for a prompt.
+
+    Args:
+        index: index directory or an opened ``PoolIndex``.
+        prompt: the prompt text (or the label of ``prompt_embedding``).
+        prompt_embedding: the prompt's text embedding (``.npy`` file or array).
+        n: how many samples (rows).
+        mode: "draw" (random, probability proportional to the weights) or "top" (highest weights).
+        seed: seed of the draw (``mode="draw"``); the same seed gives the same draw.
+        replace: draw with replacement (``mode="draw"``); default without.
+        logit_scale: a' (default 10).
+        out: also write the rows to a ``.parquet`` / ``.csv`` / ``.jsonl`` file.
+        force: overwrite an existing ``out``.
+        device: torch device for open_clip models.
+
+    Returns:
+        A table in draw (or rank) order: ``rank, vec_id, uid, caption, cosine, weight`` and, for
+        ``mode="draw"``, ``normalized_weight`` (w / mean w over the pool; "top" skips the pass over
+        the whole pool that it needs).
+
+    Raises:
+        InvalidParameter: bad mode, n < 1, n larger than the pool (except drawing with
+            replacement), bad prompt or logit scale, ``out`` exists without ``force``.
+    """
+    if mode not in SAMPLE_MODES:
+        raise InvalidParameter(f"Unknown sample mode {mode!r}; choose one of {', '.join(SAMPLE_MODES)}")
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise InvalidParameter(f"-n must be a positive integer, got {n!r}")
+    if mode == "top" and replace:
+        raise InvalidParameter("--replace only applies to --mode draw")
+    a = check_logit_scale(logit_scale)
+    if out is not None:
+        _out_suffix(out)
+        check_out(out, force)
+    pool = _pool(index)
+    if n > pool.n and not (mode == "draw" and replace):
+        raise InvalidParameter(
+            f"-n {n} is larger than the pool ({pool.n} samples); "
+            + ("use --replace to draw with replacement" if mode == "draw" else "ask for at most the pool size")
+        )
+    p = encode_prompt(pool, prompt, prompt_embedding, device=device)
+    cols: dict[str, Any]
+    if mode == "top":
+        ids, cos = top_by_faiss(pool, p.vector, n)
+        with np.errstate(over="ignore"):
+            cols = {"vec_id": ids, "cosine": cos, "weight": np.exp(a * cos)}
+    else:
+        cos = image_cosines(pool, p.vector)
+        w = Weights(p.label, a, cos, a * cos, p.encoder)
+        rng = np.random.default_rng(seed)
+        if replace:
+            prob = w.normalized_weight / w.n
+            ids = rng.choice(w.n, size=n, replace=True, p=prob / prob.sum())
+        else:
+            ids = gumbel_top_k(w.log_weight, n, rng)
+        cols = {"vec_id": ids.astype(np.int64), "cosine": w.cosine[ids], "weight": w.weight[ids],
+                "normalized_weight": w.normalized_weight[ids]}
+    picked = pa.table({"rank": np.arange(1, len(cols["vec_id"]) + 1, dtype=np.int64),
+                       **{k: np.asarray(v) for k, v in cols.items()}})
+    with pool.store(read_only=True) as s:
+        with s.con.cursor() as cur:
+            cur.register("_picked", picked)
+            extra = ", p.normalized_weight" if mode == "draw" else ""
+            table = _arrow(cur.sql(
+                "SELECT p.rank, p.vec_id, s.uid, s.caption, p.cosine, p.weight" + extra
+                + " FROM _picked AS p JOIN samples AS s USING (vec_id) ORDER BY p.rank"
+            ))
+            cur.unregister("_picked")
+    if out is not None:
+        write_result(table, format_for(out, None), out, force=force)
+    return table

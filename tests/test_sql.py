@@ -1,0 +1,444 @@
+"""Read-only SQL, named queries and output formats (queries/sqlrun.py, sql/*.sql, `sql` and `query`).
+
+The fixtures here are shared with test_select.py and test_weights.py: a small index built from
+arrays with a ``scores`` table computed independently in numpy (``write_scores``).
+"""
+
+import hashlib
+import json
+import re
+from collections import Counter
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+from scipy.special import logsumexp
+
+import cli
+from conftest import clustered_pairs
+from indexer.build import build_index
+from indexer.errors import InvalidParameter, NotReadOnly, UnknownQuery
+from indexer.sources import ArraySource
+from queries import sqlrun
+from queries.sqlrun import (
+    QueryError,
+    check_read_only,
+    list_queries,
+    parse_named_query,
+    render_table,
+    run_query,
+    run_sql,
+)
+
+N, DIM, A = 400, 16, 100.0
+WORDS = ["dog", "cat", "red", "bus", "photo", "a", "of", "the", "on", "street", "beach", "pizza"]
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def captions(n, seed=0):
+    r = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        k = int(r.integers(1, 7))
+        words = [WORDS[j] for j in r.choice(len(WORDS), size=k, p=np.linspace(2, 1, len(WORDS)) / 18)]
+        out.append(" ".join(words).capitalize() + ("!" if i % 7 == 0 else ""))
+    return out
+
+
+def kl_both(q, c, a=A):
+    """Exact D_KL and D_KLR of every query against all candidates (SPEC 2), in numpy."""
+    s = a * q @ c.T
+    lse = logsumexp(s, axis=1)
+    p = np.exp(s - lse[:, None])
+    logn = np.log(c.shape[0])
+    return (p * s).sum(1) - lse + logn, lse - logn - s.mean(1)
+
+
+def numpy_scores(image, text, a=A):
+    """Every SPEC 11 score column, computed here in numpy from the raw arrays."""
+    cols = {}
+    raw = {"image": np.asarray(image, np.float64), "text": np.asarray(text, np.float64)}
+    v = {m: unit(raw[m]) for m in raw}
+    cols["kl_text"], cols["klr_text"] = kl_both(v["text"], v["image"], a)
+    cols["kl_image"], cols["klr_image"] = kl_both(v["image"], v["text"], a)
+    for m, other in (("image", "text"), ("text", "image")):
+        x, n = v[m], v[m].shape[0]
+        mean = x.mean(0)
+        d = x - mean
+        g = np.cov(v[other], rowvar=False, ddof=1)
+        cols[f"dc_{m}"] = a * a * (d * d).sum(1)
+        cols[f"dw_{m}"] = a * a * np.einsum("ij,jk,ik->i", d, g, d)
+        cols[f"rawnorm_{m}"] = a * a * (raw[m] ** 2).sum(1)
+        cols[f"conformity_{m}"] = (x @ x.sum(0) - 1) / (n - 1)
+        cols[f"conformity_est_{m}"] = x @ mean / np.linalg.norm(mean)
+        cov = np.cov(raw[m], rowvar=False) + 1e-6 * np.eye(raw[m].shape[1])
+        z = np.linalg.solve(np.linalg.cholesky(cov), (raw[m] - raw[m].mean(0)).T).T
+        cols[f"loglik_{m}"] = -0.5 * (z * z).sum(1)
+    cols["clipscore"] = 2.5 * np.maximum((v["image"] * v["text"]).sum(1), 0)
+    return cols
+
+
+def write_scores(index_dir, cols):
+    """Replace the index's ``scores`` table by ``cols`` (plus uid, vec_id and a partly NULL column)."""
+    import pyarrow as pa
+
+    con = duckdb.connect(str(index_dir / "catalog.duckdb"))
+    try:
+        n = len(next(iter(cols.values())))
+        partial = np.arange(n, dtype=np.float64)
+        mask = np.arange(n) % 5 == 0  # every fifth row has no value
+        table = pa.table({"vec_id": np.arange(n, dtype=np.int64), **cols,
+                          "partial_score": pa.array(partial, mask=mask)})
+        con.register("_s", table)
+        con.execute("CREATE OR REPLACE TABLE scores AS SELECT s.uid, t.* FROM _s AS t "
+                    "JOIN samples AS s USING (vec_id) ORDER BY vec_id")
+        con.unregister("_s")
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def arrays_index(tmp_path_factory):
+    """(index dir, raw image, raw text, captions, uids, numpy scores) of a 400-sample Flat index."""
+    root = tmp_path_factory.mktemp("arrays")
+    image, text = clustered_pairs(N, DIM, seed=3)
+    caps = captions(N)
+    src = ArraySource(image, text, captions=caps, logit_scale=A)
+    uids = src.meta.column("uid").to_pylist()
+    out = root / "idx"
+    build_index(src, out)
+    cols = numpy_scores(image, text)
+    write_scores(out, cols)
+    return out, image, text, caps, uids, cols
+
+
+def fingerprint(index_dir):
+    """Tables, their row counts and the catalog file's bytes: equal before and after = unchanged."""
+    con = duckdb.connect(str(index_dir / "catalog.duckdb"), read_only=True)
+    try:
+        tables = [r[0] for r in con.execute(
+            "SELECT table_name FROM information_schema.tables ORDER BY table_name").fetchall()]
+        counts = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchall()[0][0] for t in tables}
+    finally:
+        con.close()
+    digest = hashlib.sha256((index_dir / "catalog.duckdb").read_bytes()).hexdigest()
+    return counts, digest
+
+
+# -- read-only checks ---------------------------------------------------------------------------
+@pytest.mark.parametrize("sql", [
+    "SELECT 1", "WITH a AS (SELECT 1 AS x) SELECT * FROM a", "DESCRIBE samples", "SHOW TABLES",
+    "SUMMARIZE samples", "EXPLAIN SELECT 1", "FROM samples LIMIT 1", "VALUES (1)",
+])
+def test_read_only_statements_pass(sql):
+    check_read_only(sql)
+
+
+@pytest.mark.parametrize("sql,kind", [
+    ("DELETE FROM samples", "DELETE"), ("CREATE TABLE x AS SELECT 1", "CREATE"),
+    ("DROP TABLE scores", "DROP"), ("INSERT INTO samples SELECT * FROM samples", "INSERT"),
+    ("UPDATE scores SET kl_text = 0", "UPDATE"), ("COPY samples TO 'x.csv'", "COPY"),
+    ("ATTACH 'other.db'", "ATTACH"), ("PRAGMA show_tables", "PRAGMA"), ("SET threads = 1", "SET"),
+    ("SELECT 1; DROP TABLE samples", "DROP"),
+    ("WITH a AS (SELECT 1) INSERT INTO samples SELECT * FROM a", "INSERT"),
+])
+def test_writing_statements_are_rejected_naming_the_kind(sql, kind):
+    with pytest.raises(NotReadOnly, match=kind):
+        check_read_only(sql)
+
+
+def test_parse_errors_and_multiple_statements():
+    with pytest.raises(QueryError, match="Cannot parse"):
+        check_read_only("SELEC 1")
+    with pytest.raises(QueryError, match="One statement"):
+        check_read_only("SELECT 1; SELECT 2")
+
+
+def test_run_sql_api(arrays_index):
+    idx, *_ = arrays_index
+    t = run_sql(idx, "SELECT count(*) AS n, count(DISTINCT uid) AS u FROM samples")
+    assert t.to_pylist() == [{"n": N, "u": N}]
+    t = run_sql(idx, "SELECT caption FROM samples WHERE vec_id = $v", {"v": 7})
+    assert t.column("caption").to_pylist() == [arrays_index[3][7]]
+    with pytest.raises(QueryError, match="nope"):
+        run_sql(idx, "SELECT nope FROM samples")
+
+
+@pytest.mark.parametrize("sql", [
+    "DELETE FROM samples", "CREATE TABLE x AS SELECT 1", "SELECT 1; DROP TABLE samples",
+    "DROP TABLE scores", "ATTACH ':memory:' AS m",
+])
+def test_sql_cli_refuses_writes_and_catalog_is_unchanged(arrays_index, sql):
+    idx, *_ = arrays_index
+    before = fingerprint(idx)
+    result = CliRunner().invoke(cli.cli, ["sql", str(idx), sql])
+    assert result.exit_code == 1
+    assert "Not a read-only query" in result.output and "Traceback" not in result.output
+    assert fingerprint(idx) == before
+
+
+def test_read_only_connection_is_the_real_guard(arrays_index, monkeypatch):
+    idx, *_ = arrays_index
+    before = fingerprint(idx)
+    monkeypatch.setattr(sqlrun, "check_read_only", lambda sql: None)
+    with pytest.raises(NotReadOnly, match="read-only"):
+        run_sql(idx, "DELETE FROM samples")
+    with pytest.raises(NotReadOnly, match="read-only"):
+        run_sql(idx, "CREATE TABLE x AS SELECT 1")
+    assert fingerprint(idx) == before
+
+
+# -- output formats -----------------------------------------------------------------------------
+def test_sql_cli_formats(arrays_index, tmp_path):
+    idx, *_ = arrays_index
+    runner = CliRunner()
+    q = "SELECT vec_id, uid, caption FROM samples ORDER BY vec_id LIMIT 3"
+    expected = run_sql(idx, q).to_pylist()
+
+    r = runner.invoke(cli.cli, ["sql", str(idx), q])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split() == ["vec_id", "uid", "caption"] and set(lines[1]) <= {"-", " "}
+    assert lines[-1] == "(3 rows)" and expected[2]["uid"] in r.output
+
+    r = runner.invoke(cli.cli, ["sql", str(idx), q, "--format", "csv"])
+    assert r.exit_code == 0 and r.output.splitlines()[0] == "vec_id,uid,caption"
+    assert len(r.output.splitlines()) == 4
+
+    r = runner.invoke(cli.cli, ["sql", str(idx), q, "--format", "jsonl"])
+    assert r.exit_code == 0 and [json.loads(x) for x in r.output.splitlines()] == expected
+
+    out = tmp_path / "deep" / "r.parquet"
+    r = runner.invoke(cli.cli, ["sql", str(idx), q, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out).to_pylist() == expected
+
+    r = runner.invoke(cli.cli, ["sql", str(idx), q, "--out", str(out)])
+    assert r.exit_code == 1 and "already exists" in r.output and "--force" in r.output
+    r = runner.invoke(cli.cli, ["sql", str(idx), "SELECT 1 AS one", "--out", str(out), "--force"])
+    assert r.exit_code == 0 and pq.read_table(out).to_pylist() == [{"one": 1}]
+
+    r = runner.invoke(cli.cli, ["sql", str(idx), q, "--format", "parquet"])
+    assert r.exit_code == 1 and "--out" in r.output
+
+    out = tmp_path / "r.csv"
+    r = runner.invoke(cli.cli, ["sql", str(idx), q, "--out", str(out)])
+    assert r.exit_code == 0 and out.read_text().startswith("vec_id,uid,caption\n")
+
+
+def test_render_table_truncates_and_formats():
+    import pyarrow as pa
+
+    t = pa.table({"x": [1.23456789, None], "s": ["a" * 100, "line\nbreak"], "l": [["aa", "bb"], []]})
+    text = render_table(t, max_width=20)
+    assert "1.23457" in text and "NULL" in text and "a" * 19 + "…" in text and "line break" in text
+    assert "(2 rows)" in text
+    assert "a" * 100 in render_table(t, max_width=0)
+
+
+def test_jsonl_writes_nan_as_null():
+    import pyarrow as pa
+
+    assert json.loads(sqlrun.to_jsonl(pa.table({"x": [float("nan")]}))) == {"x": None}
+
+
+# -- named queries ------------------------------------------------------------------------------
+def test_shipped_named_queries_parse_and_are_listed():
+    names = {q.name for q in list_queries()}
+    assert {"top_by_score", "bottom_by_score", "score_deciles", "score_correlations", "ngram_coverage",
+            "weights_summary", "caption_search"} <= names
+    assert "kl_per_sample" not in names  # internal SQL without a `-- name:` header
+    for q in list_queries():
+        assert q.description
+        for p in q.params:
+            assert p.description
+
+
+def test_query_list_cli():
+    r = CliRunner().invoke(cli.cli, ["query", "--list"])
+    assert r.exit_code == 0, r.output
+    assert "top_by_score" in r.output and "--param column (column, default kl_text)" in r.output
+    assert "--param limit (int>=0, default 20)" in r.output
+
+
+def test_named_query_header_is_checked():
+    ok = "-- name: q\n-- description: d\n-- param: column (column, default kl_text): c\n" \
+         "-- param: limit (int>=1, default 5): l\nSELECT {{column}} FROM scores LIMIT $limit"
+    q = parse_named_query("q", ok)
+    assert [p.name for p in q.params] == ["column", "limit"] and q.params[1].default == 5
+    assert parse_named_query("x", "-- just a comment\nSELECT 1") is None
+    with pytest.raises(QueryError, match="must match the file name"):
+        parse_named_query("other", ok)
+    with pytest.raises(QueryError, match=r"\$n"):
+        parse_named_query("q", "-- name: q\nSELECT $n")
+    with pytest.raises(QueryError, match="never uses"):
+        parse_named_query("q", "-- name: q\n-- param: n (int, default 1)\nSELECT 1")
+    with pytest.raises(QueryError, match="column parameter"):
+        parse_named_query("q", "-- name: q\n-- param: n (int, default 1)\nSELECT {{n}}")
+    with pytest.raises(QueryError, match="value parameter"):
+        parse_named_query("q", "-- name: q\n-- param: c (column, default x)\nSELECT $c")
+    with pytest.raises(QueryError, match="bad parameter"):
+        parse_named_query("q", "-- name: q\n-- param: n (number)\nSELECT $n")
+    # $ inside a string literal is not a parameter
+    assert parse_named_query("q", "-- name: q\nSELECT regexp_matches('a', '$x')").params == ()
+
+
+def test_top_and_bottom_by_score_match_numpy(arrays_index):
+    idx, _, _, caps, uids, cols = arrays_index
+    for name, col, sign in (("top_by_score", "klr_text", -1), ("bottom_by_score", "dw_image", 1)):
+        t = run_query(idx, name, column=col, limit="7")
+        order = np.argsort(sign * cols[col], kind="stable")[:7]
+        assert t.column_names == ["rank", "vec_id", "uid", "caption", col]
+        assert t.column("vec_id").to_pylist() == order.tolist()
+        assert t.column("uid").to_pylist() == [uids[i] for i in order]
+        assert t.column("caption").to_pylist() == [caps[i] for i in order]
+        np.testing.assert_allclose(t.column(col).to_numpy(), cols[col][order])
+        assert t.column("rank").to_pylist() == list(range(1, 8))
+    assert run_query(idx, "top_by_score").num_rows == 20  # defaults: kl_text, 20
+
+
+def test_top_by_score_cli(arrays_index):
+    idx, _, _, _, uids, cols = arrays_index
+    r = CliRunner().invoke(cli.cli, ["query", str(idx), "top_by_score", "--param", "column=clipscore",
+                                     "--param", "limit=3", "--format", "jsonl"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in r.output.splitlines()]
+    assert [x["uid"] for x in rows] == [uids[i] for i in np.argsort(-cols["clipscore"])[:3]]
+
+
+def test_named_query_errors(arrays_index):
+    idx, *_ = arrays_index
+    before = fingerprint(idx)
+    with pytest.raises(InvalidParameter, match=r"Unknown score column 'kl_text; DROP TABLE scores'.*kl_text"):
+        run_query(idx, "top_by_score", column="kl_text; DROP TABLE scores")
+    with pytest.raises(InvalidParameter, match="Unknown score column 'caption'"):
+        run_query(idx, "top_by_score", column="caption")  # a column, but not a numeric score
+    with pytest.raises(InvalidParameter, match="Unknown parameter 'colum'.*column, limit"):
+        run_query(idx, "top_by_score", colum="kl_text")
+    with pytest.raises(InvalidParameter, match="must be an integer, got 'ten'"):
+        run_query(idx, "top_by_score", limit="ten")
+    with pytest.raises(InvalidParameter, match=">= 0"):
+        run_query(idx, "top_by_score", limit=-1)
+    with pytest.raises(InvalidParameter, match="needs parameter 'text'"):
+        run_query(idx, "caption_search")
+    with pytest.raises(UnknownQuery, match="Unknown query 'nope'; available: .*top_by_score"):
+        run_query(idx, "nope")
+    runner = CliRunner()
+    r = runner.invoke(cli.cli, ["query", str(idx), "top_by_score", "--param", "column=kl_text; DROP TABLE scores"])
+    assert r.exit_code == 1 and "Unknown score column" in r.output and "valid columns" in r.output
+    r = runner.invoke(cli.cli, ["query", str(idx), "top_by_score", "--param", "bogus=1"])
+    assert r.exit_code == 1 and "Unknown parameter 'bogus'" in r.output
+    r = runner.invoke(cli.cli, ["query", str(idx), "nope"])
+    assert r.exit_code == 1 and "Unknown query 'nope'" in r.output and "score_deciles" in r.output
+    r = runner.invoke(cli.cli, ["query", str(idx), "top_by_score", "--param", "limit"])
+    assert r.exit_code == 2 and "KEY=VALUE" in r.output
+    r = runner.invoke(cli.cli, ["query", str(idx)])
+    assert r.exit_code == 2
+    assert fingerprint(idx) == before
+
+
+def test_text_parameters_are_bound_not_spliced(arrays_index):
+    idx, _, _, caps, _, cols = arrays_index
+    before = fingerprint(idx)
+    assert run_query(idx, "caption_search", text="'; DROP TABLE samples; --").num_rows == 0
+    t = run_query(idx, "caption_search", text="PIZZA", column="kl_text", limit=1000)
+    expect = [i for i, c in enumerate(caps) if "pizza" in c.lower()]
+    assert sorted(t.column("vec_id").to_pylist()) == expect
+    assert t.column("kl_text").to_pylist() == sorted(cols["kl_text"][expect], reverse=True)
+    assert fingerprint(idx) == before
+
+
+def test_score_deciles_match_numpy(arrays_index):
+    idx, _, _, caps, uids, cols = arrays_index
+    t = run_query(idx, "score_deciles", column="kl_image")
+    x = cols["kl_image"]
+    order = np.lexsort((np.array(uids), x))
+    parts = np.array_split(order, 10)  # ntile: equal sizes, the first buckets take the remainder
+    assert t.column("bucket").to_pylist() == list(range(1, 11))
+    assert t.column("n").to_pylist() == [len(p) for p in parts]
+    np.testing.assert_allclose(t.column("min").to_numpy(), [x[p].min() for p in parts])
+    np.testing.assert_allclose(t.column("max").to_numpy(), [x[p].max() for p in parts])
+    np.testing.assert_allclose(t.column("mean").to_numpy(), [x[p].mean() for p in parts])
+    for ex, p in zip(t.column("examples").to_pylist(), parts):
+        assert len(ex) == 3 and set(ex) <= {caps[i] for i in p}
+    t = run_query(idx, "score_deciles", column="kl_image", buckets=4, examples=1)
+    assert t.num_rows == 4 and all(len(e) == 1 for e in t.column("examples").to_pylist())
+
+
+def test_score_deciles_drop_null_scores(arrays_index):
+    idx, *_ = arrays_index
+    t = run_query(idx, "score_deciles", column="partial_score", buckets=2)
+    assert sum(t.column("n").to_pylist()) == N - N // 5
+
+
+def test_score_correlations_match_scipy(arrays_index):
+    idx, *_, cols = arrays_index
+    t = run_query(idx, "score_correlations").to_pylist()
+    assert len(t) == 2 * 3 * 2  # side x measure x method
+    seen = set()
+    for row in t:
+        seen.add((row["side"], row["measure"], row["method"]))
+        for against in ("kl", "klr", "dc", "dw"):
+            x, y = cols[f"{row['measure']}_{row['side']}"], cols[f"{against}_{row['side']}"]
+            fn = stats.pearsonr if row["method"] == "pearson" else stats.spearmanr
+            assert row[against] == pytest.approx(fn(x, y)[0], abs=1e-9)
+        assert row["n"] == N
+    assert seen == {(s, m, k) for s in ("image", "text") for m in ("conformity", "loglik", "rawnorm")
+                    for k in ("pearson", "spearman")}
+    conf_dc = [r["dc"] for r in t if r["measure"] == "conformity"]
+    np.testing.assert_allclose(conf_dc, -1.0, atol=1e-9)  # SPEC 5: D_C is affine in conformity
+
+
+def test_spearman_uses_average_ranks_for_ties(tmp_path):
+    # a scores table whose columns have ties: SQL Spearman must equal scipy's (average ranks)
+    image, text = clustered_pairs(60, 8, seed=1)
+    out = tmp_path / "idx"
+    build_index(ArraySource(image, text), out)
+    r = np.random.default_rng(0)
+    cols = {c: r.integers(0, 4, 60).astype(float) for c in (
+        [f"{m}_{s}" for m in ("conformity", "loglik", "rawnorm", "kl", "klr", "dc", "dw") for s in ("image", "text")])}
+    write_scores(out, cols)
+    for row in run_query(out, "score_correlations").to_pylist():
+        if row["method"] == "spearman":
+            x = cols[f"{row['measure']}_{row['side']}"]
+            assert row["kl"] == pytest.approx(stats.spearmanr(x, cols[f"kl_{row['side']}"])[0], abs=1e-9)
+
+
+def test_ngram_coverage_matches_python(arrays_index):
+    idx, _, _, caps, _, cols = arrays_index
+    top = 15
+    grams = {}
+    for i, c in enumerate(caps):
+        w = re.findall(r"[a-z0-9']+", c.lower())
+        grams[i] = [" ".join(w[j:j + 3]) for j in range(len(w) - 2)]
+    counts = Counter(g for gs in grams.values() for g in gs)
+    frequent = {g for g, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]}
+    x = cols["klr_text"]
+    parts = np.array_split(np.lexsort((np.arange(N), x)), 10)
+    t = run_query(idx, "ngram_coverage", column="klr_text", top=top)
+    assert t.column("n").to_pylist() == [len(p) for p in parts]
+    for row, p in zip(t.to_pylist(), parts):
+        occ = [g for i in p for g in grams[i]]
+        assert row["trigrams"] == len(occ)
+        assert row["covered"] == sum(g in frequent for g in occ)
+        assert row["coverage"] == pytest.approx(row["covered"] / len(occ))
+        assert row["min"] == pytest.approx(x[p].min())
+
+
+def test_missing_scores_table_says_what_to_run(tmp_path):
+    image, text = clustered_pairs(50, 8, seed=2)
+    out = tmp_path / "idx"
+    build_index(ArraySource(image, text), out)
+    with pytest.raises(InvalidParameter, match="no scores table yet.*cli.py score"):
+        run_query(out, "top_by_score")
+    with pytest.raises(QueryError, match="cli.py score"):
+        run_query(out, "score_correlations")
+    with pytest.raises(QueryError, match="cli.py weights"):
+        run_query(out, "weights_summary")
