@@ -1,0 +1,442 @@
+"""Top-k head + sampled tail estimate of D_KL and D_KLR (SPEC 3, the MIMPS estimator).
+
+For a query ``q`` over N candidates with ``s_j = a <v_q, v_j>``:
+
+* ``K``: the ``k`` nearest candidates by inner product, from the other modality's FAISS index
+  (rescored exactly from the stored embeddings when the index's scores are lossy, SQ / PQ). An IVF
+  probe may find fewer than ``k``: ``k_q`` is the number actually found.
+* ``R``: a uniform random sample of ``m`` candidate ids, drawn once per run (seeded, ``draw_tail``);
+  each query uses ``R \\ K``.
+* ``Z_hat = sum_K e^s + (N - k_q) / |R \\ K| * sum_{R \\ K} e^s`` and ``E_hat[s]`` alike with ``e^s s``.
+* ``mean s`` over all N is exact: ``a <v_q, sum_j v_j> / N``.
+* ``D_KL ~ E_hat[s] - log Z_hat + log N``, ``D_KLR ~ log Z_hat - log N - mean s`` (SigLIP: SPEC 2).
+
+The work is split so that every heavy step is one vectorised array operation and the estimator
+itself is a readable SQL statement (``sql/kl_per_sample.sql``):
+
+1. ``search_neighbours`` / ``neighbour_table`` (``neighbour_lists`` does both): FAISS search ->
+   arrow table ``(query, candidate, rank, score)``.
+2. ``tail_sums``: one GEMM of the queries against ``R`` -> arrow table ``(query, shift, tail_sum,
+   tail_sum_s, tail_m, mean_s)`` with sums over ALL of R, relative to a per-query max-shift.
+3. ``kl_from_lists``: DuckDB joins the neighbour list with ``tail_members`` (R's ids) to subtract
+   ``R ∩ K`` from the tail sums, and computes both scores per query in float64.
+
+Cost per query, in dot products (``dots_per_query``): the FAISS search (``choose.dots_per_query``),
+``m`` for the tail, ``k`` more when the neighbours are rescored, and 1 for the exact mean.
+With ``m = 0`` the estimate is top-k only: biased (the tail mass is dropped), allowed, documented.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from indexer.errors import InvalidParameter
+from queries.exact import check_scale, resolve_device, sample_ids, to_tensor
+from queries.store import load_sql
+
+log = logging.getLogger(__name__)
+
+#: Queries per block of the tail GEMM (block x m float32 scores).
+TAIL_CHUNK = 8192
+#: Upper bound on gathered candidate values per rescoring block (64 MB of float64).
+RESCORE_BLOCK_VALUES = 8 << 20
+
+
+def draw_tail(n: int, m: int, seed: int) -> np.ndarray:
+    """The tail sample R: ``m`` distinct candidate ids drawn uniformly from ``range(n)``.
+
+    Drawn once per run and shared by every query. Sorted int64.
+
+    Raises:
+        InvalidParameter: ``m`` is negative or larger than ``n``.
+    """
+    return sample_ids(n, m, seed)
+
+
+def candidate_sum(candidates: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """``sum_j v_j`` over all candidates in float64, read chunk by chunk (memmap friendly)."""
+    total = np.zeros(candidates.shape[1], dtype=np.float64)
+    for s in range(0, len(candidates), chunk):
+        total += np.asarray(candidates[s : s + chunk], dtype=np.float64).sum(axis=0)
+    return total
+
+
+# -- 1. neighbour lists --------------------------------------------------------------------------
+
+
+@dataclass
+class Neighbours:
+    """The top-k of a block of queries: ``ids`` (q, k) int64 (-1 = not found, always at the end of
+    a row), ``scores`` (q, k) float64 ``a <q, c>`` (-inf where not found), best first."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    rescored: bool
+
+    @property
+    def top(self) -> np.ndarray:
+        """The best score of each query (-inf when none was found)."""
+        return self.scores.max(axis=1, initial=-np.inf)
+
+
+def needs_rescore(index) -> bool:
+    """True when the index's search scores are not exact inner products (SQ / PQ codes, or a
+    metric other than inner product)."""
+    import faiss
+
+    from indexer.faiss_index import returns_exact_scores
+
+    return index.metric_type != faiss.METRIC_INNER_PRODUCT or not returns_exact_scores(index)
+
+
+def rescore(queries: np.ndarray, candidates: np.ndarray, ids: np.ndarray, a: float) -> np.ndarray:
+    """Exact ``a <q_i, c_{ids[i, r]}>`` in float64 for every neighbour slot (-inf where ids < 0).
+
+    Gathers the neighbours' stored embeddings in blocks of queries (each block reads its unique
+    candidate rows once, in sorted order, which suits a memmap) and takes k dot products per query.
+    """
+    q, k = ids.shape
+    out = np.full((q, k), -np.inf)
+    if q == 0 or k == 0:
+        return out
+    d = candidates.shape[1]
+    block = max(1, RESCORE_BLOCK_VALUES // (k * d))
+    for s in range(0, q, block):
+        blk = ids[s : s + block]
+        valid = blk >= 0
+        uniq, inv = np.unique(np.where(valid, blk, blk.max(initial=0)), return_inverse=True)
+        rows = np.asarray(candidates[uniq], dtype=np.float64)[inv.reshape(blk.shape)]  # (b, k, d)
+        qb = np.asarray(queries[s : s + block], dtype=np.float64)
+        dots = np.matmul(rows, qb[:, :, None])[..., 0]
+        out[s : s + block] = np.where(valid, a * dots, -np.inf)
+    return out
+
+
+def search_neighbours(
+    index,
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    k: int,
+    a: float,
+    *,
+    nprobe: int | None = None,
+    rescore_scores: bool | None = None,
+    own_ids: np.ndarray | None = None,
+) -> Neighbours:
+    """FAISS top-k of each query, scored ``a <q, c>``, plus (optionally) each query's own pair.
+
+    Args:
+        index: FAISS index over ``candidates`` (ids = row numbers), inner-product metric.
+        queries: (q, d) normalised queries.
+        candidates: (N, d) stored candidate embeddings (used only when rescoring).
+        k: neighbours per query.
+        a: logit scale.
+        nprobe: IVF lists to visit (None: the index's own setting).
+        rescore_scores: recompute the scores exactly from ``candidates``; default: when the index's
+            scores are lossy (``needs_rescore``). Rows are re-sorted by the exact scores.
+        own_ids: (q,) the candidate id of each query's own pair (pool scoring: the query's vec_id).
+            When given, a query whose search missed its own pair gets it added to K with its exact
+            score (one more dot product), at its place by score: the result has ``k + 1`` slots.
+            The own pair usually dominates ``Z`` (its score is the largest by a margin), so an
+            approximate index that misses it would leave that mass to the sampled tail; with it in
+            K the estimator stays unbiased (K is still a function of the query alone) and its
+            variance drops.
+
+    Returns:
+        ``Neighbours``.
+    """
+    from indexer.faiss_index import search
+
+    if rescore_scores is None:
+        rescore_scores = needs_rescore(index)
+    raw, ids = search(index, queries, k, nprobe=nprobe)
+    if rescore_scores:
+        scores = rescore(queries, candidates, ids, a)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        ids = np.take_along_axis(ids, order, axis=1)
+        scores = np.take_along_axis(scores, order, axis=1)
+    else:
+        scores = a * raw.astype(np.float64)  # -inf stays -inf where nothing was found
+    if own_ids is not None:
+        ids, scores = _with_own_pair(queries, candidates, ids, scores, np.asarray(own_ids, np.int64), a)
+    return Neighbours(ids=ids, scores=scores, rescored=bool(rescore_scores))
+
+
+def _with_own_pair(queries, candidates, ids, scores, own, a):
+    """Insert each query's own pair into its (descending) row unless already there; ``k + 1`` slots.
+
+    A row that already holds its own pair gets an empty slot (-1, -inf) at the end instead.
+    """
+    q, k = ids.shape
+    own_vec = np.asarray(candidates[own], dtype=np.float64)
+    own_score = a * np.einsum("qd,qd->q", np.asarray(queries, dtype=np.float64), own_vec)
+    missing = ~(ids == own[:, None]).any(axis=1)
+    pos = np.where(missing, (scores > own_score[:, None]).sum(axis=1), k)  # slot of the own pair
+    cols = np.arange(k + 1)[None, :]
+    src = np.minimum(cols - (cols > pos[:, None]), k - 1)  # old slot feeding each new slot
+    at = cols == pos[:, None]
+    new_ids = np.where(at, np.where(missing, own, -1)[:, None], np.take_along_axis(ids, src, axis=1))
+    new_scores = np.where(at, np.where(missing, own_score, -np.inf)[:, None],
+                          np.take_along_axis(scores, src, axis=1))
+    return new_ids, new_scores
+
+
+def neighbour_table(query_ids: np.ndarray, nb: Neighbours) -> pa.Table:
+    """Arrow table ``(query BIGINT, candidate BIGINT, rank INT, score DOUBLE)``, one row per found
+    neighbour (slots with id -1 are dropped)."""
+    q, k = nb.ids.shape
+    query = np.repeat(np.asarray(query_ids, dtype=np.int64), k)
+    rank = np.tile(np.arange(k, dtype=np.int32), q)
+    cand, score = nb.ids.ravel(), nb.scores.ravel()
+    valid = cand >= 0
+    if not valid.all():
+        query, rank, cand, score = query[valid], rank[valid], cand[valid], score[valid]
+    return pa.table({"query": query, "candidate": cand, "rank": rank, "score": score})
+
+
+def neighbour_lists(
+    index,
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    k: int,
+    a: float,
+    *,
+    nprobe: int | None = None,
+    rescore: bool | None = None,
+    query_ids: np.ndarray | None = None,
+    own_ids: np.ndarray | None = None,
+) -> pa.Table:
+    """``search_neighbours`` + ``neighbour_table``: the arrow neighbour list of ``queries``.
+
+    ``query_ids`` are the queries' vec_ids (default ``0..q-1``); ``own_ids`` see ``search_neighbours``.
+    """
+    nb = search_neighbours(index, queries, candidates, k, a, nprobe=nprobe, rescore_scores=rescore,
+                           own_ids=own_ids)
+    qids = np.arange(len(queries), dtype=np.int64) if query_ids is None else query_ids
+    return neighbour_table(qids, nb)
+
+
+# -- 2. tail sums --------------------------------------------------------------------------------
+
+
+def tail_sums(
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    tail_ids: np.ndarray,
+    a: float,
+    shift_from_topk: np.ndarray,
+    *,
+    query_ids: np.ndarray | None = None,
+    cand_sum: np.ndarray | None = None,
+    tail_vectors: np.ndarray | None = None,
+    chunk: int = TAIL_CHUNK,
+    device: str = "auto",
+    dtype: torch.dtype = torch.float32,
+) -> pa.Table:
+    """Per-query sums over the whole tail sample R, relative to a max-shift.
+
+    One GEMM of (chunk x d) queries against the (m x d) tail vectors per chunk; the exponentials
+    are taken relative to ``shift = max(top-1 score, max_R s)``, so none overflows and the largest
+    is 1. The results are float64.
+
+    Args:
+        queries: (q, d) normalised queries.
+        candidates: (N, d) stored candidate embeddings.
+        tail_ids: R, the sorted candidate ids of the tail sample (``draw_tail``).
+        a: logit scale.
+        shift_from_topk: (q,) the best neighbour score of each query (-inf when none).
+        query_ids: the queries' vec_ids (default ``0..q-1``).
+        cand_sum: ``sum_j v_j`` over all candidates (default: computed from ``candidates``).
+        tail_vectors: ``candidates[tail_ids]``, when the caller already gathered them.
+        chunk: queries per GEMM block.
+        device: torch device (``"auto"``: CUDA when available).
+        dtype: GEMM / exp / row-sum dtype (float32 default, or float64).
+
+    Returns:
+        Arrow table ``(query BIGINT, shift, tail_sum, tail_sum_s DOUBLE, tail_m BIGINT,
+        mean_s DOUBLE)`` with ``tail_sum = sum_R e^{s - shift}``, ``tail_sum_s = sum_R e^{s - shift}
+        s``, ``tail_m = |R|`` and ``mean_s = a <q, sum_j v_j> / N`` (exact).
+    """
+    q, n = len(queries), len(candidates)
+    m = len(tail_ids)
+    qids = np.arange(q, dtype=np.int64) if query_ids is None else np.asarray(query_ids, dtype=np.int64)
+    if cand_sum is None:
+        cand_sum = candidate_sum(candidates)
+    q64 = np.asarray(queries, dtype=np.float64)
+    mean_s = a * (q64 @ np.asarray(cand_sum, dtype=np.float64)) / n
+    shift = np.asarray(shift_from_topk, dtype=np.float64).copy()
+    t_sum = np.zeros(q)
+    t_sum_s = np.zeros(q)
+    if m:
+        dev = resolve_device(device)
+        if tail_vectors is None:
+            tail_vectors = np.asarray(candidates[tail_ids])
+        tv = to_tensor(tail_vectors, dev, dtype)
+        f64 = torch.float64
+        for s in range(0, q, chunk):
+            qa = to_tensor(queries[s : s + chunk], dev, dtype) * a
+            sc = qa @ tv.T  # (b, m) tail scores
+            top = torch.from_numpy(shift[s : s + chunk]).to(dev)
+            sh = torch.maximum(top, sc.max(dim=1).values.to(f64))
+            e = torch.exp(sc - sh.to(dtype)[:, None])
+            # per-row sums of m terms in [0, 1] in the GEMM dtype (torch sums pairwise: relative
+            # error ~1e-7 in float32, far below the sampling error), stored as float64
+            t_sum[s : s + chunk] = e.sum(dim=1).to(f64).cpu().numpy()
+            t_sum_s[s : s + chunk] = e.mul_(sc).sum(dim=1).to(f64).cpu().numpy()
+            shift[s : s + chunk] = sh.cpu().numpy()
+    shift[~np.isfinite(shift)] = 0.0  # no neighbour and no tail: nothing to shift
+    return pa.table({
+        "query": qids,
+        "shift": shift,
+        "tail_sum": t_sum,
+        "tail_sum_s": t_sum_s,
+        "tail_m": np.full(q, m, dtype=np.int64),
+        "mean_s": mean_s,
+    })
+
+
+def tail_members(tail_ids: np.ndarray) -> pa.Table:
+    """Arrow table ``(candidate BIGINT)`` of R's ids, for the SQL's ``R ∩ K`` join."""
+    return pa.table({"candidate": np.asarray(tail_ids, dtype=np.int64)})
+
+
+# -- 3. the estimator in SQL ---------------------------------------------------------------------
+
+
+def kl_from_lists(
+    con,
+    neighbours: pa.Table,
+    tails: pa.Table,
+    members: pa.Table,
+    n: int,
+    b: float | None = None,
+) -> pa.Table:
+    """Run ``sql/kl_per_sample.sql`` over the three arrow tables.
+
+    Args:
+        con: a DuckDB connection (the tables are registered on it as ``neighbours``, ``tails`` and
+            ``tail_members`` for the duration of the call).
+        neighbours: ``neighbour_table`` output.
+        tails: ``tail_sums`` output.
+        members: ``tail_members`` output.
+        n: N, the number of candidates.
+        b: SigLIP logit bias, or None (CLIP).
+
+    Returns:
+        Arrow table ``(query BIGINT, kl DOUBLE, klr DOUBLE)``, one row per row of ``tails``,
+        ordered by query.
+    """
+    if b is not None and n < 2:
+        raise InvalidParameter(f"SigLIP scores need at least 2 candidates, got N={n}")
+    names = {"neighbours": neighbours, "tails": tails, "tail_members": members}
+    for name, table in names.items():
+        con.register(name, table)
+    try:
+        return con.sql(load_sql("kl_per_sample"), params={"n": int(n), "bias": b}).to_arrow_table()
+    finally:
+        for name in names:
+            con.unregister(name)
+
+
+def estimate_kl(
+    index,
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    k: int,
+    a: float,
+    b: float | None = None,
+    *,
+    tail_ids: np.ndarray,
+    nprobe: int | None = None,
+    rescore: bool | None = None,
+    query_ids: np.ndarray | None = None,
+    own_ids: np.ndarray | None = None,
+    cand_sum: np.ndarray | None = None,
+    tail_vectors: np.ndarray | None = None,
+    members: pa.Table | None = None,
+    con=None,
+    device: str = "auto",
+    timings: dict[str, float] | None = None,
+    prefix: str = "",
+) -> pa.Table:
+    """The whole estimator for one block of queries: neighbours, tail sums, SQL.
+
+    Args:
+        index: FAISS index over ``candidates``.
+        queries: (q, d) normalised queries.
+        candidates: (N, d) stored candidate embeddings.
+        k: neighbours per query.
+        a: logit scale.
+        b: SigLIP logit bias, or None.
+        tail_ids: R (``draw_tail``).
+        nprobe: IVF lists to visit (None: the index's setting).
+        rescore: rescore the neighbours exactly (default: when the index's scores are lossy).
+        query_ids: the queries' vec_ids (default ``0..q-1``).
+        own_ids: the candidate id of each query's own pair, always put in K (``search_neighbours``).
+        cand_sum, tail_vectors, members: per-run constants (``candidate_sum(candidates)``,
+            ``candidates[tail_ids]``, ``tail_members(tail_ids)``), computed when not given.
+        con: DuckDB connection for the SQL (default: a new in-memory one).
+        device: torch device of the tail GEMM.
+        timings: when given, seconds of the phases ``search``, ``table``, ``tail``, ``sql`` are added to it
+            (keys prefixed with ``prefix``).
+
+    Returns:
+        Arrow table ``(query, kl, klr)`` ordered by query.
+    """
+    import duckdb
+
+    check_scale(a, b, len(candidates))
+    qids = np.arange(len(queries), dtype=np.int64) if query_ids is None else np.asarray(query_ids, np.int64)
+    clock = _Clock(timings, prefix)
+    with clock("search"):
+        nb = search_neighbours(index, queries, candidates, k, a, nprobe=nprobe, rescore_scores=rescore,
+                               own_ids=own_ids)
+    with clock("table"):
+        neighbours = neighbour_table(qids, nb)
+    with clock("tail"):
+        tails = tail_sums(queries, candidates, tail_ids, a, nb.top, query_ids=qids, cand_sum=cand_sum,
+                          tail_vectors=tail_vectors, device=device)
+    own = con is None
+    con = duckdb.connect() if own else con
+    try:
+        with clock("sql"):
+            members = tail_members(tail_ids) if members is None else members
+            return kl_from_lists(con, neighbours, tails, members, len(candidates), b)
+    finally:
+        if own:
+            con.close()
+
+
+class _Clock:
+    """Adds the seconds spent in ``with clock(name):`` blocks to ``timings[prefix + name]``."""
+
+    def __init__(self, timings: dict[str, float] | None, prefix: str):
+        self.timings, self.prefix = timings, prefix
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.timings is not None:
+                key = self.prefix + name
+                self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def dots_per_query(search_dots: float, k: int, m: int, rescored: bool, own_pair: bool = False) -> float:
+    """Honest cost of the estimate per query, in d-dimensional dot products.
+
+    ``search_dots`` (FAISS: ``indexer.choose.dots_per_query``) + ``m`` (tail) + ``k`` (rescoring,
+    only when the index's scores are lossy) + 1 (the exact mean) + 1 (the own pair's score, when
+    it is added to K).
+    """
+    return float(search_dots) + m + (k if rescored else 0) + 1 + (1 if own_pair else 0)
+

@@ -1,0 +1,212 @@
+"""The top-k + sampled-tail estimator (SPEC 3): neighbour lists, tail sums, the SQL, accuracy."""
+
+import math
+
+import duckdb
+import faiss
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from conftest import clustered_pairs
+from indexer.errors import InvalidParameter
+from queries.estimate import (
+    draw_tail,
+    dots_per_query,
+    estimate_kl,
+    kl_from_lists,
+    needs_rescore,
+    neighbour_lists,
+    neighbour_table,
+    search_neighbours,
+    tail_members,
+    tail_sums,
+)
+from queries.exact import exact_kl
+
+A = 100.0
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """Clustered (image, text) unit vectors: texts are the queries, images the candidates."""
+    image, text = clustered_pairs(1500, 32, seed=0)
+    return unit(text), unit(image)
+
+
+def flat(vectors):
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(vectors.shape[1]))
+    index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    return index
+
+
+def ivf(vectors, key="IVF16,Flat"):
+    index = faiss.index_factory(vectors.shape[1], key, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    return index
+
+
+def numpy_estimate(q, c, ids, scores, tail_ids, n, b=None):
+    """SPEC 3 written directly: explicit R \\ K per query, float64 scores, no shared code."""
+    s_tail = A * (q.astype(np.float64) @ c[tail_ids].astype(np.float64).T)  # (q, m)
+    valid = ids >= 0
+    s_head = np.where(valid, scores, -np.inf)
+    k_q = valid.sum(axis=1)
+    in_k = (tail_ids[None, :, None] == np.where(valid, ids, -2)[:, None, :]).any(axis=2)  # (q, m)
+    rest = ~in_k
+    r = rest.sum(axis=1)
+    w = np.where(r > 0, (n - k_q) / np.maximum(r, 1), 0.0)
+    z = np.exp(s_head).sum(axis=1) + w * (np.exp(s_tail) * rest).sum(axis=1)
+    zs = (np.exp(s_head) * np.where(valid, scores, 0)).sum(axis=1) + w * (np.exp(s_tail) * s_tail * rest).sum(axis=1)
+    e_s = zs / z
+    mean_s = A * (q.astype(np.float64) @ c.astype(np.float64).sum(axis=0)) / n
+    if b is None:
+        return e_s - np.log(z) + math.log(n), np.log(z) - math.log(n) - mean_s
+    return e_s + math.log(n - 1) + b, -math.log(n - 1) - b - mean_s
+
+
+def sql_estimate(q, c, index, k, tail_ids, b=None, nprobe=None, drop_query=None):
+    """The library path with float64 pieces (rescored neighbours, float64 tail GEMM)."""
+    nb = search_neighbours(index, q, c, k, A, nprobe=nprobe, rescore_scores=True)
+    qids = np.arange(len(q), dtype=np.int64)
+    table = neighbour_table(qids, nb)
+    if drop_query is not None:  # a query without any neighbour: the tail alone estimates Z
+        keep = pa.compute.not_equal(table.column("query"), drop_query)
+        table = table.filter(keep)
+        nb.ids[drop_query] = -1
+        nb.scores[drop_query] = -np.inf
+    tails = tail_sums(q, c, tail_ids, A, nb.top, dtype=torch.float64)
+    with duckdb.connect() as con:
+        res = kl_from_lists(con, table, tails, tail_members(tail_ids), len(c), b)
+    assert res.column("query").to_pylist() == list(range(len(q)))
+    return res.column("kl").to_numpy(), res.column("klr").to_numpy(), nb
+
+
+def test_draw_tail():
+    r = draw_tail(1000, 50, seed=7)
+    assert r.dtype == np.int64 and len(np.unique(r)) == 50 and (np.diff(r) > 0).all()
+    np.testing.assert_array_equal(r, draw_tail(1000, 50, seed=7))
+    assert not np.array_equal(r, draw_tail(1000, 50, seed=8))
+    assert len(draw_tail(1000, 0, 0)) == 0 and len(draw_tail(10, 10, 0)) == 10
+    for m in (-1, 1001):
+        with pytest.raises(InvalidParameter, match=str(m)):
+            draw_tail(1000, m, 0)
+
+
+def test_neighbour_lists_are_the_exact_top_k(pool):
+    q, c = pool
+    table = neighbour_lists(flat(c), q[:20], c, 5, A, query_ids=np.arange(100, 120))
+    assert table.schema.names == ["query", "candidate", "rank", "score"]
+    assert [str(t) for t in table.schema.types] == ["int64", "int64", "int32", "double"]
+    s = A * (q[:20].astype(np.float64) @ c.astype(np.float64).T)
+    top = np.argsort(-s, axis=1)[:, :5]
+    np.testing.assert_array_equal(table.column("candidate").to_numpy().reshape(20, 5), top)
+    np.testing.assert_array_equal(table.column("query").to_numpy(), np.repeat(np.arange(100, 120), 5))
+    np.testing.assert_array_equal(table.column("rank").to_numpy(), np.tile(np.arange(5), 20))
+    np.testing.assert_allclose(table.column("score").to_numpy().reshape(20, 5),
+                               np.take_along_axis(s, top, axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["IVF16,SQ8", "IVF16,PQ4x4"])
+def test_lossy_index_is_rescored_exactly(pool, key):
+    q, c = pool
+    index = ivf(c, key)
+    assert needs_rescore(index) and not needs_rescore(flat(c))
+    nb = search_neighbours(index, q[:50], c, 10, A, nprobe=4)
+    assert nb.rescored
+    valid = nb.ids >= 0
+    exact = A * np.einsum("qd,qkd->qk", q[:50].astype(np.float64), c[np.where(valid, nb.ids, 0)].astype(np.float64))
+    np.testing.assert_allclose(nb.scores[valid], exact[valid], rtol=1e-12)
+    assert (np.diff(nb.scores, axis=1)[valid[:, 1:]] <= 0).all()  # re-sorted by the exact scores
+
+
+@pytest.mark.parametrize("b", [None, -8.0])
+def test_sql_matches_numpy_estimator(pool, b):
+    q, c = pool[0][:200], pool[1]
+    index = ivf(c)  # nprobe=1 on 16 lists: some queries find fewer than k neighbours
+    tail_ids = draw_tail(len(c), 300, seed=1)
+    kl, klr, nb = sql_estimate(q, c, index, 150, tail_ids, b=b, nprobe=1, drop_query=3)
+    assert (nb.ids < 0).any(axis=1).sum() > 5, "the test needs queries with fewer than k neighbours"
+    assert np.isin(nb.ids, tail_ids).any(), "the test needs tail members inside K"
+    ref_kl, ref_klr = numpy_estimate(q, c, nb.ids, nb.scores, tail_ids, len(c), b)
+    np.testing.assert_allclose(kl, ref_kl, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(klr, ref_klr, rtol=1e-9, atol=1e-9)
+
+
+def test_top_k_only_and_no_tail_query_is_null(pool):
+    q, c = pool[0][:50], pool[1]
+    kl, klr, nb = sql_estimate(q, c, flat(c), 20, draw_tail(len(c), 0, 0), drop_query=7)
+    ref_kl, ref_klr = exact_kl(q, c, A)
+    assert np.isnan(kl[7]) and np.isnan(klr[7])  # neither neighbours nor tail: NULL
+    keep = np.arange(50) != 7
+    # m = 0 drops the tail mass: Z is underestimated, so KLR is too
+    assert (klr[keep] <= ref_klr[keep] + 1e-9).all()
+
+
+@pytest.mark.parametrize("b", [None, -8.0])
+def test_k_equal_n_is_exact(pool, b):
+    q, c = pool[0][:40], pool[1]
+    ref_kl, ref_klr = exact_kl(q, c, A, b)
+    for m in (0, 100):
+        kl, klr, _ = sql_estimate(q, c, flat(c), len(c), draw_tail(len(c), m, 0), b=b)
+        np.testing.assert_allclose(kl, ref_kl, rtol=1e-9)
+        np.testing.assert_allclose(klr, ref_klr, rtol=1e-9)
+    # the default path (FAISS float32 scores, float32 tail GEMM) is exact up to float32 rounding
+    res = estimate_kl(flat(c), q, c, len(c), A, b, tail_ids=draw_tail(len(c), 100, 0))
+    np.testing.assert_allclose(res.column("kl").to_numpy(), ref_kl, atol=1e-4)
+    np.testing.assert_allclose(res.column("klr").to_numpy(), ref_klr, atol=1e-4)
+
+
+def test_error_shrinks_as_k_and_m_grow(pool):
+    q, c = pool[0][:300], pool[1]
+    ref_kl, ref_klr = exact_kl(q, c, A)
+    index = flat(c)
+    errors = []
+    for k, m in [(2, 8), (16, 64), (128, 512)]:
+        err_kl = err_klr = 0.0
+        for seed in range(3):  # average over tail draws: a trend, not one lucky draw
+            res = estimate_kl(index, q, c, k, A, tail_ids=draw_tail(len(c), m, seed))
+            err_kl += np.abs(res.column("kl").to_numpy() - ref_kl).mean() / 3
+            err_klr += np.abs(res.column("klr").to_numpy() - ref_klr).mean() / 3
+        errors.append((err_kl, err_klr))
+    (a1, r1), (a2, r2), (a3, r3) = errors
+    assert a1 > a2 > a3 and r1 > r2 > r3, errors
+    assert a3 < 0.05 and r3 < 0.05, errors
+
+
+def test_timings_and_cost(pool):
+    q, c = pool[0][:30], pool[1]
+    timings = {}
+    estimate_kl(flat(c), q, c, 10, A, tail_ids=draw_tail(len(c), 50, 0), timings=timings, prefix="x.")
+    assert set(timings) == {"x.search", "x.table", "x.tail", "x.sql"}
+    assert dots_per_query(1500, 10, 50, rescored=False) == 1551
+    assert dots_per_query(100.5, 10, 50, rescored=True) == 161.5
+
+
+def test_own_pair_is_always_in_k(pool):
+    q, c = pool
+    own = np.arange(len(q), dtype=np.int64)  # query i's own pair is candidate i
+    index = ivf(c)
+    plain = search_neighbours(index, q, c, 8, A, nprobe=1)
+    missed = ~(plain.ids == own[:, None]).any(axis=1)
+    assert missed.sum() > 10, "the test needs queries whose search misses their own pair"
+    nb = search_neighbours(index, q, c, 8, A, nprobe=1, own_ids=own)
+    assert nb.ids.shape == (len(q), 9)
+    assert ((nb.ids == own[:, None]).sum(axis=1) == 1).all()  # exactly once
+    own_score = A * np.einsum("qd,qd->q", q.astype(np.float64), c.astype(np.float64))
+    np.testing.assert_allclose(nb.scores[nb.ids == own[:, None]], own_score, atol=1e-4)
+    # rows stay sorted (best first, empty slots last)
+    s = np.where(nb.ids >= 0, nb.scores, -1e300)
+    assert (np.diff(s, axis=1) <= 1e-9).all()
+    np.testing.assert_array_equal(nb.top, s.max(axis=1))
+    # a missed own pair is added to the searched neighbours; a found one costs an empty slot
+    for row in np.flatnonzero(missed)[:20]:
+        assert set(nb.ids[row]) - {-1} == set(plain.ids[row]) - {-1} | {own[row]}
+    np.testing.assert_array_equal(nb.ids[~missed, :8], plain.ids[~missed])
+    assert (nb.ids[~missed, 8] == -1).all()

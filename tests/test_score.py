@@ -1,0 +1,200 @@
+"""``score``: the scores table, run records, resume after interruption, --check, parameter errors."""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import clustered_pairs
+from indexer.build import build_index
+from indexer.errors import IndexNotFound, InvalidParameter
+from indexer.pool import open_index
+from indexer.sources import ArraySource
+from queries import estimate
+from queries.exact import exact_kl
+from queries.score import SCORE_COLUMNS, score, spearman, top_overlap
+
+N = 1200
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One small IVF index (text and image pools of 1,200 clustered 32-d pairs), built once."""
+    image, text = clustered_pairs(N, 32, seed=0)
+    root = tmp_path_factory.mktemp("built")
+    build_index(ArraySource(image, text), root / "idx", index_key="IVF8,Flat", nprobe=4)
+    siglip = ArraySource(image, text, logit_scale=10.0, logit_bias=-10.0, raw_known=False)
+    build_index(siglip, root / "siglip")
+    return root
+
+
+@pytest.fixture
+def index(built, tmp_path):
+    """A private copy of the built index (score writes into its catalog)."""
+    shutil.copytree(built / "idx", tmp_path / "idx")
+    return tmp_path / "idx"
+
+
+def table(path, sql):
+    with open_index(path).store() as s:
+        return list(s.query(sql))
+
+
+def scores(path):
+    rows = table(path, "SELECT * FROM scores ORDER BY vec_id")
+    return {c: np.array([r[c] for r in rows], dtype=float if c not in ("uid",) else object) for c in rows[0]}
+
+
+def test_scores_table_has_every_column_and_the_run_is_recorded(index):
+    report = score(index, k=32, tail_sample=128, batch_size=500, check=200, nprobe=8)
+    cols = scores(index)
+    assert list(cols) == ["uid", "vec_id", *SCORE_COLUMNS]
+    assert len(cols["uid"]) == N and list(cols["vec_id"]) == list(range(N))
+    assert all(np.isfinite(cols[c]).all() for c in SCORE_COLUMNS)
+    pool = open_index(index)
+    with pool.store() as s:
+        uids = [r["uid"] for r in s.query("SELECT uid FROM samples ORDER BY vec_id")]
+    assert list(cols["uid"]) == uids
+    # the estimate is close to the exact scores on this small pool (nprobe = nlist: exact top-k)
+    for side, other in (("text", "image"), ("image", "text")):
+        kl, klr = exact_kl(pool.embeddings(side), pool.embeddings(other), pool.logit_scale)
+        assert np.abs(cols[f"kl_{side}"] - kl).mean() < 0.05
+        assert np.abs(cols[f"klr_{side}"] - klr).mean() < 0.05
+    runs = table(index, "SELECT * FROM score_runs")
+    assert len(runs) == 1 and runs[0]["run_id"] == report.run_id == 1
+    assert (runs[0]["k"], runs[0]["tail_sample"], runs[0]["exact"], runs[0]["side"]) == (32, 128, False, "both")
+    assert runs[0]["logit_scale"] == 100.0 and runs[0]["logit_bias"] is None and runs[0]["nprobe"] == 8
+    assert runs[0]["columns"] == list(SCORE_COLUMNS) and runs[0]["duration_s"] > 0
+    # report: cost (IVF8, 8 probes: 8 + 8 * 1200 / 8 search, 128 tail, mean, own pair) and timings
+    assert report.nprobe == {"text": 8, "image": 8} and report.rescored == {"text": False, "image": False}
+    assert report.dots_per_query["text"] == 8 + 8 * N / 8 + 128 + 1 + 1
+    assert {"kl_text.search", "kl_text.tail", "kl_text.sql", "closed_form", "check", "total"} <= set(report.seconds)
+    assert report.chunks_computed == 6 and report.chunks_reused == 0
+    assert not (index / "work").exists()
+
+
+def test_check_report_and_table(index):
+    report = score(index, k=16, tail_sample=64, metrics=["kl", "klr"], side="text", check=300, seed=3)
+    assert report.nprobe == {"text": 4}  # the index's own setting
+    assert [c.column for c in report.checks] == ["kl_text", "klr_text"]
+    for c in report.checks:
+        assert c.n == 300 and c.spearman > 0.9 and c.top25_overlap > 0.8 and 0 <= c.mae < c.max_abs_error
+    rows = table(index, "SELECT * FROM score_checks ORDER BY column_name")
+    assert [(r["column_name"], r["n_checked"], r["run_id"], r["seed"]) for r in rows] == [
+        ("kl_text", 300, 1, 3), ("klr_text", 300, 1, 3)]
+    assert rows[0]["spearman"] == pytest.approx(report.checks[0].spearman)
+    # the check's numbers, recomputed by hand on the same samples
+    pool = open_index(index)
+    cols = scores(index)
+    from queries.score import check_sample
+
+    ids = check_sample(N, 300, 3)
+    kl, _ = exact_kl(pool.embeddings("text")[ids], pool.embeddings("image"), 100.0)
+    assert report.checks[0].mae == pytest.approx(np.abs(cols["kl_text"][ids] - kl).mean())
+    assert list(cols) == ["uid", "vec_id", "kl_text", "klr_text"]
+
+
+def test_resume_after_interruption(index, tmp_path, monkeypatch):
+    fresh = tmp_path / "fresh"
+    shutil.copytree(index, fresh)
+    params = dict(k=16, tail_sample=64, batch_size=300, metrics=["kl", "klr", "clipscore"])
+    calls = []
+    real = estimate.kl_from_lists
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(estimate, "kl_from_lists", failing)
+    with pytest.raises(KeyboardInterrupt):
+        score(index, **params)
+    [work] = (index / "work").iterdir()
+    assert sorted(p.name for p in work.iterdir()) == ["text-000000000000.parquet", "text-000000000300.parquet"]
+    assert not table(index, "SELECT * FROM information_schema.tables WHERE table_name = 'scores'")
+
+    calls.clear()
+    monkeypatch.setattr(estimate, "kl_from_lists", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    report = score(index, **params)
+    assert len(calls) == 8 - 2 and report.chunks_reused == 2 and report.chunks_computed == 6
+    assert not (index / "work").exists()
+
+    monkeypatch.setattr(estimate, "kl_from_lists", real)
+    score(fresh, **params)
+    resumed, uninterrupted = scores(index), scores(fresh)
+    for c in ("kl_text", "klr_text", "kl_image", "klr_image", "clipscore"):
+        np.testing.assert_array_equal(resumed[c], uninterrupted[c])
+
+
+def test_exact_mode_and_columns_carried_over(index):
+    score(index, metrics=["clipscore", "dc"], side="image")
+    report = score(index, exact=True, metrics=["kl", "klr"], batch_size=700)
+    assert report.k is None and report.dots_per_query == {"text": N, "image": N}
+    pool = open_index(index)
+    cols = scores(index)
+    for side, other in (("text", "image"), ("image", "text")):
+        kl, klr = exact_kl(pool.embeddings(side), pool.embeddings(other), 100.0)
+        np.testing.assert_allclose(cols[f"kl_{side}"], kl, rtol=1e-9)
+        np.testing.assert_allclose(cols[f"klr_{side}"], klr, rtol=1e-9)
+    assert list(cols) == ["uid", "vec_id", "kl_text", "kl_image", "klr_text", "klr_image", "dc_image", "clipscore"]
+    runs = table(index, "SELECT run_id, exact, columns FROM score_runs ORDER BY run_id")
+    assert [(r["run_id"], r["exact"], r["columns"]) for r in runs] == [
+        (1, False, ["dc_image", "clipscore"]), (2, True, ["kl_text", "kl_image", "klr_text", "klr_image"])]
+
+
+def test_siglip_bias_and_unknown_raw_norms(built):
+    report = score(built / "siglip", k=N, tail_sample=0, metrics=["kl", "klr", "rawnorm"], side="text")
+    assert report.logit_bias == -10.0 and report.logit_scale == 10.0
+    pool = open_index(built / "siglip")
+    cols = scores(built / "siglip")
+    kl, klr = exact_kl(pool.embeddings("text"), pool.embeddings("image"), 10.0, -10.0)
+    np.testing.assert_allclose(cols["kl_text"], kl, atol=1e-4)  # k = N: exact
+    np.testing.assert_allclose(cols["klr_text"], klr, rtol=1e-9)  # tau_b KLR needs no softmax
+    assert np.isnan(cols["rawnorm_text"]).all()  # NULL: the raw embeddings are unknown
+    assert table(built / "siglip", "SELECT count(*) AS n FROM scores WHERE rawnorm_text IS NULL")[0]["n"] == N
+
+
+@pytest.mark.parametrize(
+    "kw, value",
+    [
+        (dict(k=0), "k=0"),
+        (dict(k=N + 1), f"k={N + 1}"),
+        (dict(logit_scale=-1.0), "-1.0"),
+        (dict(logit_scale=0.0), "0.0"),
+        (dict(tail_sample=-1), "-1"),
+        (dict(tail_sample=N + 1), str(N + 1)),
+        (dict(side="caption"), "'caption'"),
+        (dict(metrics=["kl", "entropy"]), "'entropy'"),
+        (dict(batch_size=0), "0"),
+        (dict(nprobe=0), "0"),
+        (dict(check=N + 5), str(N + 5)),
+    ],
+)
+def test_bad_parameters_name_the_value(built, kw, value):
+    with pytest.raises(InvalidParameter) as e:
+        score(built / "idx", **kw)
+    assert value in str(e.value)
+
+
+def test_missing_index(tmp_path):
+    with pytest.raises(IndexNotFound, match="nowhere"):
+        score(tmp_path / "nowhere")
+
+
+def test_rank_statistics():
+    x = np.array([1.0, 2.0, 2.0, 5.0, 4.0])
+    assert spearman(x, x * 3 + 1) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    from scipy.stats import spearmanr
+
+    r = np.random.default_rng(0)
+    a, b = r.normal(size=200), r.normal(size=200)
+    b[:50] = a[:50]
+    a[10:20] = 0.5  # ties
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert top_overlap(np.arange(8.0), np.arange(8.0)) == 1.0
+    assert top_overlap(np.arange(8.0), -np.arange(8.0)) == 0.0
+    assert top_overlap(np.array([4.0, 3, 2, 1]), np.array([4.0, 1, 2, 3])) == 1.0  # top 1 of 4
+    assert math.isnan(spearman(np.ones(5), x))
