@@ -226,8 +226,8 @@ def datacomp_subset(uids: list[str]) -> np.ndarray:
     Raises:
         BadInput: a uid is not 32 hex digits.
 
-    >>> datacomp_subset(["00000000000000020000000000000001", "0000000000000001ffffffffffffffff"])
-    array([(1, 18446744073709551615), (2, 1)], dtype=[('f0', '<u8'), ('f1', '<u8')])
+    >>> datacomp_subset(["00000000000000020000000000000001", "0000000000000001ffffffffffffffff"]).tolist()
+    [(1, 18446744073709551615), (2, 1)]
     """
     arr = np.empty(len(uids), dtype=np.dtype("u8,u8"))
     for i, uid in enumerate(uids):
