@@ -17,6 +17,7 @@ this run did not compute are carried over. The work directory is deleted after s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -157,6 +159,8 @@ def _resolve(pool: PoolIndex, *, exact, k, tail_sample, side, logit_scale, logit
         raise InvalidParameter(f"nprobe must be at least 1, got {nprobe}")
     if check is not None and not 1 <= check <= n:
         raise InvalidParameter(f"check must be between 1 and N={n} (the pool size), got {check}")
+    if check is not None and not any(m in KL_METRICS for m in metrics):
+        raise InvalidParameter(f"check={check} compares kl/klr columns, but metrics {list(metrics)} has neither")
     approx = not exact and any(m in KL_METRICS for m in metrics)
     if approx:
         k = min(DEFAULT_K, n) if k is None else int(k)
@@ -194,76 +198,94 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     tmp.replace(path)
 
 
-def _kl_side(pool: PoolIndex, side: str, p: _Params, work: Path, report: ScoreReport,
-             progress: Progress, device: str) -> None:
-    """Compute (or reuse) every chunk of ``kl_{side}``/``klr_{side}`` as parquet files in ``work``."""
+@contextlib.contextmanager
+def _chunk_scorer(pool: PoolIndex, side: str, p: _Params, report: ScoreReport,
+                  device: str) -> Iterator[Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]:
+    """Set up one side's KL computation; yields ``f(queries, vec_ids) -> (kl, klr)`` for a chunk.
+
+    Records the side's cost (dot products per query), index key, nprobe and rescoring in ``report``.
+    """
     import duckdb
 
     from indexer import choose, faiss_index
     from queries import estimate
-    from queries.exact import exact_kl
+    from queries.exact import exact_kl, resolve_device
 
-    n = pool.n
-    other = other_modality(side)
-    queries = pool.embeddings(side)
+    n, other, secs = pool.n, other_modality(side), report.seconds
     candidates = pool.embeddings(other)
-    secs = report.seconds
     if p.exact:
         report.dots_per_query[side] = float(n)
-    else:
-        t0 = time.perf_counter()
-        index = pool.faiss(other)
-        params = faiss_index.index_params(index)
-        nprobe = p.nprobe if p.nprobe is not None else params.get("nprobe")
-        rescored = estimate.needs_rescore(index)
-        tail_ids = estimate.draw_tail(n, p.m, p.seed)
-        tail_vectors = np.asarray(candidates[tail_ids])
-        members = estimate.tail_members(tail_ids)
-        try:
-            cand_sum = pool.stat(other, "sum")  # sum of the normalised vectors, from the build
-        except KeyError:
-            cand_sum = estimate.candidate_sum(candidates)
-        try:
-            search_dots = choose.dots_per_query(params["key"], n, nprobe or 1)
-        except InvalidParameter:  # HNSW: data-dependent cost
-            search_dots = float("nan")
-        report.index_keys[side] = params["key"]
-        report.nprobe[side] = None if params.get("nlist") is None else min(nprobe, params["nlist"])
-        report.rescored[side] = rescored
-        report.dots_per_query[side] = estimate.dots_per_query(search_dots, p.k, p.m, rescored, own_pair=True)
-        con = duckdb.connect()
-        secs[f"kl_{side}.setup"] = time.perf_counter() - t0
+
+        def exact_chunk(q: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            t0 = time.perf_counter()
+            out = exact_kl(q, candidates, p.a, p.b, device=device)
+            secs[f"kl_{side}.exact"] = secs.get(f"kl_{side}.exact", 0.0) + time.perf_counter() - t0
+            return out
+
+        yield exact_chunk
+        return
+
+    t0 = time.perf_counter()
+    index = pool.faiss(other)
+    params = faiss_index.index_params(index)
+    nprobe = p.nprobe if p.nprobe is not None else params.get("nprobe")
+    rescored = estimate.needs_rescore(index)
+    if resolve_device(device).type == "cuda" and faiss_index.gpu_available() and p.k <= 2048:
+        try:  # search on the GPU (FAISS GPU indexes return at most 2048 neighbours)
+            index = faiss_index.to_gpu(index)
+        except (RuntimeError, InvalidParameter) as e:
+            log.warning("searching the %s index on the CPU: it cannot move to the GPU (%s)", other, e)
+    tail_ids = estimate.draw_tail(n, p.m, p.seed)
     try:
-        with progress(f"KL scores ({side} side)", n) as advance:
-            for start in range(0, n, p.batch_size):
-                stop = min(start + p.batch_size, n)
-                path = _chunk_path(work, side, start)
-                if path.is_file():
-                    report.chunks_reused += 1
-                    advance(stop - start)
-                    continue
-                q = np.asarray(queries[start:stop], dtype=np.float32)
+        cand_sum = pool.stat(other, "sum")  # sum of the normalised vectors, from the build
+    except KeyError:
+        cand_sum = estimate.candidate_sum(candidates)
+    constants = dict(tail_ids=tail_ids, tail_vectors=np.asarray(candidates[tail_ids]),
+                     members=estimate.tail_members(tail_ids), cand_sum=cand_sum)
+    try:
+        search_dots = choose.dots_per_query(params["key"], n, nprobe or 1)
+    except InvalidParameter:  # HNSW: data-dependent cost
+        search_dots = float("nan")
+    report.index_keys[side] = params["key"]
+    report.nprobe[side] = None if params.get("nlist") is None else min(nprobe, params["nlist"])
+    report.rescored[side] = rescored
+    report.dots_per_query[side] = estimate.dots_per_query(search_dots, p.k, p.m, rescored, own_pair=True)
+    secs[f"kl_{side}.setup"] = time.perf_counter() - t0
+
+    with duckdb.connect() as con:
+
+        def estimate_chunk(q: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            res = estimate.estimate_kl(
+                index, q, candidates, p.k, p.a, p.b, nprobe=p.nprobe, rescore=rescored, query_ids=ids,
+                own_ids=ids, con=con, device=device, timings=secs, prefix=f"kl_{side}.", **constants,
+            )
+            if not np.array_equal(res.column("query").to_numpy(), ids):
+                raise RuntimeError(f"kl_per_sample returned queries out of order for vec_ids {ids[0]}..{ids[-1]}")
+            return res.column("kl").to_numpy(), res.column("klr").to_numpy()
+
+        yield estimate_chunk
+
+
+def _kl_side(pool: PoolIndex, side: str, p: _Params, work: Path, report: ScoreReport,
+             progress: Progress, device: str) -> None:
+    """Compute (or reuse) every chunk of ``kl_{side}``/``klr_{side}`` as parquet files in ``work``."""
+    n, secs = pool.n, report.seconds
+    queries = pool.embeddings(side)
+    with _chunk_scorer(pool, side, p, report, device) as score_chunk, \
+            progress(f"KL scores ({side} side)", n) as advance:
+        for start in range(0, n, p.batch_size):
+            stop = min(start + p.batch_size, n)
+            path = _chunk_path(work, side, start)
+            if path.is_file():
+                report.chunks_reused += 1
+            else:
                 ids = np.arange(start, stop, dtype=np.int64)
-                if p.exact:
-                    t0 = time.perf_counter()
-                    kl, klr = exact_kl(q, candidates, p.a, p.b, device=device)
-                    secs[f"kl_{side}.exact"] = secs.get(f"kl_{side}.exact", 0.0) + time.perf_counter() - t0
-                else:
-                    res = estimate.estimate_kl(
-                        index, q, candidates, p.k, p.a, p.b, tail_ids=tail_ids, nprobe=p.nprobe,
-                        rescore=rescored, query_ids=ids, own_ids=ids, cand_sum=cand_sum,
-                        tail_vectors=tail_vectors,
-                        members=members, con=con, timings=secs, prefix=f"kl_{side}.", device=device,
-                    )
-                    kl, klr = res.column("kl").to_numpy(), res.column("klr").to_numpy()
+                kl, klr = score_chunk(np.asarray(queries[start:stop], dtype=np.float32), ids)
                 t0 = time.perf_counter()
                 _write_atomic(pa.table({"vec_id": ids, f"kl_{side}": kl, f"klr_{side}": klr}), path)
                 secs[f"kl_{side}.write"] = secs.get(f"kl_{side}.write", 0.0) + time.perf_counter() - t0
                 report.chunks_computed += 1
-                advance(stop - start)
-    finally:
-        if not p.exact:
-            con.close()
+            advance(stop - start)
 
 
 def _read_side(work: Path, side: str, n: int) -> dict[str, np.ndarray]:
@@ -499,7 +521,7 @@ def score(
     if closed or "clipscore" in p.metrics:
         report.seconds["closed_form"] = time.perf_counter() - t0
 
-    if p.check and p.kl:
+    if p.check:
         t0 = time.perf_counter()
         report.checks = _check(pool, p, cols, progress, device)
         report.seconds["check"] = time.perf_counter() - t0

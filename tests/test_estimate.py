@@ -73,7 +73,7 @@ def numpy_estimate(q, c, ids, scores, tail_ids, n, b=None):
 
 def sql_estimate(q, c, index, k, tail_ids, b=None, nprobe=None, drop_query=None):
     """The library path with float64 pieces (rescored neighbours, float64 tail GEMM)."""
-    nb = search_neighbours(index, q, c, k, A, nprobe=nprobe, rescore_scores=True)
+    nb = search_neighbours(index, q, c, k, A, nprobe=nprobe, rescore_scores=True, dtype=np.float64)
     qids = np.arange(len(q), dtype=np.int64)
     table = neighbour_table(qids, nb)
     if drop_query is not None:  # a query without any neighbour: the tail alone estimates Z
@@ -118,12 +118,14 @@ def test_lossy_index_is_rescored_exactly(pool, key):
     q, c = pool
     index = ivf(c, key)
     assert needs_rescore(index) and not needs_rescore(flat(c))
-    nb = search_neighbours(index, q[:50], c, 10, A, nprobe=4)
-    assert nb.rescored
-    valid = nb.ids >= 0
-    exact = A * np.einsum("qd,qkd->qk", q[:50].astype(np.float64), c[np.where(valid, nb.ids, 0)].astype(np.float64))
-    np.testing.assert_allclose(nb.scores[valid], exact[valid], rtol=1e-12)
-    assert (np.diff(nb.scores, axis=1)[valid[:, 1:]] <= 0).all()  # re-sorted by the exact scores
+    for dtype, tol in ((np.float32, dict(rtol=1e-6, atol=1e-4)), (np.float64, dict(rtol=1e-12))):
+        nb = search_neighbours(index, q[:50], c, 10, A, nprobe=4, dtype=dtype)
+        assert nb.rescored
+        valid = nb.ids >= 0
+        rows = c[np.where(valid, nb.ids, 0)].astype(np.float64)
+        exact = A * np.einsum("qd,qkd->qk", q[:50].astype(np.float64), rows)
+        np.testing.assert_allclose(nb.scores[valid], exact[valid], **tol)
+        assert (np.diff(nb.scores, axis=1)[valid[:, 1:]] <= 0).all()  # re-sorted by the exact scores
 
 
 @pytest.mark.parametrize("b", [None, -8.0])

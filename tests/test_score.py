@@ -170,6 +170,7 @@ def test_siglip_bias_and_unknown_raw_norms(built):
         (dict(batch_size=0), "0"),
         (dict(nprobe=0), "0"),
         (dict(check=N + 5), str(N + 5)),
+        (dict(check=10, metrics=["dc"]), "check=10"),
     ],
 )
 def test_bad_parameters_name_the_value(built, kw, value):
