@@ -192,6 +192,67 @@ def info_cmd(index_dir, as_json):
         _echo_kv("Last score run", info["last_score_run"])
 
 
+@cli.command("score")
+@index_dir_argument
+@click.option("--exact", is_flag=True,
+              help="KL columns from the full softmax over the whole pool (ground truth; N dot products per query).")
+@click.option("--k", "k", type=click.IntRange(min=1), default=None,
+              help="Top-k candidates per query from FAISS (default 256).")
+@click.option("--tail-sample", "tail_sample", type=click.IntRange(min=0), default=None,
+              help="m: uniform tail sample size for the unbiased tail estimate (default 2048; 0 = top-k only, biased).")
+@click.option("--side", type=click.Choice(["both", "text", "image"]), default="both", show_default=True,
+              help="text: each caption against all images; image: each image against all captions.")
+@click.option("--logit-scale", type=float, default=None, help="a (default: the index's, from its manifest).")
+@click.option("--logit-bias", type=float, default=None, help="SigLIP bias b: use the sigmoid-loss ('tau_b') formulas.")
+@click.option("--metrics", default=None,
+              help="Comma-separated subset of kl,klr,dc,dw,rawnorm,conformity,conformity_est,loglik,clipscore "
+                   "(default all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the tail sample and of --check.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Queries per resumable chunk (default 65536).")
+@click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit (default: the index's).")
+@click.option("--check", type=click.IntRange(min=2), default=None,
+              help="Also compute exact KL for N random samples and report Spearman, MAE, top-25%% overlap.")
+@click.option("--device", default="auto", show_default=True, help="torch device for the dense parts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def score_cmd(index_dir, exact, k, tail_sample, side, logit_scale, logit_bias, metrics, seed, batch_size, nprobe,
+              check, device, as_json, quiet):
+    """Score every sample: KL / KLR (top-k + sampled tail, or --exact), D_C, D_W, raw norm,
+    conformity, whitened log-likelihood and CLIPScore, into the catalog's `scores` table.
+
+    An interrupted run resumes where it stopped when rerun with the same options.
+
+    \b
+    Examples:
+      python cli.py score index
+      python cli.py score index --check 2000          # accuracy against the exact softmax
+      python cli.py score index --exact --side text   # ground truth (quadratic; small pools)
+      python cli.py score index --k 64 --tail-sample 1024 --metrics kl,klr
+    """
+    from queries.score import report_dict, score
+
+    metric_list = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    report = score(index_dir, exact=exact, k=k, tail_sample=tail_sample, side=side, logit_scale=logit_scale,
+                   logit_bias=logit_bias, metrics=metric_list, seed=seed, batch_size=batch_size, nprobe=nprobe,
+                   check=check, device=device, progress=_progress(quiet))
+    if as_json:
+        click.echo(json.dumps(report_dict(report), indent=2, default=str))
+        return
+    how = "exact softmax" if report.exact else f"top-k {report.k} + tail sample {report.m}"
+    click.echo(f"Scored {report.n:,} samples of {report.path} ({how}, a = {report.logit_scale:g}) "
+               f"in {report.total_seconds:.1f}s; run {report.run_id}")
+    click.echo(f"  columns: {', '.join(report.columns)}")
+    for s, d in report.dots_per_query.items():
+        click.echo(f"  {s} side: {report.index_keys.get(s, '')} nprobe {report.nprobe.get(s)}, "
+                   f"{d:,.0f} dot products per query ({d / report.n:.2%} of exact)")
+    if report.chunks_reused:
+        click.echo(f"  resumed: reused {report.chunks_reused} finished chunks")
+    for c in report.checks:
+        click.echo(f"  check {c.column}: Spearman {c.spearman:.5f}, MAE {c.mae:.4f}, "
+                   f"top-25% overlap {c.top25_overlap:.2%} on {c.n:,} samples")
+
+
 # -- read side: sql, query, select, weights, sample (Python API in queries/) ---------------------
 OUTPUT_FORMATS = ("table", "csv", "jsonl", "parquet")
 
