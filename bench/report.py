@@ -132,6 +132,12 @@ def write(out: Path) -> Path:
             rows += [(f"named query {k}", v) for k, v in L["named"].items()]
             for lab, p in rows:
                 lines.append(f"| {lab} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['mean_ms']:.1f} | {p['count']} |")
+    enc = _load(out / "encode.json")
+    if enc:
+        lines += ["", f"### open_clip encoding, tiny random model, {enc['n']} PNGs of {enc['image_size_px']} px", ""]
+        for k, v in enc.items():
+            if isinstance(v, dict) and "samples_per_s" in v:
+                lines.append(f"- {k}: {v['samples_per_s']:,.0f} samples/s ({v['seconds']:.1f} s)")
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path

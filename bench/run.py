@@ -5,7 +5,7 @@
     python bench/run.py --sections accuracy --accuracy-n 100000 --geometries calibrated
 
 Sections: accuracy (item 1), pipeline (items 2-4: throughput, scaling, latency; aliases throughput,
-scaling, latency). Results: ``OUT/*.json``; plots: ``OUT/*.png``; summary: ``OUT/results.md``
+scaling, latency), encode (open_clip encoding throughput with a tiny random model). Results: ``OUT/*.json``; plots: ``OUT/*.png``; summary: ``OUT/results.md``
 (``bench/report.py`` regenerates it from the JSON files).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import accuracy, pipeline, report  # noqa: E402
+from bench import accuracy, encode, pipeline, report  # noqa: E402
 from bench.common import command_line, log, machine, save_json  # noqa: E402
 
 
@@ -25,8 +25,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small pools, fewer settings: a few minutes")
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
-    ap.add_argument("--sections", default="accuracy,pipeline",
-                    help="comma list of accuracy, pipeline (= throughput, scaling, latency)")
+    ap.add_argument("--sections", default="accuracy,pipeline,encode",
+                    help="comma list of accuracy, pipeline (= throughput, scaling, latency), encode")
     ap.add_argument("--accuracy-n", default=None, help="comma list of pool sizes for the accuracy sweep")
     ap.add_argument("--geometries", default="calibrated,flat,clustered")
     ap.add_argument("--queries", type=int, default=None, help="random queries compared with exact")
@@ -70,6 +70,11 @@ def main(argv=None) -> None:
                            validate_n=5000 if args.quick else 20000)
         pipeline.plot(res, out / "scaling.png")
         report.write(out)
+    if "encode" in sections:
+        try:
+            encode.run(out, n=500 if args.quick else 2000)
+        except ImportError as e:
+            log(f"encode: skipped ({e})")
     if "accuracy" in sections and late_plan:
         do_accuracy(late_plan)
     report.write(out)

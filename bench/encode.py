@@ -1,0 +1,72 @@
+"""open_clip encoding throughput with a tiny randomly initialised model (issue 5 related target e).
+
+No pretrained weights and no network: a tiny architecture is registered with open_clip (as in
+``tests/test_embed.py``), its random weights are saved to a local checkpoint, and an image folder of
+small PNGs + a captions CSV is encoded by ``indexer.embed.OpenClipSource`` (the code path of
+``build-index --source open_clip``). The number measures the pipeline around the model (image
+decoding, preprocessing, tokenising, batching, the DataLoader) plus a very small network; a real
+ViT-B/32 on a CPU is far slower and bounded by the network.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import log, save_json
+
+TINY = "cdi-tiny-bench"
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+def run(out: Path, n: int = 2000, batch_size: int = 256) -> dict:
+    import open_clip
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import torch
+    from PIL import Image
+
+    from indexer.build import build_index
+    from indexer.embed import OpenClipSource
+
+    work = out / "encode"
+    (work / "configs").mkdir(parents=True, exist_ok=True)
+    (work / "configs" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(work / "configs")
+    torch.manual_seed(0)
+    ckpt = work / f"{TINY}.pt"
+    torch.save(open_clip.create_model(TINY).state_dict(), ckpt)
+    images = work / "images"
+    images.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(n):
+        p = images / f"{i:06d}.png"
+        if not p.exists():
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p)
+        names.append(p.name)
+    caps = work / "captions.csv"
+    pacsv.write_csv(pa.table({"image": names, "caption": [f"a photo of thing number {i}" for i in range(n)]}), caps)
+    res = {"n": n, "batch_size": batch_size, "model": TINY_CFG, "image_size_px": 64}
+    for workers in (0, 2):
+        src = OpenClipSource(images, caps, TINY, str(ckpt), batch_size=batch_size, num_workers=workers, device="cpu")
+        t0 = time.perf_counter()
+        rows = sum(len(b.meta) for b in src.batches(batch_size))
+        dt = time.perf_counter() - t0
+        res[f"encode_workers{workers}"] = {"rows": rows, "seconds": dt, "samples_per_s": rows / dt}
+        log(f"encode (tiny model, {workers} workers): {rows / dt:,.0f} samples/s")
+    src = OpenClipSource(images, caps, TINY, str(ckpt), batch_size=batch_size, num_workers=2, device="cpu")
+    t0 = time.perf_counter()
+    build_index(src, work / "idx", batch_size=batch_size)
+    dt = time.perf_counter() - t0
+    res["build_index"] = {"seconds": dt, "samples_per_s": n / dt}
+    log(f"build-index --source open_clip (tiny model): {n / dt:,.0f} samples/s")
+    save_json(res, out / "encode.json")
+    return res
