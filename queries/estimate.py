@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +49,10 @@ log = logging.getLogger(__name__)
 TAIL_CHUNK = 8192
 #: Gathered candidate values per rescoring block (16 MB of float32: small blocks stay in cache).
 RESCORE_BLOCK_VALUES = 4 << 20
+#: Query batches at least this large search an IVF-Flat index with ``IvfFlatLists`` (GEMM per list).
+BATCH_SEARCH_MIN = 1024
+#: Candidate slots (queries x nprobe x k) buffered per block of the batched IVF search (~400 MB).
+BATCH_SEARCH_SLOTS = 32 << 20
 
 
 def draw_tail(n: int, m: int, seed: int) -> np.ndarray:
@@ -122,6 +128,119 @@ def rescore(queries: np.ndarray, candidates: np.ndarray, ids: np.ndarray, a: flo
     return out
 
 
+class IvfFlatLists:
+    """A CPU IVF-Flat inner-product index searched list by list with matrix products.
+
+    ``search`` returns what FAISS's own ``IndexIVFFlat.search`` returns (the top-k by inner product
+    among the vectors of each query's ``nprobe`` nearest lists, exact float32 scores, -1 / -inf
+    where fewer than k were found), computed differently: FAISS scans each query's lists one vector
+    at a time, while scoring a whole pool sends thousands of queries to every list, so here the
+    queries are grouped by list and each list is scored with one GEMM (queries of the list x the
+    list's vectors). The coarse assignment is FAISS's own quantizer. On the project's 2-core
+    reference machine (a FAISS build without AVX2) this scans 1M-vector IVF4096 lists about 4x
+    faster than ``index.search``.
+
+    The lists are zero-copy views of the index's memory: keep the index alive while this is used.
+    """
+
+    def __init__(self, ivf):
+        import faiss
+
+        self.ivf = ivf
+        self.nlist, d = int(ivf.nlist), int(ivf.d)
+        inv = ivf.invlists
+        self.sizes = np.array([inv.list_size(i) for i in range(self.nlist)], dtype=np.int64)
+        vectors, ids = [], []
+        with warnings.catch_warnings():  # read-only views; only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for i, size in enumerate(self.sizes.tolist()):
+                if size == 0:
+                    vectors.append(None)
+                    ids.append(None)
+                    continue
+                codes = faiss.rev_swig_ptr(inv.get_codes(i), size * d * 4).view(np.float32).reshape(size, d)
+                vectors.append(torch.from_numpy(codes))
+                ids.append(torch.from_numpy(faiss.rev_swig_ptr(inv.get_ids(i), size).view(np.int64)))
+        self.vectors, self.ids = vectors, ids
+
+    @classmethod
+    def of(cls, index) -> "IvfFlatLists | None":
+        """The lists of ``index`` when it is a CPU IVF-Flat inner-product index held in arrays, else
+        None (Flat, HNSW, SQ / PQ codes, GPU indexes and other list storages go through FAISS)."""
+        import faiss
+
+        from indexer.faiss_index import is_gpu_index
+
+        if is_gpu_index(index):
+            return None
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is None or ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
+            return None
+        ivf = faiss.downcast_index(ivf)
+        if type(ivf) is not faiss.IndexIVFFlat:
+            return None
+        if not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists):
+            return None
+        return cls(ivf)
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of each query: ``(scores float32 (q, k), ids int64 (q, k))``, best first."""
+        nprobe = min(int(nprobe or self.ivf.nprobe), self.nlist)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        block = max(1, BATCH_SEARCH_SLOTS // (nprobe * k))
+        out_s = np.empty((len(q), k), dtype=np.float32)
+        out_i = np.empty((len(q), k), dtype=np.int64)
+        for s in range(0, len(q), block):
+            out_s[s : s + block], out_i[s : s + block] = self._search_block(q[s : s + block], k, nprobe)
+        return out_s, out_i
+
+    def _search_block(self, q: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        _, probes = self.ivf.quantizer.search(q, nprobe)  # (b, nprobe) nearest lists
+        flat = probes.ravel()
+        order = np.argsort(flat, kind="stable")  # (query, probe) slots grouped by list
+        counts = np.bincount(flat, minlength=self.nlist)
+        starts = np.cumsum(counts) - counts
+        order_t = torch.from_numpy(order)
+        qt = to_tensor(q, torch.device("cpu"), torch.float32)
+        # each (query, probe) slot keeps the top-k of its list; -inf / -1 = nothing
+        best_s = torch.full((len(q), nprobe, k), -math.inf)
+        best_i = torch.full((len(q), nprobe, k), -1, dtype=torch.int64)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # thousands of small GEMMs: threading costs more than it gains
+        try:
+            for lst in np.flatnonzero((counts > 0) & (self.sizes > 0)).tolist():
+                slots = order_t[starts[lst] : starts[lst] + counts[lst]]
+                qi, pj = slots // nprobe, slots % nprobe
+                scores = qt[qi] @ self.vectors[lst].T  # (queries of the list, list size)
+                if scores.shape[1] > k:
+                    scores, pos = torch.topk(scores, k, dim=1, sorted=False)
+                    ids = self.ids[lst][pos]
+                else:
+                    ids = self.ids[lst].expand(len(qi), -1)
+                width = scores.shape[1]
+                best_s[qi, pj, :width] = scores
+                best_i[qi, pj, :width] = ids
+        finally:
+            torch.set_num_threads(threads)
+        top_s, pos = torch.topk(best_s.view(len(q), -1), k, dim=1)  # merge the nprobe lists, sorted
+        return top_s.numpy(), torch.gather(best_i.view(len(q), -1), 1, pos).numpy()
+
+
+def search(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``indexer.faiss_index.search``, with large batches on a CPU IVF-Flat index scored list by
+    list (``IvfFlatLists``; same results, faster for whole-pool scoring)."""
+    from indexer.faiss_index import search as faiss_search
+
+    lists = IvfFlatLists.of(index) if len(queries) >= BATCH_SEARCH_MIN else None
+    if lists is None:
+        return faiss_search(index, queries, k, nprobe=nprobe)
+    if k < 1:
+        raise InvalidParameter(f"Invalid k={k}: must be at least 1")
+    if nprobe is not None and int(nprobe) < 1:
+        raise InvalidParameter(f"Invalid nprobe={nprobe}: must be at least 1")
+    return lists.search(queries, k, nprobe)
+
+
 def search_neighbours(
     index,
     queries: np.ndarray,
@@ -157,8 +276,6 @@ def search_neighbours(
     Returns:
         ``Neighbours``.
     """
-    from indexer.faiss_index import search
-
     if rescore_scores is None:
         rescore_scores = needs_rescore(index)
     raw, ids = search(index, queries, k, nprobe=nprobe)
@@ -281,13 +398,15 @@ def tail_sums(
     t_sum_s = np.zeros(q)
     if m:
         dev = resolve_device(device)
-        if tail_vectors is None:
-            tail_vectors = np.asarray(candidates[tail_ids])
-        tv = to_tensor(tail_vectors, dev, dtype)
+        np_dtype = np.float32 if dtype == torch.float32 else np.float64
+        tv = np.ascontiguousarray(candidates[tail_ids] if tail_vectors is None else tail_vectors, dtype=np_dtype)
+        tv_dev = None if dev.type == "cpu" else to_tensor(tv, dev, dtype)
         f64 = torch.float64
         for s in range(0, q, chunk):
-            qa = to_tensor(queries[s : s + chunk], dev, dtype) * a
-            sc = qa @ tv.T  # (b, m) tail scores
+            if tv_dev is None:  # CPU: numpy's BLAS is the faster GEMM on the reference machine
+                sc = torch.from_numpy((np.asarray(queries[s : s + chunk], dtype=np_dtype) * a) @ tv.T)
+            else:
+                sc = (to_tensor(queries[s : s + chunk], dev, dtype) * a) @ tv_dev.T  # (b, m) tail scores
             top = torch.from_numpy(shift[s : s + chunk]).to(dev)
             sh = torch.maximum(top, sc.max(dim=1).values.to(f64))
             e = torch.exp(sc - sh.to(dtype)[:, None])

@@ -11,13 +11,17 @@ import torch
 
 from conftest import clustered_pairs
 from indexer.errors import InvalidParameter
+from indexer.faiss_index import search as faiss_search
 from queries.estimate import (
+    BATCH_SEARCH_MIN,
+    IvfFlatLists,
     draw_tail,
     dots_per_query,
     estimate_kl,
     kl_from_lists,
     needs_rescore,
     neighbour_lists,
+    search,
     neighbour_table,
     search_neighbours,
     tail_members,
@@ -212,3 +216,28 @@ def test_own_pair_is_always_in_k(pool):
         assert set(nb.ids[row]) - {-1} == set(plain.ids[row]) - {-1} | {own[row]}
     np.testing.assert_array_equal(nb.ids[~missed, :8], plain.ids[~missed])
     assert (nb.ids[~missed, 8] == -1).all()
+
+
+@pytest.mark.parametrize("k, nprobe", [(5, 1), (150, 3), (40, 16), (1500, 2)])
+def test_batched_ivf_search_equals_faiss(pool, k, nprobe):
+    q, c = pool
+    index = ivf(c)
+    assert len(q) >= BATCH_SEARCH_MIN and IvfFlatLists.of(index) is not None
+    s, i = search(index, q, k, nprobe=nprobe)  # list by list
+    fs, fi = faiss_search(index, q, k, nprobe=nprobe)
+    assert s.shape == i.shape == (len(q), k) and s.dtype == np.float32 and i.dtype == np.int64
+    np.testing.assert_array_equal(i < 0, fi < 0)  # same number found (k = 1500 > probed lists)
+    assert (i < 0).any() == (k == 1500)
+    np.testing.assert_array_equal(np.isneginf(s), i < 0)
+    np.testing.assert_allclose(s[i >= 0], fs[fi >= 0], atol=1e-5)  # best first, same scores
+    np.testing.assert_array_equal(np.sort(i, axis=1), np.sort(fi, axis=1))  # same neighbours
+
+
+def test_batched_search_only_for_cpu_ivf_flat(pool):
+    c = pool[1]
+    assert IvfFlatLists.of(flat(c)) is None
+    assert IvfFlatLists.of(ivf(c, "IVF16,SQ8")) is None
+    hnsw = faiss.IndexIDMap(faiss.IndexHNSWFlat(c.shape[1], 8, faiss.METRIC_INNER_PRODUCT))
+    assert IvfFlatLists.of(hnsw) is None
+    with pytest.raises(InvalidParameter, match="k=0"):
+        search(ivf(c), pool[0], 0)
