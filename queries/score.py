@@ -417,7 +417,8 @@ def _store_scores(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], repo
                 side=next(s for s, v in SIDES.items() if v == p.sides), metrics=list(p.metrics),
                 columns=report.columns, k=p.k, tail_sample=p.m, seed=p.seed, logit_scale=p.a,
                 logit_bias=p.b, image_index=pool.manifest.get("image_index"),
-                text_index=pool.manifest.get("text_index"), nprobe=p.nprobe,
+                text_index=pool.manifest.get("text_index"),
+                nprobe=next((v for v in report.nprobe.values() if v is not None), None),
                 dots_per_query=json.dumps(report.dots_per_query), seconds=json.dumps(report.seconds),
                 duration_s=report.seconds["total"],
             ).fetchall()[0][0]

@@ -14,7 +14,7 @@ CREATE TABLE IF NOT EXISTS score_runs (
     logit_bias      DOUBLE,              -- SigLIP b; NULL for CLIP
     image_index     VARCHAR,             -- FAISS keys searched (image index: text-side KL)
     text_index      VARCHAR,
-    nprobe          INTEGER,             -- IVF lists visited (NULL: the index's own / no lists)
+    nprobe          INTEGER,             -- IVF lists visited per query (NULL: no lists, or no KL)
     dots_per_query  JSON,                -- {"text": .., "image": ..}: dot products per query
     seconds         JSON,                -- per-phase durations
     duration_s      DOUBLE    NOT NULL   -- wall time of the whole run
