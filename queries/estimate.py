@@ -136,9 +136,10 @@ class IvfFlatLists:
     where fewer than k were found), computed differently: FAISS scans each query's lists one vector
     at a time, while scoring a whole pool sends thousands of queries to every list, so here the
     queries are grouped by list and each list is scored with one GEMM (queries of the list x the
-    list's vectors). The coarse assignment is FAISS's own quantizer. On the project's 2-core
-    reference machine (a FAISS build without AVX2) this scans 1M-vector IVF4096 lists about 4x
-    faster than ``index.search``.
+    list's vectors). The coarse assignment is FAISS's own quantizer. Measured on the 2-core
+    reference machine (a FAISS build without AVX2), 1M vectors, IVF4096, 32,768 queries:
+    4,900 vs 4,000 queries/s at nprobe 4, k 256; 8,800 vs 4,700 at k 16; 2,700 vs 1,100 at
+    nprobe 16 (the coarse quantizer, shared by both, is the floor).
 
     The lists are zero-copy views of the index's memory: keep the index alive while this is used.
     """
