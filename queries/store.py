@@ -88,16 +88,17 @@ class Store:
             yield dict(zip(cols, row))
 
     def has_table(self, table: str) -> bool:
-        return bool(
-            self.con.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_name = $t", {"t": table}
-            ).fetchone()[0]
-        )
+        # fetchall, not fetchone: DuckDB 2.0 leaves a half-read result open, and the next
+        # ``register`` on the connection then fails with "unfinished result".
+        rows = self.con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = $t", {"t": table}
+        ).fetchall()
+        return bool(rows[0][0])
 
     def schema_version(self) -> int:
         if not self.has_table("schema_version"):
             return 0
-        v = self.con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        v = self.con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0]
         return int(v or 0)
 
     def migrate(self) -> None:

@@ -133,3 +133,16 @@ def test_bad_parameters(tmp_path):
     with pytest.raises(InvalidParameter, match="NotAnIndex"):
         build_index(src, tmp_path / "i", index_key="NotAnIndex")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_store_helpers_leave_no_open_result(tmp_path):
+    """DuckDB 2.0: a half-read result blocks ``register``; the Store helpers must read fully."""
+    import pyarrow as pa
+
+    from queries.store import Store
+
+    with Store(tmp_path / "c.duckdb") as s:
+        s.migrate()
+        assert s.has_table("manifest") and s.schema_version() >= 1
+        s.con.register("t", pa.table({"x": [1, 2]}))
+        assert s.con.execute("SELECT sum(x) FROM t").fetchall() == [(3,)]
