@@ -52,6 +52,19 @@ def _progress(quiet: bool):
     return null_progress if quiet else tqdm_progress()
 
 
+def _note_synthetic(index_dir) -> None:
+    """Label output from the built-in synthetic world, on stderr (keeps CSV / JSON output clean)."""
+    from indexer.errors import ClipIndexError
+    from indexer.pool import open_index
+
+    try:
+        synthetic = open_index(index_dir).synthetic
+    except ClipIndexError:
+        return  # the command itself reports the problem
+    if synthetic:
+        click.echo("[SYNTHETIC data: the built-in synthetic CLIP-like world, not a real pool]", err=True)
+
+
 def _echo_kv(title: str, items: dict, indent: int = 2) -> None:
     click.echo(title)
     width = max((len(k) for k in items), default=0)
@@ -230,6 +243,7 @@ def score_cmd(index_dir, exact, k, tail_sample, side, logit_scale, logit_bias, m
       python cli.py score index --exact --side text   # ground truth (quadratic; small pools)
       python cli.py score index --k 64 --tail-sample 1024 --metrics kl,klr
     """
+    _note_synthetic(index_dir)
     from queries.score import report_dict, score
 
     metric_list = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
@@ -322,6 +336,7 @@ def sql_cmd(index_dir, query, fmt, out, force, width):
           ORDER BY kl_text DESC LIMIT 5"
       python cli.py sql index "FROM scores" --out scores.parquet
     """
+    _note_synthetic(index_dir)
     from queries.sqlrun import format_for, run_sql
 
     fmt = format_for(out, fmt)
@@ -352,6 +367,8 @@ def query_cmd(index_dir, name, list_, params, fmt, out, force, width):
       python cli.py query index score_correlations
       python cli.py query index ngram_coverage --param column=kl_text --param top=2500
     """
+    if index_dir is not None:
+        _note_synthetic(index_dir)
     from queries.sqlrun import format_for, list_queries, run_query
 
     if list_:
@@ -401,6 +418,7 @@ def select_cmd(index_dir, by, top_fraction, where, lowest, out, force):
       python cli.py select index --by kl_text --top-fraction 0.25 --out subset.npy
       python cli.py select index --by klr_text --top-fraction 0.3 --where "clipscore > 0.2" --out subset.npy
     """
+    _note_synthetic(index_dir)
     from queries.select import select
 
     sel = select(index_dir, by, top_fraction, where=where, lowest=lowest, out=out, force=force)
@@ -435,6 +453,7 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, out, f
       python cli.py weights index --prompt "a photo of food" --logit-scale 20 --out food.parquet
       python cli.py weights dc --prompt-embedding food.npy --prompt "a photo of food"
     """
+    _note_synthetic(index_dir)
     from queries.weights import weights
 
     _need_prompt(prompt, prompt_embedding)
@@ -470,6 +489,7 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode
       python cli.py sample index --prompt "a photo of food" -n 1000 --seed 1 --out food_draw.parquet
       python cli.py sample index --prompt "a photo of food" -n 20 --mode top
     """
+    _note_synthetic(index_dir)
     from queries.sqlrun import render_table
     from queries.weights import sample
 
