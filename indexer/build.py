@@ -27,7 +27,7 @@ from indexer.errors import BadInput, InvalidParameter
 from indexer.layout import FORMAT_VERSION, MODALITIES, IndexPaths
 from indexer.progress import Progress, null_progress
 from indexer.source import Batch, Source, SourceInfo
-from indexer.validate import validate_batch
+from indexer.validate import check_rows, validate_batch
 from queries.store import Store
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def build_index(
             for m in MODALITIES
         }
         rawnorm = {m: np.zeros(n_max, np.float32) for m in MODALITIES} if info.raw_known else None
-        acc = {m: StatsAccumulator(dim, raw=info.raw_known) for m in MODALITIES}
+        acc = {m: StatsAccumulator(dim, raw=info.raw_known, precision="float32") for m in MODALITIES}
         store = Store(paths.catalog)
         store.migrate()
         segments: list[tuple[int, str, int]] = []  # (first vec_id, origin, row offset)
@@ -214,6 +214,7 @@ def build_index(
                 for m, arr in (("image", batch.image), ("text", batch.text)):
                     arr = np.asarray(arr, dtype=np.float32)
                     norms = np.linalg.norm(arr, axis=1)
+                    check_rows(batch, m, arr, norms)
                     v = arr / norms[:, None]
                     emb[m][pos : pos + b] = v
                     if rawnorm is not None:

@@ -19,12 +19,34 @@ def _where(batch: Batch, row: int) -> str:
     return f"{batch.origin}, row {batch.row_offset + int(row)}"
 
 
+def check_rows(batch: Batch, name: str, arr: np.ndarray, norms: np.ndarray) -> None:
+    """Raise ``BadInput`` naming the first row of ``arr`` that is not finite or is all zeros.
+
+    ``norms`` are the rows' Euclidean norms (the builder computes them anyway to normalise): a
+    row is finite and non-zero exactly when its norm is finite and positive, so the full arrays are
+    only scanned again when something is wrong.
+    """
+    ok = np.isfinite(norms) & (norms > 0)
+    if ok.all():
+        return
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise BadInput(f"{_where(batch, bad)}: {name} embedding contains NaN or inf")
+    zero = ~np.any(arr != 0, axis=1)
+    if zero.any():
+        bad = int(np.flatnonzero(zero)[0])
+        raise BadInput(f"{_where(batch, bad)}: {name} embedding is all zeros (cannot be normalised)")
+    bad = int(np.flatnonzero(~ok)[0])  # finite values whose squares overflow float32
+    raise BadInput(f"{_where(batch, bad)}: {name} embedding is too large to normalise (norm overflows)")
+
+
 def validate_batch(batch: Batch, dim: int) -> None:
-    """Raise ``BadInput`` if ``batch`` is malformed.
+    """Raise ``BadInput`` if the shape or the uids of ``batch`` are malformed.
 
     Checks: ``meta`` has ``uid`` and ``caption`` columns and as many rows as both arrays; both arrays
-    are 2-D with ``dim`` columns; every value is finite; no row is all zeros; uids are 32 lowercase
-    hex digits and unique within the batch (the builder checks uniqueness across batches).
+    are 2-D with ``dim`` columns; uids are 32 lowercase hex digits and unique within the batch (the
+    builder checks uniqueness across batches). Values are checked by ``check_rows``.
     """
     rows = batch.meta.num_rows
     for col in ("uid", "caption"):
@@ -43,14 +65,6 @@ def validate_batch(batch: Batch, dim: int) -> None:
                 f"{batch.origin}: {arr.shape[0]} {name} embeddings but {rows} metadata rows "
                 "(row counts disagree)"
             )
-        finite = np.isfinite(arr).all(axis=1)
-        if not finite.all():
-            bad = int(np.flatnonzero(~finite)[0])
-            raise BadInput(f"{_where(batch, bad)}: {name} embedding contains NaN or inf")
-        zero = ~np.any(arr != 0, axis=1)
-        if zero.any():
-            bad = int(np.flatnonzero(zero)[0])
-            raise BadInput(f"{_where(batch, bad)}: {name} embedding is all zeros (cannot be normalised)")
     uid = batch.meta.column("uid")
     if uid.null_count:
         bad = int(np.flatnonzero(uid.is_null().to_numpy(zero_copy_only=False))[0])

@@ -178,3 +178,21 @@ def test_input_checks():
         whitening(np.eye(3), -1.0)
     with pytest.raises(InvalidParameter, match="shapes"):
         whitened_loglik(np.zeros((2, 3)), np.zeros(4), np.eye(4), 0.0)
+
+
+def test_float32_precision_is_close_to_exact():
+    """The builder's fast mode: float32 block products, float64 accumulation."""
+    rng = np.random.default_rng(3)
+    u = rng.normal(size=(20_000, 48)) * rng.uniform(0.5, 2.0, 48) + rng.normal(size=48) * 3
+    norms = np.linalg.norm(u, axis=1)
+    v = u / norms[:, None]
+    fast = StatsAccumulator(48, raw=True, precision="float32")
+    for s in range(0, len(u), 7000):
+        fast.update(v[s:s + 7000], norms[s:s + 7000])
+    got = fast.finalize()
+    for name, ref in (("cov", np.cov(v, rowvar=False)), ("raw_cov", np.cov(u, rowvar=False))):
+        err = np.abs(got[name] - ref).max() / np.abs(ref).max()
+        assert err < 1e-5, (name, err)
+    np.testing.assert_allclose(got["raw_mean"], u.mean(0), rtol=1e-10, atol=1e-10)
+    with pytest.raises(InvalidParameter, match="precision"):
+        StatsAccumulator(4, raw=False, precision="half")
