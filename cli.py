@@ -475,11 +475,13 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, out, f
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw (same seed, same draw).")
 @click.option("--replace/--no-replace", default=False, show_default=True,
               help="--mode draw: draw with replacement (default: without, by the Gumbel-top-k trick).")
+@click.option("--nprobe", type=click.IntRange(min=1), default=None,
+              help="--mode top: IVF lists to probe (default: all, exact recall; fewer is faster).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the rows to .parquet / .csv / .jsonl.")
 @force_option
 @width_option
-def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode, seed, replace, out, force,
+def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode, seed, replace, nprobe, out, force,
                width):
     """Domain-weighted samples for a prompt: a seeded weighted draw, or the top samples by weight.
 
@@ -496,8 +498,10 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode
     _need_prompt(prompt, prompt_embedding)
     if mode == "top" and replace:
         raise click.UsageError("--replace only applies to --mode draw")
+    if mode == "draw" and nprobe is not None:
+        raise click.UsageError("--nprobe only applies to --mode top")
     table = sample(index_dir, prompt, prompt_embedding, n, mode=mode, seed=seed, replace=replace,
-                   logit_scale=logit_scale, out=out, force=force, device=device)
+                   logit_scale=logit_scale, out=out, force=force, device=device, nprobe=nprobe)
     cols = [c for c in ("rank", "uid", "caption", "cosine", "weight", "normalized_weight") if c in table.column_names]
     shown = table.select(cols)
     if out is not None:

@@ -446,11 +446,13 @@ def _hnsw_ef(index: Any, k: int) -> None:
         sub.hnsw.efSearch = max(int(sub.hnsw.efSearch), int(k))
 
 
-def top_by_faiss(index, vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def top_by_faiss(index, vector: np.ndarray, n: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``n`` images with the highest cosine to ``vector``, through the FAISS image index.
 
-    Every IVF list is probed for this one query (``nprobe = nlist``: exact recall for IVF-Flat),
-    a margin of extra candidates is fetched, and candidates are rescored exactly (float64) from the
+    By default every IVF list is probed for this one query (``nprobe = nlist``: exact recall for
+    IVF-Flat); a smaller ``nprobe`` trades recall for latency (measured on the 100k synthetic
+    world, IVF1024: nprobe 256 finds 97.6% of the true top-100 in 5 ms vs 17 ms for all 1024). A
+    margin of extra candidates is fetched, and candidates are rescored exactly (float64) from the
     stored embeddings, so approximate codes (PQ, SQ) do not reorder the result; ties are broken by
     ``vec_id``.
 
@@ -467,8 +469,10 @@ def top_by_faiss(index, vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
     params = (pool.manifest.get("index_params") or {}).get("image") or {}
     nlist = params.get("nlist")
     _hnsw_ef(fx, k)
-    _, ids = faiss_index.search(fx, np.asarray(vector, dtype=np.float32)[None, :], k,
-                                nprobe=int(nlist) if nlist else None)
+    if nprobe is not None and nprobe < 1:
+        raise InvalidParameter(f"nprobe must be >= 1, got {nprobe}")
+    probe = nprobe if nprobe is not None else (int(nlist) if nlist else None)
+    _, ids = faiss_index.search(fx, np.asarray(vector, dtype=np.float32)[None, :], k, nprobe=probe)
     ids = ids[0][ids[0] >= 0]
     ids = np.unique(ids)  # sorted: memory-map friendly
     emb = pool.embeddings("image")
@@ -501,6 +505,7 @@ def sample(
     out: str | Path | None = None,
     force: bool = False,
     device: str = "auto",
+    nprobe: int | None = None,
 ) -> pa.Table:
     """Domain-weighted samples of the pool for a prompt.
 
@@ -516,6 +521,7 @@ def sample(
         out: also write the rows to a ``.parquet`` / ``.csv`` / ``.jsonl`` file.
         force: overwrite an existing ``out``.
         device: torch device for open_clip models.
+        nprobe: ``mode="top"``: IVF lists to probe (default: all of them, exact recall).
 
     Returns:
         A table in draw (or rank) order: ``rank, vec_id, uid, caption, cosine, weight`` and, for
@@ -545,7 +551,7 @@ def sample(
     p = encode_prompt(pool, prompt, prompt_embedding, device=device)
     cols: dict[str, Any]
     if mode == "top":
-        ids, cos = top_by_faiss(pool, p.vector, n)
+        ids, cos = top_by_faiss(pool, p.vector, n, nprobe=nprobe)
         with np.errstate(over="ignore"):
             cols = {"vec_id": ids, "cosine": cos, "weight": np.exp(a * cos)}
     else:

@@ -196,6 +196,15 @@ def test_top_with_ivf_probes_every_list(tmp_path):
     t = sample(out, prompt_embedding=v, n=200, mode="top")
     cos = unit(image) @ (v / np.linalg.norm(v))
     assert t.column("vec_id").to_pylist() == np.argsort(-cos, kind="stable")[:200].tolist()
+    # fewer probes: a subset of the pool's true ranking, still exactly rescored and sorted
+    few = sample(out, prompt_embedding=v, n=200, mode="top", nprobe=2)
+    ids = few.column("vec_id").to_numpy()
+    np.testing.assert_allclose(few.column("cosine").to_numpy(), cos[ids], rtol=1e-6)  # float32 storage
+    assert np.all(np.diff(few.column("cosine").to_numpy()) <= 0)
+    recall = len(set(ids) & set(np.argsort(-cos)[:200])) / 200
+    assert 0 < recall < 1  # 2 of 32 lists cannot find them all on this data
+    with pytest.raises(InvalidParameter, match="nprobe"):
+        sample(out, prompt_embedding=v, n=5, mode="top", nprobe=0)
 
 
 def test_draw_with_replacement_follows_the_weights(arrays_index, prompt_vec):
