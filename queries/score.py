@@ -380,12 +380,16 @@ def _store_scores(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], repo
             old = {r[0] for r in con.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = 'scores'").fetchall()}
         # identifiers come from the SCORE_COLUMNS allowlist only
+        # every public column (SPEC 11) always exists, NULL until some run computes it, so
+        # queries written against the SQL interface never meet a missing column
         select = []
         for c in SCORE_COLUMNS:
             if c in cols:
                 select.append(f"c.{c}")
             elif c in old:
                 select.append(f"o.{c}")
+            else:
+                select.append(f"CAST(NULL AS DOUBLE) AS {c}")
         carried = [c for c in SCORE_COLUMNS if c in old and c not in cols]
         if carried:
             log.info("keeping %s from the previous scores table", ", ".join(carried))

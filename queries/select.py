@@ -193,9 +193,14 @@ def select(
         q = quote_identifier(col)
         try:
             rel = _base_relation(con)
-            total = rel.aggregate("count(*)").fetchall()[0][0]
+            total, valued = rel.aggregate(f"count(*), count({q})").fetchall()[0]
         except duckdb.Error as e:
             raise _query_failed(e, "select", store) from None
+        if total and not valued:
+            raise InvalidParameter(
+                f"Score column {col!r} has no values in this index (it has not been computed): run "
+                f"`cli.py score INDEX_DIR --metrics {col.rsplit('_', 1)[0] if col != 'clipscore' else col}` first"
+            )
         if where is not None:
             rel = _filter(rel, where)
         try:

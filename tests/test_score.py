@@ -46,6 +46,11 @@ def scores(path):
     return {c: np.array([r[c] for r in rows], dtype=float if c not in ("uid",) else object) for c in rows[0]}
 
 
+def computed(cols):
+    """The score columns holding values (every public column exists; uncomputed ones are NULL)."""
+    return [c for c in SCORE_COLUMNS if not np.isnan(cols[c]).all()]
+
+
 def test_scores_table_has_every_column_and_the_run_is_recorded(index):
     report = score(index, k=32, tail_sample=128, batch_size=500, check=200, nprobe=8)
     cols = scores(index)
@@ -92,7 +97,8 @@ def test_check_report_and_table(index):
     ids = check_sample(N, 300, 3)
     kl, _ = exact_kl(pool.embeddings("text")[ids], pool.embeddings("image"), 100.0)
     assert report.checks[0].mae == pytest.approx(np.abs(cols["kl_text"][ids] - kl).mean())
-    assert list(cols) == ["uid", "vec_id", "kl_text", "klr_text"]
+    assert list(cols) == ["uid", "vec_id", *SCORE_COLUMNS]
+    assert computed(cols) == ["kl_text", "klr_text"]
 
 
 def test_resume_after_interruption(index, tmp_path, monkeypatch):
@@ -138,7 +144,8 @@ def test_exact_mode_and_columns_carried_over(index):
         kl, klr = exact_kl(pool.embeddings(side), pool.embeddings(other), 100.0)
         np.testing.assert_allclose(cols[f"kl_{side}"], kl, rtol=1e-9)
         np.testing.assert_allclose(cols[f"klr_{side}"], klr, rtol=1e-9)
-    assert list(cols) == ["uid", "vec_id", "kl_text", "kl_image", "klr_text", "klr_image", "dc_image", "clipscore"]
+    assert list(cols) == ["uid", "vec_id", *SCORE_COLUMNS]
+    assert computed(cols) == ["kl_text", "kl_image", "klr_text", "klr_image", "dc_image", "clipscore"]
     runs = table(index, "SELECT run_id, exact, columns FROM score_runs ORDER BY run_id")
     assert [(r["run_id"], r["exact"], r["columns"]) for r in runs] == [
         (1, False, ["dc_image", "clipscore"]), (2, True, ["kl_text", "kl_image", "klr_text", "klr_image"])]
@@ -199,3 +206,39 @@ def test_rank_statistics():
     assert top_overlap(np.arange(8.0), -np.arange(8.0)) == 0.0
     assert top_overlap(np.array([4.0, 3, 2, 1]), np.array([4.0, 1, 2, 3])) == 1.0  # top 1 of 4
     assert math.isnan(spearman(np.ones(5), x))
+
+
+def test_scores_table_always_has_every_public_column(tmp_path):
+    """A run with a few metrics still gives SPEC 11's full schema (NULL where not computed), so
+    named queries such as score_correlations run."""
+    from conftest import clustered_pairs
+
+    from indexer.build import build_index
+    from indexer.sources import ArraySource
+    from queries.score import SCORE_COLUMNS, score
+    from queries.sqlrun import run_query, run_sql
+
+    image, text = clustered_pairs(400, 16, seed=5)
+    build_index(ArraySource(image, text), tmp_path / "idx")
+    score(tmp_path / "idx", metrics=["kl", "klr"], k=16, tail_sample=64)
+    table = run_sql(tmp_path / "idx", "SELECT * FROM scores")
+    assert table.column_names == ["uid", "vec_id", *SCORE_COLUMNS]
+    assert table.column("dc_text").null_count == 400 and table.column("kl_text").null_count == 0
+    corr = run_query(tmp_path / "idx", "score_correlations")
+    assert corr.num_rows > 0
+
+
+def test_selecting_by_a_column_never_computed_is_a_clear_error(tmp_path):
+    from conftest import clustered_pairs
+
+    from indexer.build import build_index
+    from indexer.errors import InvalidParameter
+    from indexer.sources import ArraySource
+    from queries.select import select
+
+    image, text = clustered_pairs(300, 16, seed=6)
+    build_index(ArraySource(image, text), tmp_path / "idx")
+    score(tmp_path / "idx", metrics=["kl"], k=16, tail_sample=64)
+    with pytest.raises(InvalidParameter, match=r"'dc_text' has no values .*--metrics dc"):
+        select(tmp_path / "idx", by="dc_text", top_fraction=0.5)
+    assert select(tmp_path / "idx", by="kl_text", top_fraction=0.5).kept == 150
