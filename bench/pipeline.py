@@ -97,6 +97,19 @@ def _latency_child(index_dir: str, reps: int) -> None:
 
     first = timed(lambda pv: weights.sample(pool, pv[0], pv[1], n=100, mode="top"), vecs[:1])
     top = timed(lambda pv: weights.sample(pool, pv[0], pv[1], n=100, mode="top"), vecs)
+    # the same with fewer IVF probes (sample --nprobe): latency and recall of the exact top-100
+    nlist = ((pool.manifest.get("index_params") or {}).get("image") or {}).get("nlist")
+    fast_probe = max(1, int(nlist) // 16) if nlist else None
+    recalls = []
+
+    def fast(pv):
+        got = weights.sample(pool, pv[0], pv[1], n=100, mode="top", nprobe=fast_probe)
+        recalls.append(got)
+
+    top_fast = timed(fast, vecs)
+    truth = [weights.sample(pool, pv[0], pv[1], n=100, mode="top") for pv in vecs]
+    recall = [len(set(a.column("vec_id").to_pylist()) & set(b.column("vec_id").to_pylist())) / 100
+              for a, b in zip(recalls, truth)]
     draw = timed(lambda pv: weights.sample(pool, pv[0], pv[1], n=100, mode="draw"), vecs[: max(5, reps // 5)])
     comp = timed(lambda pv: weights.compute_weights(pool, pv[0], pv[1]), vecs[: max(5, reps // 5)])
     named = {}
@@ -108,11 +121,12 @@ def _latency_child(index_dir: str, reps: int) -> None:
         except Exception:
             continue
         try:
-            named[name] = timed(lambda _: sqlrun.run_query(pool, name, **params), range(max(5, reps // 2)))
+            named[name] = timed(lambda _: sqlrun.run_query(pool, name, **params), range(max(5, min(20, reps // 2))))
         except Exception as e:  # a query whose parameters differ: report, do not fail the run
             named[name] = {"error": str(e)[:200]}
     print(json.dumps({"load_seconds": load, "encode_prompt": enc, "sample_top_first": first,
-                      "sample_top": top, "sample_draw": draw, "compute_weights": comp, "named": named,
+                      "sample_top": top, "sample_top_fast": top_fast, "fast_nprobe": fast_probe,
+                      "fast_recall_mean": sum(recall) / max(len(recall), 1), "sample_draw": draw, "compute_weights": comp, "named": named,
                       "n": pool.n}))
 
 

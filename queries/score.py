@@ -463,7 +463,9 @@ def score(
     Args:
         pool_or_path: an opened ``PoolIndex`` or the index directory.
         exact: compute the KL columns exactly over the whole pool (N dot products per query)
-            instead of the top-k + tail estimate.
+            instead of the top-k + tail estimate. When both indexes are ``Flat`` (small pools)
+            and neither ``k`` nor ``tail_sample`` is given, the exact softmax is used anyway: the
+            Flat search alone already costs N dot products per query.
         k: neighbours per query (default ``DEFAULT_K``, at most N).
         tail_sample: m, the uniform tail sample size (default ``DEFAULT_TAIL``, at most N; 0 = top-k
             only, which is biased).
@@ -488,6 +490,12 @@ def score(
     """
     started = time.perf_counter()
     pool = pool_or_path if isinstance(pool_or_path, PoolIndex) else open_index(pool_or_path)
+    if not exact and k is None and tail_sample is None and _flat_only(pool):
+        # A Flat search already spends N dot products per query: the exact softmax costs no more
+        # (the estimator would cost N + m) and is the truth.
+        log.info("Flat indexes: computing the exact KL (no cheaper than the search); "
+                 "pass k or tail_sample to force the estimator")
+        exact = True
     p = _resolve(pool, exact=exact, k=k, tail_sample=tail_sample, side=side, logit_scale=logit_scale,
                  logit_bias=logit_bias, metrics=metrics, seed=seed, batch_size=batch_size, nprobe=nprobe,
                  check=check)
@@ -545,6 +553,11 @@ def score(
     log.info("scored %d samples: %s in %.1f s (run %d)", pool.n, ", ".join(columns),
              report.seconds["total"], report.run_id)
     return report
+
+
+def _flat_only(pool: PoolIndex) -> bool:
+    """Whether both FAISS indexes of ``pool`` are exact flat scans."""
+    return all(str(pool.manifest.get(f"{m}_index", "")).split(",")[0] == "Flat" for m in ("image", "text"))
 
 
 def report_dict(report: ScoreReport) -> dict:

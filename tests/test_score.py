@@ -242,3 +242,23 @@ def test_selecting_by_a_column_never_computed_is_a_clear_error(tmp_path):
     with pytest.raises(InvalidParameter, match=r"'dc_text' has no values .*--metrics dc"):
         select(tmp_path / "idx", by="dc_text", top_fraction=0.5)
     assert select(tmp_path / "idx", by="kl_text", top_fraction=0.5).kept == 150
+
+
+def test_flat_index_defaults_to_the_exact_softmax(tmp_path):
+    """A Flat search costs N dot products per query already: the default is then exact."""
+    from conftest import clustered_pairs
+
+    from indexer.build import build_index
+    from indexer.sources import ArraySource
+
+    image, text = clustered_pairs(500, 16, seed=9)
+    build_index(ArraySource(image, text), tmp_path / "idx")
+    pool = open_index(tmp_path / "idx")
+    assert pool.manifest["image_index"] == "Flat"
+    report = score(pool, metrics=["kl", "klr"], side="text")
+    assert report.exact and report.k is None
+    kl, klr = exact_kl(pool.embeddings("text"), pool.embeddings("image"), 100.0)
+    cols = scores(tmp_path / "idx")
+    np.testing.assert_allclose(cols["kl_text"], kl, rtol=1e-9)
+    forced = score(pool, metrics=["kl"], side="text", k=16, tail_sample=32)
+    assert not forced.exact and forced.k == 16
