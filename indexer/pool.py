@@ -130,3 +130,8 @@ class PoolIndex:
 def open_index(path: str | Path, mmap: bool = False) -> PoolIndex:
     """Open the index at ``path``; raises ``IndexNotFound`` or ``FormatVersionMismatch``."""
     return PoolIndex(path, mmap=mmap)
+
+
+def as_pool(index: "str | Path | PoolIndex") -> PoolIndex:
+    """``index`` itself if it is an opened ``PoolIndex``, else ``open_index(index)``."""
+    return index if isinstance(index, PoolIndex) else open_index(index)

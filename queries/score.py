@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from indexer.errors import InvalidParameter
 from indexer.layout import MODALITIES
-from indexer.pool import PoolIndex, open_index
+from indexer.pool import PoolIndex, as_pool
 from indexer.progress import Progress, null_progress
 
 log = logging.getLogger(__name__)
@@ -489,7 +489,7 @@ def score(
         InvalidParameter: a parameter is out of range (the message names it and its value).
     """
     started = time.perf_counter()
-    pool = pool_or_path if isinstance(pool_or_path, PoolIndex) else open_index(pool_or_path)
+    pool = as_pool(pool_or_path)
     if not exact and k is None and tail_sample is None and _flat_only(pool):
         # A Flat search already spends N dot products per query: the exact softmax costs no more
         # (the estimator would cost N + m) and is the truth.

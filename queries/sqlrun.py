@@ -48,6 +48,7 @@ import duckdb
 import pyarrow as pa
 
 from indexer.errors import ClipIndexError, InvalidParameter, NotReadOnly, UnknownQuery
+from indexer.pool import as_pool
 from queries.store import Store
 
 #: Output formats of ``write_result``.
@@ -70,16 +71,11 @@ class QueryError(ClipIndexError):
 
 
 # -- connections ------------------------------------------------------------------------------
-def _pool(index):
-    """A ``PoolIndex`` from a path or an already opened index."""
-    from indexer.pool import PoolIndex, open_index
-
-    return index if isinstance(index, PoolIndex) else open_index(index)
 
 
 def read_only_store(index) -> Store:
     """A ``Store`` over the catalog of ``index`` (path or ``PoolIndex``) opened read-only."""
-    return _pool(index).store(read_only=True)
+    return as_pool(index).store(read_only=True)
 
 
 def _arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:

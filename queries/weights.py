@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from indexer.errors import BadInput, InvalidParameter
+from indexer.pool import as_pool
 from queries.sqlrun import _arrow, _first_line, check_out, format_for, write_result
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,6 @@ SAMPLE_MODES = ("draw", "top")
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
 
 
-def _pool(index):
-    from indexer.pool import PoolIndex, open_index
-
-    return index if isinstance(index, PoolIndex) else open_index(index)
 
 
 # -- prompt encoding ----------------------------------------------------------------------------
@@ -172,7 +169,7 @@ def encode_prompt(
             ``--prompt-embedding``).
         BadInput: a bad embedding file (missing, wrong shape or dimension, zero).
     """
-    pool = _pool(index)
+    pool = as_pool(index)
     if prompt is not None and not str(prompt).strip():
         raise InvalidParameter("The prompt is empty; give a text such as \"a photo of food\"")
     if prompt_embedding is not None:
@@ -229,7 +226,7 @@ def check_logit_scale(a: float) -> float:
 
 def image_cosines(index, vector: np.ndarray, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
     """``<v_x, v_t>`` for every image x of the pool (float64, chunked over the memory map)."""
-    pool = _pool(index)
+    pool = as_pool(index)
     emb = pool.embeddings("image")
     v = np.asarray(vector, dtype=np.float64)
     out = np.empty(emb.shape[0], dtype=np.float64)
@@ -327,7 +324,7 @@ def compute_weights(
         InvalidParameter, BadInput: see ``encode_prompt``; a non-positive ``logit_scale``.
     """
     a = check_logit_scale(logit_scale)
-    pool = _pool(index)
+    pool = as_pool(index)
     p = encode_prompt(pool, prompt, prompt_embedding, device=device)
     cos = image_cosines(pool, p.vector)
     return Weights(p.label, a, cos, a * cos, p.encoder)
@@ -383,7 +380,7 @@ def weights(
     if out is not None:
         _out_suffix(out)
         check_out(out, force)
-    pool = _pool(index)
+    pool = as_pool(index)
     w = compute_weights(pool, prompt, prompt_embedding, logit_scale, device=device)
     if store:
         store_weights(pool, w)
@@ -396,7 +393,7 @@ def store_weights(index, w: Weights) -> None:
     """Replace the rows of ``w.prompt`` in the ``weights`` table by ``w`` (one transaction)."""
     from queries.store import load_sql
 
-    pool = _pool(index)
+    pool = as_pool(index)
     table = pa.table({
         "vec_id": np.arange(w.n, dtype=np.int64), "cosine": w.cosine, "log_weight": w.log_weight,
         "weight": w.weight, "normalized_weight": w.normalized_weight,
@@ -424,7 +421,7 @@ def store_weights(index, w: Weights) -> None:
 
 def write_weights(index, w: Weights, out: str | Path, force: bool = False) -> Path:
     """Export ``uid, weight, normalized_weight`` (by ``vec_id`` order) to parquet / CSV / JSON lines."""
-    pool = _pool(index)
+    pool = as_pool(index)
     _out_suffix(out)
     with pool.store(read_only=True) as s:
         uids = _arrow(s.con.sql("SELECT uid FROM samples ORDER BY vec_id")).column("uid")
@@ -461,7 +458,7 @@ def top_by_faiss(index, vector: np.ndarray, n: int, nprobe: int | None = None) -
     """
     from indexer import faiss_index
 
-    pool = _pool(index)
+    pool = as_pool(index)
     fx = pool.faiss("image")
     exact = faiss_index.returns_exact_scores(fx)
     margin = max(16, n // 10) if exact else max(64, 3 * n)
@@ -542,7 +539,7 @@ def sample(
     if out is not None:
         _out_suffix(out)
         check_out(out, force)
-    pool = _pool(index)
+    pool = as_pool(index)
     if n > pool.n and not (mode == "draw" and replace):
         raise InvalidParameter(
             f"-n {n} is larger than the pool ({pool.n} samples); "
