@@ -129,15 +129,19 @@ def cli(verbose: int) -> None:
 @click.option("--max-memory", type=MemoryType(), default="8G", show_default=True,
               help="Memory budget for one modality's FAISS index; picks the index type.")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="Default IVF probes stored with the index.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Storage type of the normalised embeddings kept for exact rescoring.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16"]), default="auto", show_default=True,
+              help="Storage type of the normalised embeddings kept for exact rescoring "
+                   "(auto: the input's own, float16 for half-precision DataComp / clip-retrieval files).")
+@click.option("--cov-sample", type=click.IntRange(min=0), default=None,
+              help="Rows the covariances (D_W, whitening) are computed from on large pools "
+                   "(a seeded uniform subset; default 131072; 0 = every row). Means and sums are always exact.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=65536, show_default=True,
               help="Rows per batch read from the source.")
 @click.option("--gpu/--no-gpu", default=None, help="Use GPU FAISS (default: when a GPU is present).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def build_index_cmd(source, input_path, out, n, arch, logit_scale, model, pretrained, captions, image_column,
                     caption_column, uid_column, skip_bad, device, workers, seed, dim, geometry, index_factory,
-                    max_memory, nprobe, dtype, batch_size, gpu, quiet):
+                    max_memory, nprobe, dtype, cov_sample, batch_size, gpu, quiet):
     """Build a FAISS + DuckDB index of a pool.
 
     \b
@@ -163,8 +167,9 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, model, pretra
         skip_bad=skip_bad, device=device, workers=workers, seed=seed, dim=dim, geometry=geometry,
         progress=progress,
     )
+    extra = {} if cov_sample is None else {"cov_sample": cov_sample}
     report = build_index(
-        src, out, index_key=index_factory, max_memory=max_memory, nprobe=nprobe, dtype=dtype,
+        src, out, index_key=index_factory, max_memory=max_memory, nprobe=nprobe, dtype=dtype, **extra,
         batch_size=batch_size, use_gpu=gpu, limit=n if source != "synthetic" else None, seed=seed,
         progress=progress,
     )
@@ -476,13 +481,14 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, out, f
 @click.option("--replace/--no-replace", default=False, show_default=True,
               help="--mode draw: draw with replacement (default: without, by the Gumbel-top-k trick).")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None,
-              help="--mode top: IVF lists to probe (default: all, exact recall; fewer is faster).")
+              help="--mode top: IVF lists to probe (default: a quarter of them; more is slower, surer).")
+@click.option("--exact", is_flag=True, help="--mode top: probe every IVF list (the exact top n).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the rows to .parquet / .csv / .jsonl.")
 @force_option
 @width_option
-def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode, seed, replace, nprobe, out, force,
-               width):
+def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode, seed, replace, nprobe, exact, out,
+               force, width):
     """Domain-weighted samples for a prompt: a seeded weighted draw, or the top samples by weight.
 
     \b
@@ -498,10 +504,12 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode
     _need_prompt(prompt, prompt_embedding)
     if mode == "top" and replace:
         raise click.UsageError("--replace only applies to --mode draw")
-    if mode == "draw" and nprobe is not None:
-        raise click.UsageError("--nprobe only applies to --mode top")
+    if mode == "draw" and (nprobe is not None or exact):
+        raise click.UsageError("--nprobe and --exact only apply to --mode top")
+    if exact and nprobe is not None:
+        raise click.UsageError("give --nprobe or --exact, not both")
     table = sample(index_dir, prompt, prompt_embedding, n, mode=mode, seed=seed, replace=replace,
-                   logit_scale=logit_scale, out=out, force=force, device=device, nprobe=nprobe)
+                   logit_scale=logit_scale, out=out, force=force, device=device, nprobe=nprobe, exact=exact)
     cols = [c for c in ("rank", "uid", "caption", "cosine", "weight", "normalized_weight") if c in table.column_names]
     shown = table.select(cols)
     if out is not None:

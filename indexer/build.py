@@ -14,6 +14,7 @@ import re
 import shutil
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,17 +24,22 @@ import numpy as np
 import pyarrow as pa
 
 from indexer import __version__
+from indexer.arrays import NpyWriter, copy_cast
 from indexer.errors import BadInput, InvalidParameter
 from indexer.layout import FORMAT_VERSION, MODALITIES, IndexPaths
 from indexer.progress import Progress, null_progress
 from indexer.source import Batch, Source, SourceInfo
 from indexer.validate import check_rows, validate_batch
-from queries.store import Store
+from queries.store import Store, load_sql
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMORY = 8 << 30  # bytes per FAISS index
 DEFAULT_BATCH = 65536
+#: Rows of each modality whose covariances are computed (a seeded uniform subset on larger pools;
+#: 0 = every row). The d x d products are the only super-linear cost of a build: exact ones take
+#: ~15 s of a 1M x 512 build on 2 cores, this subset ~2 s (see BENCHMARKS.md for its error).
+DEFAULT_COV_SAMPLE = 1 << 17
 
 
 @dataclass
@@ -135,12 +141,13 @@ def build_index(
     *,
     index_key: str | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
-    dtype: str = "float32",
+    dtype: str = "auto",
     batch_size: int = DEFAULT_BATCH,
     nprobe: int | None = None,
     use_gpu: bool | None = None,
     limit: int | None = None,
     seed: int = 0,
+    cov_sample: int = DEFAULT_COV_SAMPLE,
     progress: Progress | None = None,
 ) -> BuildReport:
     """Build an index directory at ``out`` from ``source``.
@@ -150,12 +157,16 @@ def build_index(
         out: the index directory; an existing index there is replaced only when the build succeeds.
         index_key: FAISS factory string; default chosen from n, dim and ``max_memory``.
         max_memory: memory budget in bytes for one modality's FAISS index.
-        dtype: storage of the normalised embeddings, "float32" or "float16".
+        dtype: storage of the normalised embeddings, "float32", "float16" or "auto" (the source's
+            own type: float16 for half-precision DataComp / clip-retrieval files, else float32).
         batch_size: rows per batch read from the source.
         nprobe: IVF probes stored as the index's default; default from ``choose.default_nprobe``.
         use_gpu: use GPU FAISS for training/adding; None = when one is present.
         limit: keep only the first ``limit`` samples of the source.
-        seed: seed for FAISS training samples.
+        seed: seed for FAISS training samples and the covariance subset.
+        cov_sample: compute the covariances (``modality_stats`` ``cov`` / ``raw_cov`` / ``whiten``)
+            from a seeded uniform subset of about this many rows when the pool is larger; 0 = from
+            every row. Means and sums are always exact.
         progress: progress hook (see indexer.progress).
 
     Returns:
@@ -170,10 +181,12 @@ def build_index(
     from indexer.stats import StatsAccumulator
 
     progress = progress or null_progress
-    if dtype not in ("float32", "float16"):
-        raise InvalidParameter(f"dtype must be float32 or float16, got {dtype!r}")
+    if dtype not in ("float32", "float16", "auto"):
+        raise InvalidParameter(f"dtype must be float32, float16 or auto, got {dtype!r}")
     if batch_size < 1:
         raise InvalidParameter(f"batch_size must be >= 1, got {batch_size}")
+    if cov_sample < 0 or (0 < cov_sample < 2):
+        raise InvalidParameter(f"cov_sample must be 0 (every row) or at least 2, got {cov_sample}")
     if limit is not None:
         if limit < 1:
             raise InvalidParameter(f"n must be >= 1, got {limit}")
@@ -182,6 +195,8 @@ def build_index(
     _check_replaceable(out)
     _clean_stale(out)
     info = source.info
+    if dtype == "auto":
+        dtype = "float16" if info.dtype == "float16" else "float32"
     if info.n < 1:
         raise BadInput(f"source {info.source!r} has no samples")
     if not (info.logit_scale > 0 and np.isfinite(info.logit_scale)):
@@ -192,44 +207,56 @@ def build_index(
     tmp.mkdir()
     paths = IndexPaths(tmp)
     seconds: dict[str, float] = {}
+    writers: dict[str, NpyWriter] = {}
     try:
         n_max, dim = info.n, info.dim
-        emb = {
-            m: np.lib.format.open_memmap(paths.embeddings(m), mode="w+", dtype=dtype, shape=(n_max, dim))
-            for m in MODALITIES
-        }
+        writers = {m: NpyWriter(paths.embeddings(m), n_max, dim, dtype) for m in MODALITIES}
         rawnorm = {m: np.zeros(n_max, np.float32) for m in MODALITIES} if info.raw_known else None
         acc = {m: StatsAccumulator(dim, raw=info.raw_known, precision="float32") for m in MODALITIES}
+        cov_fraction = 1.0 if cov_sample == 0 else min(1.0, cov_sample / n_max)
+        cov_rng = np.random.default_rng([seed, 17])
         store = Store(paths.catalog)
         store.migrate()
         segments: list[tuple[int, str, int]] = []  # (first vec_id, origin, row offset)
         pos = 0
         t0 = time.perf_counter()
-        with progress(f"Reading {info.source}", n_max) as advance:
-            for batch in source.batches(batch_size):
+        # Files and the catalog are written by one background thread (in batch order) while the
+        # main thread normalises and accumulates statistics; each modality has two row buffers,
+        # one being filled while the other is written.
+        buffers: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES}
+        pending: list[Future] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="build-writer") as pool, \
+                progress(f"Reading {info.source}", n_max) as advance:
+            for i, batch in enumerate(source.batches(batch_size)):
                 validate_batch(batch, dim)
                 b = batch.meta.num_rows
                 if pos + b > n_max:
                     raise BadInput(f"{batch.origin}: source yielded more than the {n_max} rows it announced")
+                if len(pending) == 2:  # the buffers of batch i - 2 are free again
+                    pending.pop(0).result()
+                cov_rows = None if cov_fraction >= 1.0 else np.flatnonzero(cov_rng.random(b) < cov_fraction)
+                normalised: dict[str, np.ndarray] = {}
                 for m, arr in (("image", batch.image), ("text", batch.text)):
-                    arr = np.asarray(arr, dtype=np.float32)
-                    norms = np.linalg.norm(arr, axis=1)
-                    check_rows(batch, m, arr, norms)
-                    v = arr / norms[:, None]
-                    emb[m][pos : pos + b] = v
+                    if len(buffers[m]) < 2:
+                        buffers[m].append(np.empty((b, dim), np.float32))
+                    elif buffers[m][i % 2].shape[0] < b:
+                        buffers[m][i % 2] = np.empty((b, dim), np.float32)
+                    v = buffers[m][i % 2][:b]
+                    copy_cast(v, arr)  # float16 / float32, maybe from a memory map -> float32
+                    norms = np.sqrt(np.einsum("ij,ij->i", v, v))
+                    check_rows(batch, m, v, norms)
+                    np.divide(v, norms[:, None], out=v)
                     if rawnorm is not None:
                         rawnorm[m][pos : pos + b] = norms
-                    acc[m].update(v, norms if info.raw_known else None)
+                    acc[m].update(v, norms if info.raw_known else None, cov_rows=cov_rows)
+                    normalised[m] = v
                 meta = batch.meta.add_column(0, "vec_id", pa.array(np.arange(pos, pos + b, dtype=np.int64)))
-                store.con.register("_batch", meta)
-                if pos == 0:
-                    store.con.execute("CREATE TABLE samples AS SELECT * FROM _batch")
-                else:
-                    store.con.execute("INSERT INTO samples BY NAME SELECT * FROM _batch")
-                store.con.unregister("_batch")
+                pending.append(pool.submit(_write_batch, writers, normalised, store, meta, first=pos == 0))
                 segments.append((pos, batch.origin, batch.row_offset))
                 pos += b
                 advance(b)
+            for f in pending:
+                f.result()
         seconds["read"] = time.perf_counter() - t0
         skipped = list(getattr(source, "skipped", []) or [])
         n = pos
@@ -237,29 +264,17 @@ def build_index(
             raise BadInput(f"source {info.source!r} yielded no samples")
         if n < n_max and not skipped:
             raise BadInput(f"source {info.source!r} announced {n_max} samples but yielded {n}")
-        for m in MODALITIES:
-            emb[m].flush()
-        if n < n_max:  # rows were skipped: rewrite the arrays at their true size
-            for m in MODALITIES:
-                full = emb[m]
-                p = paths.embeddings(m)
-                part = p.with_suffix(".part.npy")
-                trimmed = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=(n, dim))
-                trimmed[:] = full[:n]
-                trimmed.flush()
-                del full, trimmed
-                os.replace(part, p)
-                emb[m] = np.load(p, mmap_mode="r")
+        for m in MODALITIES:  # fewer rows than announced (skipped inputs): the files are cut to n
+            writers[m].close()
+        emb = {m: np.load(paths.embeddings(m), mmap_mode="r") for m in MODALITIES}
         _check_duplicate_uids(store, segments)
+        store.con.execute(load_sql("samples_index"))
 
         t0 = time.perf_counter()
+        stats = [(m, name, np.asarray(value, dtype=np.float64))
+                 for m in MODALITIES for name, value in acc[m].finalize().items()]
+        _insert_stats(store, stats)
         for m in MODALITIES:
-            for name, value in acc[m].finalize().items():
-                value = np.asarray(value, dtype=np.float64)
-                store.con.execute(
-                    "INSERT INTO modality_stats VALUES ($m, $name, $shape, $value)",
-                    {"m": m, "name": name, "shape": list(value.shape), "value": value.ravel().tolist()},
-                )
             if rawnorm is not None:
                 np.save(paths.rawnorms(m), rawnorm[m][:n])
         seconds["stats"] = time.perf_counter() - t0
@@ -269,6 +284,11 @@ def build_index(
         t0 = time.perf_counter()
         params = {}
         for m in MODALITIES:
+            if key == faiss_index.FLAT_KEY:
+                # An exact index is the embedding matrix itself: no second copy is written; it is
+                # made from the stored embeddings when the index is opened (indexer.pool).
+                params[m] = faiss_index.flat_params(n, dim)
+                continue
             try:
                 index = faiss_index.build_index(key, emb[m][:n], seed=seed, use_gpu=use_gpu, progress=progress,
                                                 label=f"Adding to FAISS ({m})")
@@ -309,6 +329,8 @@ def build_index(
         seconds["catalog"] = time.perf_counter() - t0
         _swap(tmp, out)
     except BaseException:
+        for w in writers.values():
+            w.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildReport(
@@ -316,6 +338,39 @@ def build_index(
         index_keys={m: key for m in MODALITIES}, seconds=seconds, skipped=len(skipped),
         skipped_report=(out / "skipped.tsv") if skipped else None,
     )
+
+
+def _write_batch(writers: dict[str, NpyWriter], vectors: dict[str, np.ndarray], store: Store,
+                 meta: pa.Table, first: bool) -> None:
+    """Append one batch's normalised vectors to the embedding files and its rows to ``samples``."""
+    for m, v in vectors.items():
+        writers[m].write(v)
+    store.con.register("_batch", meta)
+    try:
+        if first:
+            store.con.execute("CREATE TABLE samples AS SELECT * FROM _batch")
+        else:
+            store.con.execute("INSERT INTO samples BY NAME SELECT * FROM _batch")
+    finally:
+        store.con.unregister("_batch")
+
+
+def _insert_stats(store: Store, stats: list[tuple[str, str, np.ndarray]]) -> None:
+    """Insert (modality, name, array) rows into ``modality_stats`` as one Arrow table."""
+
+    def lists(arrays: list[np.ndarray], type_: pa.DataType) -> pa.Array:
+        offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int32)
+        values = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_))
+
+    table = pa.table({
+        "modality": [m for m, _, _ in stats], "name": [k for _, k, _ in stats],
+        "shape": lists([np.asarray(v.shape, dtype=np.int64) for _, _, v in stats], pa.int64()),
+        "value": lists([v for _, _, v in stats], pa.float64()),
+    })
+    store.con.register("_stats", table)
+    store.con.execute("INSERT INTO modality_stats BY NAME SELECT * FROM _stats")
+    store.con.unregister("_stats")
 
 
 def _check_duplicate_uids(store: Store, segments: list[tuple[int, str, int]]) -> None:

@@ -258,6 +258,28 @@ def build_index(
     return index
 
 
+# -- exact (Flat) indexes -------------------------------------------------------------------
+#: The factory string of an exact index. The builder writes no file for it: the index is the
+#: stored embedding matrix, copied into an ``IndexFlatIP`` when the index directory is opened.
+FLAT_KEY = "Flat"
+
+
+def flat_index(vectors: np.ndarray, chunk: int = 65536) -> faiss.Index:
+    """An exact inner-product index over ``vectors`` (ids = row numbers), filled chunk by chunk
+    (float16 / memory-mapped input is converted to float32 on the way)."""
+    n, d = _check_vectors(vectors)
+    index = faiss.IndexFlatIP(d)
+    with _timed(f"Loading {n:,} vectors into an exact index"):
+        for start in range(0, n, chunk):
+            index.add(_as_f32(vectors[start : start + chunk]))
+    return index
+
+
+def flat_params(n: int, dim: int) -> dict:
+    """``index_params`` of the exact index over n stored vectors, with ``"file": None``."""
+    return {**index_params(faiss.IndexFlatIP(int(dim))), "ntotal": int(n), "file": None}
+
+
 # -- save / load ----------------------------------------------------------------------------
 def save_index(index: faiss.Index, path: str | Path) -> None:
     """Write ``index`` to ``path`` (a GPU index is copied to the CPU first)."""
@@ -410,13 +432,22 @@ def search(
     if use_gpu:
         index = to_gpu(index)
     ivf = _ivf(index)
-    if nprobe is not None and ivf is not None:
-        params = faiss.SearchParametersIVF(nprobe=min(int(nprobe), ivf.nlist))
-        scores, ids = index.search(q, k, params=params)
-    else:
-        if nprobe is not None:
-            set_nprobe(index, nprobe)
-        scores, ids = index.search(q, k)
+    # FAISS parallelises an IVF search over the queries; with fewer queries than threads (a
+    # prompt), over the probed lists instead (2 cores: ~1.4x faster for one query at 1M).
+    mode = ivf.parallel_mode if ivf is not None else None
+    if ivf is not None and q.shape[0] < faiss.omp_get_max_threads():
+        ivf.parallel_mode = 1
+    try:
+        if nprobe is not None and ivf is not None:
+            params = faiss.SearchParametersIVF(nprobe=min(int(nprobe), ivf.nlist))
+            scores, ids = index.search(q, k, params=params)
+        else:
+            if nprobe is not None:
+                set_nprobe(index, nprobe)
+            scores, ids = index.search(q, k)
+    finally:
+        if ivf is not None:
+            ivf.parallel_mode = mode
     scores = np.asarray(scores, dtype=np.float32)
     ids = np.asarray(ids, dtype=np.int64)
     scores[ids < 0] = -np.inf

@@ -4,7 +4,8 @@
 
     INDEX_DIR/
       catalog.duckdb        DuckDB: manifest, samples, modality_stats (+ scores, weights, ... later)
-      image.faiss           FAISS index over the normalised image embeddings (ids = vec_id)
+      image.faiss           FAISS index over the normalised image embeddings (ids = vec_id); none
+                            for an exact "Flat" index: that is made from image_emb.npy on open
       text.faiss            FAISS index over the normalised text embeddings (ids = vec_id)
       image_emb.npy         normalised image embeddings, row i = vec_id i (float16 or float32)
       text_emb.npy          normalised text embeddings

@@ -322,15 +322,20 @@ def _stream(shards: Sequence[_Shard], batch_size: int,
         logger.debug("Reading %s (%d rows)", shard.meta_path, shard.n)
         for start in range(0, shard.n, batch_size):
             stop = min(start + batch_size, shard.n)
-            try:
-                img = np.ascontiguousarray(image[start:stop], dtype=np.float32)
-                txt = np.ascontiguousarray(text[start:stop], dtype=np.float32)
+            try:  # views of the memory maps, in the files' own type: the builder converts them
+                img, txt = image[start:stop], text[start:stop]
             except (OSError, ValueError) as exc:
                 raise BadInput(f"Cannot read rows {start}..{stop - 1} of {shard.image.label} / "
                                f"{shard.text.label}: {exc}") from exc
             yield Batch(meta=meta.slice(start, stop - start), image=img, text=txt,
                         origin=str(shard.meta_path), row_offset=start)
         del image, text
+
+
+def _storage_dtype(shards: Sequence[_Shard]) -> str:
+    """"float16" when every shard stores both modalities in half precision, else "float32"."""
+    half = all(a.dtype == np.float16 for sh in shards for a in (sh.image, sh.text))
+    return "float16" if shards and half else "float32"
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -407,6 +412,7 @@ class DataCompSource:
         model_name, pretrained = DATACOMP_ARCHS[arch]
         self.info = SourceInfo(
             source="datacomp", n=sum(s.n for s in shards), dim=dim, raw_known=False,
+            dtype=_storage_dtype(shards),
             logit_scale=logit_scale, model=f"datacomp-{arch}", pretrained=pretrained,
             extra={"path": str(self.path), "arch": arch, "files": len(shards),
                    "open_clip_model": model_name, "open_clip_pretrained": pretrained,
@@ -517,6 +523,7 @@ class ClipRetrievalSource:
         dim = _check_dims(shards)
         self.info = SourceInfo(
             source="clip-retrieval", n=sum(s.n for s in shards), dim=dim, raw_known=False,
+            dtype=_storage_dtype(shards),
             logit_scale=logit_scale, model=model, pretrained=pretrained,
             extra={"path": str(self.path), "shards": len(shards), "uid_column": uid_column,
                    "caption_column": caption_column, "dtype": str(shards[0].image.dtype)},

@@ -25,6 +25,9 @@ class SourceInfo:
     model: str | None = None
     pretrained: str | None = None
     synthetic: bool = False
+    #: type the source's embeddings are stored in ("float16" for DataComp / clip-retrieval files
+    #: written in half precision); ``build_index(dtype="auto")`` stores the index's copy in it
+    dtype: str = "float32"
     extra: dict = field(default_factory=dict)  # JSON-able, stored in manifest.extra
 
 
@@ -34,8 +37,8 @@ class Batch:
     (string) columns; any other column is source metadata and is kept in ``samples``."""
 
     meta: pa.Table
-    image: np.ndarray  # (b, dim) float32, raw if SourceInfo.raw_known
-    text: np.ndarray  # (b, dim) float32
+    image: np.ndarray  # (b, dim) float16 or float32 (maybe a memory-map view), raw if SourceInfo.raw_known
+    text: np.ndarray  # (b, dim), as image
     origin: str  # file (or "synthetic") the rows came from, for error messages
     row_offset: int = 0  # index of the first row within ``origin``
 

@@ -9,6 +9,8 @@ name               shape       meaning
 ``mean``           (d,)        mean of the normalised vectors v (SPEC 4: vbar)
 ``sum``            (d,)        sum of the normalised vectors (SPEC 3: exact mean score; SPEC 5)
 ``cov``            (d, d)      sample covariance (ddof = 1) of the normalised vectors (SPEC 4: G)
+``cov_rows``       ()          how many vectors the covariances were computed from (n unless the
+                               builder's ``cov_sample`` subset was used)
 ``raw_mean``       (d,)        mean of the raw vectors u = rawnorm * v (only when raw is known)
 ``raw_cov``        (d, d)      sample covariance of the raw vectors (only when raw is known)
 ``whiten_mean``    (d,)        mu of SPEC 6: ``raw_mean`` when raw is known, else ``mean``
@@ -46,39 +48,44 @@ class _Moments:
 
     def __init__(self, dim: int, gemm_dtype: type = np.float64):
         self.gemm_dtype = gemm_dtype
+        self.n = 0
         self.shift: np.ndarray | None = None
         self.s1 = np.zeros(dim, dtype=np.float64)  # sum (x - shift)
         self.s2 = np.zeros((dim, dim), dtype=np.float64)  # sum (x - shift)(x - shift)^T
 
     def update(self, x: np.ndarray) -> None:
+        if x.shape[0] == 0:
+            return
         if self.shift is None:
-            self.shift = x.mean(axis=0)
-        y = x - self.shift
-        self.s1 += y.sum(axis=0)
-        if self.gemm_dtype is np.float64:
-            self.s2 += y.T @ y
-        else:
-            y = y.astype(self.gemm_dtype)
-            self.s2 += (y.T @ y).astype(np.float64)
+            self.shift = x.mean(axis=0, dtype=np.float64)
+        self.n += x.shape[0]
+        y = x.astype(self.gemm_dtype, copy=False) - self.shift.astype(self.gemm_dtype)
+        self.s1 += y.sum(axis=0, dtype=np.float64)
+        self.s2 += (y.T @ y).astype(np.float64, copy=False)
 
-    def mean_cov(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        assert self.shift is not None
-        delta = self.s1 / n
-        cov = (self.s2 - np.outer(self.s1, delta)) / (n - 1)
-        cov = (cov + cov.T) / 2
-        return self.shift + delta, cov
+    def cov(self) -> np.ndarray:
+        assert self.shift is not None and self.n >= 2
+        delta = self.s1 / self.n
+        cov = (self.s2 - np.outer(self.s1, delta)) / (self.n - 1)
+        return (cov + cov.T) / 2
 
 
 class StatsAccumulator:
     """Accumulate the statistics of one modality over batches of normalised vectors.
 
+    Means and sums are always exact (float64) over every vector. The covariances are exact too unless the
+    caller passes a row subset to ``update`` (``cov_rows``): they are then the sample covariance
+    of those rows, an unbiased estimate of the pool's (the builder uses a seeded uniform subset of
+    ``cov_sample`` rows on large pools: the d x d products are the only super-linear cost of a build).
+
     Args:
         dim: embedding dimension d.
         raw: True when raw (unnormalised) embeddings are known: every ``update`` then needs the
             raw norms, and whitening uses the raw vectors (SPEC 6 whitens the model's output u).
-        precision: "float64" (default: the second moments exact to rounding) or "float32" (the
-            per-block products in float32, about 6x faster, relative error ~1e-7; the builder
-            uses it, since no score ranking can see the difference).
+        precision: "float64" (default: sums and second moments exact to rounding) or "float32"
+            (the per-block second-moment products in float32, accumulated over blocks in float64:
+            about 6x faster, relative error ~1e-7; sums and means stay float64; the builder uses
+            it, since no score ranking can see the difference).
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -103,9 +110,10 @@ class StatsAccumulator:
         self.raw = bool(raw)
         self._n = 0
         self._sum = np.zeros(dim, dtype=np.float64)
-        gemm = np.float64 if precision == "float64" else np.float32
-        self._v = _Moments(dim, gemm)
-        self._u = _Moments(dim, gemm) if self.raw else None
+        self._raw_sum = np.zeros(dim, dtype=np.float64) if self.raw else None
+        self._gemm = np.float64 if precision == "float64" else np.float32
+        self._v = _Moments(dim, self._gemm)
+        self._u = _Moments(dim, self._gemm) if self.raw else None
 
     @property
     def count(self) -> int:
@@ -113,17 +121,25 @@ class StatsAccumulator:
         return self._n
 
     @property
+    def cov_count(self) -> int:
+        """Number of vectors the covariances are computed from (``count`` unless subsampled)."""
+        return self._v.n
+
+    @property
     def whiten_source(self) -> str:
         """Which vectors ``whiten`` / ``whiten_mean`` describe: ``"raw"`` or ``"normalised"``."""
         return "raw" if self.raw else "normalised"
 
-    def update(self, v: np.ndarray, rawnorm: np.ndarray | None = None) -> None:
+    def update(self, v: np.ndarray, rawnorm: np.ndarray | None = None,
+               cov_rows: np.ndarray | None = None) -> None:
         """Add a batch.
 
         Args:
-            v: (b, d) normalised vectors (any float dtype; accumulated in float64).
+            v: (b, d) normalised vectors (any float dtype; sums accumulated in float64).
             rawnorm: (b,) raw norms ``||u||`` (the raw vector is ``rawnorm[:, None] * v``);
                 required when ``raw`` is True, must be None otherwise.
+            cov_rows: indices (or a boolean mask) of the rows that also enter the covariances;
+                None = all rows.
 
         Raises:
             InvalidParameter: shapes disagree with d / each other, or rawnorm is missing / extra.
@@ -142,14 +158,23 @@ class StatsAccumulator:
                 )
         elif rawnorm is not None:
             raise InvalidParameter("Stats batch has raw norms but the accumulator has raw=False")
-        for s in range(0, b, _BLOCK):
-            x = np.asarray(v[s : s + _BLOCK], dtype=np.float64)
-            self._n += x.shape[0]
-            self._sum += x.sum(axis=0)
+        self._n += b
+        # the sums are exact (float64) in every precision: SPEC 3's exact mean score uses ``sum``
+        self._sum += v.sum(axis=0, dtype=np.float64)
+        if self._raw_sum is not None:
+            assert rawnorm is not None
+            for s in range(0, b, _BLOCK):
+                self._raw_sum += (np.asarray(rawnorm[s : s + _BLOCK], dtype=np.float64)
+                                  @ np.asarray(v[s : s + _BLOCK], dtype=np.float64))
+        if cov_rows is not None:
+            v = v[cov_rows]
+            rawnorm = None if rawnorm is None else rawnorm[cov_rows]
+        for s in range(0, v.shape[0], _BLOCK):
+            x = np.asarray(v[s : s + _BLOCK], dtype=self._gemm)
             self._v.update(x)
             if self._u is not None:
                 assert rawnorm is not None
-                self._u.update(x * np.asarray(rawnorm[s : s + _BLOCK], dtype=np.float64)[:, None])
+                self._u.update(x * np.asarray(rawnorm[s : s + _BLOCK], dtype=self._gemm)[:, None])
 
     def finalize(self, ridge: float = 1e-6) -> dict[str, np.ndarray]:
         """Return the statistics (see the module docstring), all float64.
@@ -162,22 +187,24 @@ class StatsAccumulator:
                 ``ridge`` is 0.
         """
         n = self._n
-        if n < 2:
-            raise InvalidParameter(f"Statistics need at least 2 vectors, got {n}")
-        mean, cov = self._v.mean_cov(n)
-        out = {"mean": mean, "sum": self._sum.copy(), "cov": cov}
+        if self._v.n < 2:
+            raise InvalidParameter(f"Statistics need at least 2 vectors, got {self._v.n}")
+        mean = self._sum / n
+        out = {"mean": mean, "sum": self._sum.copy(), "cov": self._v.cov(),
+               "cov_rows": np.array(self._v.n, dtype=np.float64)}
         if self._u is not None:
-            raw_mean, raw_cov = self._u.mean_cov(n)
+            assert self._raw_sum is not None
+            raw_mean, raw_cov = self._raw_sum / n, self._u.cov()
             out["raw_mean"], out["raw_cov"] = raw_mean, raw_cov
             wmean, wcov = raw_mean, raw_cov
         else:
-            wmean, wcov = mean, cov
+            wmean, wcov = mean, out["cov"]
         W, logdet = whitening(wcov, ridge)
         out["whiten_mean"] = wmean.copy()
         out["whiten"] = W
         out["whiten_logdet"] = np.array(logdet, dtype=np.float64)
-        logger.info("Statistics of %d vectors (whitening %s vectors, log|det W| = %.3f)",
-                    n, self.whiten_source, logdet)
+        logger.info("Statistics of %d vectors (covariances from %d; whitening %s vectors, log|det W| = %.3f)",
+                    n, self._v.n, self.whiten_source, logdet)
         return out
 
 

@@ -45,8 +45,9 @@ def validate_batch(batch: Batch, dim: int) -> None:
     """Raise ``BadInput`` if the shape or the uids of ``batch`` are malformed.
 
     Checks: ``meta`` has ``uid`` and ``caption`` columns and as many rows as both arrays; both arrays
-    are 2-D with ``dim`` columns; uids are 32 lowercase hex digits and unique within the batch (the
-    builder checks uniqueness across batches). Values are checked by ``check_rows``.
+    are 2-D with ``dim`` columns; uids are 32 lowercase hex digits. Uniqueness is checked by the
+    builder over the whole pool at once (one GROUP BY in DuckDB, naming both files and rows).
+    Values are checked by ``check_rows``.
     """
     rows = batch.meta.num_rows
     for col in ("uid", "caption"):
@@ -74,13 +75,4 @@ def validate_batch(batch: Batch, dim: int) -> None:
         bad = int(np.flatnonzero(~ok)[0])
         raise BadInput(
             f"{_where(batch, bad)}: malformed uid {uid[bad].as_py()!r} (expected 32 lowercase hex digits)"
-        )
-    values = uid.to_numpy(zero_copy_only=False)
-    uniq, first, counts = np.unique(values, return_index=True, return_counts=True)
-    if len(uniq) != rows:
-        dup = uniq[counts > 1][0]
-        where = np.flatnonzero(values == dup)[:2]
-        raise BadInput(
-            f"{batch.origin}: duplicate uid {dup!r} at rows "
-            f"{batch.row_offset + int(where[0])} and {batch.row_offset + int(where[1])}"
         )

@@ -50,6 +50,34 @@ def test_faiss_ids_are_vec_ids(tmp_path):
     np.testing.assert_array_equal(ids, np.argsort(-exact, axis=1)[:, :10])
 
 
+def test_flat_index_is_made_from_the_embeddings_not_written(tmp_path):
+    """An exact index has no .faiss file (it would be a second copy of the embeddings)."""
+    src, image, text = make()
+    build_index(src, tmp_path / "flat")
+    build_index(make()[0], tmp_path / "ivf", index_key="IVF4,Flat")
+    assert not list((tmp_path / "flat").glob("*.faiss"))
+    assert sorted(p.name for p in (tmp_path / "ivf").glob("*.faiss")) == ["image.faiss", "text.faiss"]
+    pool = open_index(tmp_path / "flat")
+    assert pool.manifest["index_params"]["image"]["file"] is None
+    assert pool.faiss("text").ntotal == 600 and pool.manifest["index_params"]["text"]["ntotal"] == 600
+
+
+def test_covariance_subset_on_large_pools(tmp_path):
+    """``cov_sample``: covariances from a seeded subset of about that many rows; means exact."""
+    src, image, text = make(n=3000)
+    build_index(src, tmp_path / "sub", cov_sample=600, batch_size=512)
+    build_index(make(n=3000)[0], tmp_path / "all", cov_sample=0)
+    sub, full = open_index(tmp_path / "sub"), open_index(tmp_path / "all")
+    assert 450 < sub.stat("image", "cov_rows") < 750 and full.stat("image", "cov_rows") == 3000
+    v = text / np.linalg.norm(text, axis=1, keepdims=True)
+    np.testing.assert_allclose(sub.stat("text", "mean"), v.mean(0), atol=1e-6)
+    np.testing.assert_allclose(full.stat("text", "cov"), np.cov(v, rowvar=False), atol=1e-6)
+    err = np.linalg.norm(sub.stat("text", "cov") - full.stat("text", "cov")) / np.linalg.norm(full.stat("text", "cov"))
+    assert 0 < err < 0.2
+    with pytest.raises(InvalidParameter, match="cov_sample"):
+        build_index(make()[0], tmp_path / "bad", cov_sample=1)
+
+
 def test_float16_storage(tmp_path):
     src, image, _ = make()
     build_index(src, tmp_path / "idx", dtype="float16")
@@ -68,7 +96,13 @@ def test_index_factory_override_and_limit(tmp_path):
     assert pool.faiss("text").ntotal == 1500
 
 
-def test_rebuild_replaces_and_interrupted_build_keeps_old_index(tmp_path, monkeypatch):
+@pytest.mark.parametrize("key, where", [
+    (None, "_insert_stats"),  # Flat: every array written, catalog not finished
+    ("IVF8,Flat", "faiss"),  # interrupted while building the FAISS index
+])
+def test_rebuild_replaces_and_interrupted_build_keeps_old_index(tmp_path, monkeypatch, key, where):
+    import indexer.build as build_module
+
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out)
     assert open_index(out).n == 300
@@ -76,9 +110,12 @@ def test_rebuild_replaces_and_interrupted_build_keeps_old_index(tmp_path, monkey
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(faiss_index, "build_index", boom)
+    if where == "faiss":
+        monkeypatch.setattr(faiss_index, "build_index", boom)
+    else:
+        monkeypatch.setattr(build_module, where, boom)
     with pytest.raises(KeyboardInterrupt):
-        build_index(make(n=500, seed=1)[0], out)
+        build_index(make(n=500, seed=1)[0], out, index_key=key)
     pool = open_index(out)  # the old index is still there and usable
     assert pool.n == 300 and pool.faiss("image").ntotal == 300
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # nothing half-written left

@@ -95,7 +95,7 @@ def test_datacomp_reads_everything(tmp_path, rng, arch):
     exp = make_datacomp(tmp_path / "dc", rng)
     src = DataCompSource(tmp_path / "dc", arch=arch, logit_scale=100.0)
     assert src.info.n == sum(SIZES) and src.info.dim == DIMS[arch]
-    assert src.info.source == "datacomp" and not src.info.raw_known
+    assert src.info.source == "datacomp" and not src.info.raw_known and src.info.dtype == "float16"
     assert src.info.model == f"datacomp-{arch}" and src.info.logit_scale == 100.0
     assert src.info.extra["open_clip_model"] == {"b32": "ViT-B-32", "l14": "ViT-L-14"}[arch]
     # shard 0 (np.savez) is memory-mapped, shard 1 (np.savez_compressed) is loaded per array
@@ -108,9 +108,9 @@ def test_datacomp_reads_everything(tmp_path, rng, arch):
     assert meta.column("uid").to_pylist() == exp["uid"]
     assert meta.column("caption").to_pylist() == exp["text"]
     assert meta.column("url").to_pylist() == exp["url"]
-    assert image.dtype == np.float32 and text.dtype == np.float32
-    np.testing.assert_array_equal(image, exp[f"{arch}_img"].astype(np.float32))
-    np.testing.assert_array_equal(text, exp[f"{arch}_txt"].astype(np.float32))
+    assert image.dtype == np.float16 and text.dtype == np.float16  # as stored; the builder converts
+    np.testing.assert_array_equal(image, exp[f"{arch}_img"])
+    np.testing.assert_array_equal(text, exp[f"{arch}_txt"])
 
     # streaming: no batch spans two files, batches <= 10 rows, origin/row_offset locate the rows
     assert [len(b.meta) for b in batches] == [10, 10, 10, 7, 10, 10, 3]
@@ -118,6 +118,23 @@ def test_datacomp_reads_everything(tmp_path, rng, arch):
     files = sorted((tmp_path / "dc").glob("*.parquet"))
     assert [(Path(b.origin), b.row_offset) for b in batches] == (
         [(files[0], o) for o in (0, 10, 20, 30)] + [(files[1], o) for o in (0, 10, 20)])
+
+
+def test_half_precision_inputs_are_stored_in_half_precision_by_default(tmp_path, rng):
+    """build_index(dtype="auto"): float16 DataComp files give a float16 copy (nothing is lost:
+    the input had no more precision); float32 inputs stay float32."""
+    from indexer.build import build_index
+    from indexer.pool import open_index
+
+    exp = make_datacomp(tmp_path / "dc", rng)
+    build_index(DataCompSource(tmp_path / "dc", arch="b32"), tmp_path / "idx")
+    pool = open_index(tmp_path / "idx")
+    assert pool.embeddings("image").dtype == np.float16 and pool.manifest["embedding_dtype"] == "float16"
+    v = exp["b32_img"].astype(np.float64)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    np.testing.assert_allclose(pool.embeddings("image"), v, atol=2e-3)
+    build_index(DataCompSource(tmp_path / "dc", arch="b32"), tmp_path / "f32", dtype="float32")
+    assert open_index(tmp_path / "f32").embeddings("text").dtype == np.float32
 
 
 def test_datacomp_lowercases_uids(tmp_path, rng):
@@ -259,8 +276,8 @@ def test_clip_retrieval_reads_everything(tmp_path, rng):
     batches, meta, image, text = collect(src, 10)
     assert meta.column_names == ["uid", "caption", "image_path", "url"]
     assert meta.column("caption").to_pylist() == exp["caption"]
-    np.testing.assert_array_equal(image, exp["image"].astype(np.float32))
-    np.testing.assert_array_equal(text, exp["text"].astype(np.float32))
+    np.testing.assert_array_equal(image, exp["image"])
+    np.testing.assert_array_equal(text, exp["text"])
     uids = meta.column("uid").to_pylist()
     assert all(HEX32.match(u) for u in uids) and len(set(uids)) == len(uids)
     assert uids == [md5_uid(p) for p in exp["image_path"]]  # derived from image_path

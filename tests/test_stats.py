@@ -193,6 +193,30 @@ def test_float32_precision_is_close_to_exact():
     for name, ref in (("cov", np.cov(v, rowvar=False)), ("raw_cov", np.cov(u, rowvar=False))):
         err = np.abs(got[name] - ref).max() / np.abs(ref).max()
         assert err < 1e-5, (name, err)
+    # the sums and means are float64 in every precision
     np.testing.assert_allclose(got["raw_mean"], u.mean(0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got["mean"], v.mean(0), rtol=1e-10, atol=1e-12)
     with pytest.raises(InvalidParameter, match="precision"):
         StatsAccumulator(4, raw=False, precision="half")
+
+
+def test_covariance_of_a_row_subset_and_exact_means():
+    """``cov_rows``: the covariances are those of the chosen rows only; means and sums stay exact."""
+    u, v, norms = raw_data(n=900)
+    rng = np.random.default_rng(3)
+    acc = StatsAccumulator(D, raw=True)
+    picked = []
+    for part in np.split(np.arange(900), [250, 600]):
+        rows = np.flatnonzero(rng.random(len(part)) < 0.3)
+        acc.update(v[part], norms[part], cov_rows=rows)
+        picked.append(part[rows])
+    sub = np.concatenate(picked)
+    s = acc.finalize(ridge=0.0)
+    assert acc.count == 900 and acc.cov_count == len(sub) == int(s["cov_rows"]) < 400
+    np.testing.assert_allclose(s["mean"], v.mean(axis=0), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(s["raw_mean"], u.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(s["cov"], np.cov(v[sub], rowvar=False, ddof=1), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(s["raw_cov"], np.cov(u[sub], rowvar=False, ddof=1), rtol=1e-10, atol=1e-12)
+    # ... and the subset's covariance is an estimate of the whole pool's, not something else
+    full = np.cov(v, rowvar=False, ddof=1)
+    assert np.linalg.norm(s["cov"] - full) < 0.25 * np.linalg.norm(full)
