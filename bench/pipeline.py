@@ -72,6 +72,7 @@ def _latency_child(index_dir: str, reps: int) -> None:
     pool = open_index(index_dir)
     pool.faiss("image")
     pool.embeddings("image")
+    pool.reader()  # the catalog connection that sample keeps open
     load = time.perf_counter() - t0
     words = [w for _, (_, _, ws) in VOCABULARY.items() for w in ws]
     prompts = [f"a photo of a {w}" for w in words][:max(reps, 10)]
@@ -96,22 +97,29 @@ def _latency_child(index_dir: str, reps: int) -> None:
         return out
 
     first = timed(lambda pv: weights.sample(pool, pv[0], pv[1], n=100, mode="top"), vecs[:1])
-    top = timed(lambda pv: weights.sample(pool, pv[0], pv[1], n=100, mode="top"), vecs)
-    # the same with fewer IVF probes (sample --nprobe): latency and recall of the exact top-100
+    got: dict[str, list] = {"default": [], "fast": [], "exact": []}
     nlist = ((pool.manifest.get("index_params") or {}).get("image") or {}).get("nlist")
     fast_probe = max(1, int(nlist) // 16) if nlist else None
-    recalls = []
 
-    def fast(pv):
-        got = weights.sample(pool, pv[0], pv[1], n=100, mode="top", nprobe=fast_probe)
-        recalls.append(got)
+    def run(label, **kw):
+        return lambda pv: got[label].append(weights.sample(pool, pv[0], pv[1], n=100, mode="top", **kw))
 
-    top_fast = timed(fast, vecs)
-    truth = [weights.sample(pool, pv[0], pv[1], n=100, mode="top") for pv in vecs]
-    recall = [len(set(a.column("vec_id").to_pylist()) & set(b.column("vec_id").to_pylist())) / 100
-              for a, b in zip(recalls, truth)]
+    top = timed(run("default"), vecs)  # a quarter of the IVF lists (weights.default_top_nprobe)
+    top_fast = timed(run("fast", nprobe=fast_probe), vecs)  # sample --nprobe nlist/16
+    top_exact = timed(run("exact", exact=True), vecs)  # sample --exact: every list
+
+    def recall(label):
+        r = [len(set(a.column("vec_id").to_pylist()) & set(b.column("vec_id").to_pylist())) / 100
+             for a, b in zip(got[label], got["exact"])]
+        return sum(r) / max(len(r), 1), min(r, default=0.0)
+
+    recall_default, recall_default_min = recall("default")
+    recall_fast, _ = recall("fast")
     draw = timed(lambda pv: weights.sample(pool, pv[0], pv[1], n=100, mode="draw"), vecs[: max(5, reps // 5)])
     comp = timed(lambda pv: weights.compute_weights(pool, pv[0], pv[1]), vecs[: max(5, reps // 5)])
+    # the whole `weights` call: compute + store the n rows in the catalog
+    store = timed(lambda pv: weights.weights(pool, pv[0], pv[1]), vecs[: max(3, reps // 10)])
+    pool.close()
     named = {}
     for name, params in (("top_by_score", {"column": "kl_text", "limit": 20}),
                          ("bottom_by_score", {"column": "kl_text", "limit": 20}),
@@ -125,9 +133,11 @@ def _latency_child(index_dir: str, reps: int) -> None:
         except Exception as e:  # a query whose parameters differ: report, do not fail the run
             named[name] = {"error": str(e)[:200]}
     print(json.dumps({"load_seconds": load, "encode_prompt": enc, "sample_top_first": first,
-                      "sample_top": top, "sample_top_fast": top_fast, "fast_nprobe": fast_probe,
-                      "fast_recall_mean": sum(recall) / max(len(recall), 1), "sample_draw": draw, "compute_weights": comp, "named": named,
-                      "n": pool.n}))
+                      "sample_top": top, "default_nprobe": weights.default_top_nprobe(nlist),
+                      "default_recall_mean": recall_default, "default_recall_min": recall_default_min,
+                      "sample_top_fast": top_fast, "fast_nprobe": fast_probe, "fast_recall_mean": recall_fast,
+                      "sample_top_exact": top_exact, "sample_draw": draw, "compute_weights": comp,
+                      "store_weights": store, "named": named, "n": pool.n}))
 
 
 def percentiles(xs) -> dict:
