@@ -99,6 +99,14 @@ def dc(v: np.ndarray, vbar: np.ndarray, a: float) -> np.ndarray:
     return float(a) ** 2 * _rowdot(diff, diff)
 
 
+def _product(x: np.ndarray, M: np.ndarray, gemm: str) -> np.ndarray:
+    """``x @ M`` in float64, or (``gemm`` = "float32") in float32: 3x faster on CPUs for the
+    (rows, d) x (d, d) products of ``dw`` and ``loglik``, relative error ~1e-6."""
+    if gemm == "float64":
+        return x @ _f64(M)
+    return np.asarray(x, dtype=np.float32) @ np.asarray(M, dtype=np.float32)
+
+
 def dw(v: np.ndarray, vbar: np.ndarray, G: np.ndarray, a: float) -> np.ndarray:
     """Whitened-by-the-other-modality distance ``D_W = a^2 (v - vbar)^T G (v - vbar)`` (SPEC 4).
 
@@ -290,6 +298,7 @@ def closed_form_scores(
     metrics: set[str] | None = None,
     chunk: int = DEFAULT_CHUNK,
     progress: Progress | None = None,
+    precision: str = "float64",
 ) -> dict[str, np.ndarray]:
     """Closed-form score columns of one side of every sample (SPEC 4-6, column names SPEC 11).
 
@@ -315,6 +324,9 @@ def closed_form_scores(
         metrics: subset of ``METRICS``; defaults to all of them.
         chunk: rows per chunk.
         progress: optional progress hook (advanced by rows).
+        precision: type of the (rows, d) x (d, d) products of ``dw`` and ``loglik``: "float64"
+            (exact to rounding) or "float32" (3x faster, relative error ~1e-6; what ``score``
+            uses). Everything else is float64 either way.
 
     Returns:
         ``{column name: (n,) float64 array}``, one entry per requested metric.
@@ -337,6 +349,8 @@ def closed_form_scores(
     a = float(pool.logit_scale if a is None else a)
     if not math.isfinite(a):
         raise InvalidParameter(f"logit scale a must be finite, got {a!r}")
+    if precision not in ("float64", "float32"):
+        raise InvalidParameter(f"precision must be 'float64' or 'float32', got {precision!r}")
 
     emb = _embeddings(pool, modality)
     n, d = pool.n, emb.shape[1]
@@ -366,14 +380,19 @@ def closed_form_scores(
             if "dc" in wanted:
                 out[f"dc_{modality}"][s:e] = dc(v, mean, a)
             if "dw" in wanted:
-                out[f"dw_{modality}"][s:e] = dw(v, mean, G, a)
+                diff = v - mean
+                out[f"dw_{modality}"][s:e] = a * a * np.einsum(
+                    "ij,ij->i", _product(diff, G, precision), diff, dtype=np.float64)
             if "conformity" in wanted:
                 out[f"conformity_{modality}"][s:e] = conformity(v, sum_vec, n)
             if "conformity_est" in wanted:
                 out[f"conformity_est_{modality}"][s:e] = conformity_est(v, mean)
             if "loglik" in wanted:
                 u = v if norms is None else v * _f64(norms[s:e])[:, None]
-                out[f"loglik_{modality}"][s:e] = loglik(u, w_mu, W, w_logdet)
+                # as ``loglik``: -||W (u - mu)||^2 / 2 - (d/2) log(2 pi) + log|det W|
+                z = _product(u - w_mu, W.T, precision)
+                out[f"loglik_{modality}"][s:e] = (-0.5 * np.einsum("ij,ij->i", z, z, dtype=np.float64)
+                                                  - 0.5 * d * math.log(2 * math.pi) + w_logdet)
             advance(e - s)
     return out
 

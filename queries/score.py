@@ -526,7 +526,8 @@ def score(
         from queries.closed_form import closed_form_scores
 
         for s in p.sides:
-            cols.update(closed_form_scores(pool, s, a=p.a, metrics=set(closed), progress=progress))
+            cols.update(closed_form_scores(pool, s, a=p.a, metrics=set(closed), progress=progress,
+                                           precision="float32"))
     if "clipscore" in p.metrics:
         from queries.closed_form import clipscore_scores
 

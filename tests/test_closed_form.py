@@ -271,6 +271,20 @@ def test_closed_form_scores_match_numpy(pools, kind, modality):
     np.testing.assert_allclose(got[f"loglik_{modality}"], sps.multivariate_normal(mu, S).logpdf(x), rtol=1e-9)
 
 
+def test_float32_products_are_close_to_float64(pools):
+    """``precision="float32"`` (what ``score`` uses): dw and loglik within 1e-5 relative; the rest
+    unchanged."""
+    pool = pools["raw"]
+    exact = cf.closed_form_scores(pool, "image")
+    fast = cf.closed_form_scores(pool, "image", precision="float32")
+    for k in exact:
+        tol = 1e-5 if k.startswith(("dw_", "loglik_")) else 1e-12
+        np.testing.assert_allclose(fast[k], exact[k], rtol=tol, atol=1e-9, err_msg=k)
+    assert not np.array_equal(fast["dw_image"], exact["dw_image"])  # really another computation
+    with pytest.raises(InvalidParameter, match="precision"):
+        cf.closed_form_scores(pool, "image", precision="half")
+
+
 def test_closed_form_scores_chunking_invariant(pools):
     pool = pools["raw"]
     whole = cf.closed_form_scores(pool, "text", chunk=10**6)
