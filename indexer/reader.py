@@ -412,7 +412,7 @@ class DataCompSource:
         model_name, pretrained = DATACOMP_ARCHS[arch]
         self.info = SourceInfo(
             source="datacomp", n=sum(s.n for s in shards), dim=dim, raw_known=False,
-            dtype=_storage_dtype(shards),
+            dtype=_storage_dtype(shards), uids_checked=True,
             logit_scale=logit_scale, model=f"datacomp-{arch}", pretrained=pretrained,
             extra={"path": str(self.path), "arch": arch, "files": len(shards),
                    "open_clip_model": model_name, "open_clip_pretrained": pretrained,
@@ -523,7 +523,7 @@ class ClipRetrievalSource:
         dim = _check_dims(shards)
         self.info = SourceInfo(
             source="clip-retrieval", n=sum(s.n for s in shards), dim=dim, raw_known=False,
-            dtype=_storage_dtype(shards),
+            dtype=_storage_dtype(shards), uids_checked=True,
             logit_scale=logit_scale, model=model, pretrained=pretrained,
             extra={"path": str(self.path), "shards": len(shards), "uid_column": uid_column,
                    "caption_column": caption_column, "dtype": str(shards[0].image.dtype)},

@@ -28,6 +28,9 @@ class SourceInfo:
     #: type the source's embeddings are stored in ("float16" for DataComp / clip-retrieval files
     #: written in half precision); ``build_index(dtype="auto")`` stores the index's copy in it
     dtype: str = "float32"
+    #: True when the source itself guarantees uids of 32 lowercase hex digits (it validated or
+    #: derived them); the builder then skips its own per-batch pattern check
+    uids_checked: bool = False
     extra: dict = field(default_factory=dict)  # JSON-able, stored in manifest.extra
 
 

@@ -41,7 +41,7 @@ def check_rows(batch: Batch, name: str, arr: np.ndarray, norms: np.ndarray) -> N
     raise BadInput(f"{_where(batch, bad)}: {name} embedding is too large to normalise (norm overflows)")
 
 
-def validate_batch(batch: Batch, dim: int) -> None:
+def validate_batch(batch: Batch, dim: int, check_uids: bool = True) -> None:
     """Raise ``BadInput`` if the shape or the uids of ``batch`` are malformed.
 
     Checks: ``meta`` has ``uid`` and ``caption`` columns and as many rows as both arrays; both arrays
@@ -66,6 +66,8 @@ def validate_batch(batch: Batch, dim: int) -> None:
                 f"{batch.origin}: {arr.shape[0]} {name} embeddings but {rows} metadata rows "
                 "(row counts disagree)"
             )
+    if not check_uids:  # the source guarantees them (SourceInfo.uids_checked)
+        return
     uid = batch.meta.column("uid")
     if uid.null_count:
         bad = int(np.flatnonzero(uid.is_null().to_numpy(zero_copy_only=False))[0])
