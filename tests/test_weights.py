@@ -301,3 +301,37 @@ def test_api_reexports(arrays_index, prompt_vec):
     assert queries.sample(idx, prompt_embedding=prompt_vec, n=3, mode="top").num_rows == 3
     assert queries.open_index(idx).n == N
     assert callable(queries.score) and callable(queries.select) and callable(queries.weights)
+
+
+def test_caption_lookup_by_index_or_join_gives_the_same_rows(arrays_index, monkeypatch):
+    """``lookup_samples``: point lookups (few ids) and the join (many ids) agree, keep the order and
+    the repeats of the requested vec_ids."""
+    from queries import weights as wmod
+
+    idx, _, _, caps, uids, _ = arrays_index
+    want = np.array([7, 3, 7, 399, 0, 3], dtype=np.int64)
+    by_index = wmod.lookup_samples(idx, want)
+    monkeypatch.setattr(wmod, "LOOKUP_MAX", 2)
+    by_join = wmod.lookup_samples(idx, want)
+    for t in (by_index, by_join):
+        assert t.column("vec_id").to_pylist() == want.tolist()
+        assert t.column("uid").to_pylist() == [uids[i] for i in want]
+        assert t.column("caption").to_pylist() == [caps[i] for i in want]
+    with pytest.raises(BadInput, match="lacks samples rows"):
+        wmod.lookup_samples(idx, np.array([5, N + 3]))
+
+
+def test_kept_reader_gives_way_to_writers(arrays_index, prompt_vec):
+    """``sample`` keeps a read-only catalog connection on the opened index; a write through the
+    same object (``weights`` stores rows) closes it first, and reads reopen it."""
+    idx, *_ = arrays_index
+    pool = queries.open_index(idx)
+    first = sample(pool, prompt_embedding=prompt_vec, n=5, mode="top")
+    assert pool._reader is not None
+    weights(pool, prompt="kept-reader", prompt_embedding=prompt_vec)  # would fail with the reader open
+    again = sample(pool, prompt_embedding=prompt_vec, n=5, mode="top")
+    assert again.column("vec_id").to_pylist() == first.column("vec_id").to_pylist()
+    with pool:
+        pass
+    assert pool._reader is None
+    assert run_sql(idx, "SELECT count(*) AS n FROM weights WHERE prompt = 'kept-reader'").to_pylist()[0]["n"] == N
