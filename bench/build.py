@@ -56,12 +56,6 @@ def write_datacomp(n: int, folder: Path, shards: int = 8) -> None:
     (folder / "done").write_text(str(n))
 
 
-def write_clip_retrieval_f32(n: int, folder: Path) -> None:
-    from bench.pipeline import write_clip_retrieval
-
-    write_clip_retrieval(n, folder)
-
-
 def _warm(folder: Path) -> int:
     """Read every file once (page cache); return the bytes of the embedding files."""
     total = 0
@@ -76,12 +70,14 @@ def _warm(folder: Path) -> int:
 
 
 def run(n: int, out: Path, reps: int = 2) -> dict:
+    from bench.pipeline import write_clip_retrieval
+
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     res = {"n": n, "runs": []}
     cases = (
         ("datacomp", data / f"dc-{n}", write_datacomp, ["--source", "datacomp", "--arch", "b32"]),
-        ("clip-retrieval-f32", data / f"cr-{n}", write_clip_retrieval_f32,
+        ("clip-retrieval-f32", data / f"cr-{n}", write_clip_retrieval,
          ["--source", "clip-retrieval", "--uid-column", "uid"]),
     )
     for label, folder, writer, args in cases:

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from bench.common import world
-from indexer.stats import StatsAccumulator, whitened_loglik
+from indexer.stats import StatsAccumulator, cov_row_picker, whitened_loglik
 
 
 def run(n: int, subsets=(131072, 65536), batch: int = 65536, seed: int = 0) -> list[dict]:
@@ -31,12 +31,10 @@ def run(n: int, subsets=(131072, 65536), batch: int = 65536, seed: int = 0) -> l
         stats = {}
         for sub in (0, *subsets):
             acc = StatsAccumulator(raw.shape[1], raw=True, precision="float32")
-            rng = np.random.default_rng([seed, 17])  # the builder's draw (indexer.build)
-            f = 1.0 if sub == 0 else min(1.0, sub / n)
+            pick = cov_row_picker(n, sub, seed)  # the builder's draw
             for s in range(0, n, batch):
                 b = min(batch, n - s)
-                pick = None if f >= 1 else np.flatnonzero(rng.random(b) < f)
-                acc.update(v[s:s + b], norms[s:s + b], cov_rows=pick)
+                acc.update(v[s:s + b], norms[s:s + b], cov_rows=pick(b))
             stats[sub] = acc.finalize()
         q = np.random.default_rng(1).choice(n, min(n, 100_000), replace=False)
         u, vq = raw[q].astype(np.float64), v[q].astype(np.float64)

@@ -102,12 +102,13 @@ class NpyWriter:
                 self._scratch = np.empty(block.shape, self.dtype)
             block = copy_cast(self._scratch[: block.shape[0]], block)
         if block.size:
+            start = self._f.tell()
             self._f.write(memoryview(block).cast("B"))
             if self.flush_blocks:
-                self._flush_block()
+                self._flush_block(start, block.nbytes)
         self.rows += block.shape[0]
 
-    def _flush_block(self) -> None:
+    def _flush_block(self, start: int, length: int) -> None:
         """Write the block through to the disk and drop it from the page cache. Measured on the
         reference machine (2 GB in 64 MB blocks): plain writes 5.0 s wall / 5.8 s system CPU (the
         kernel reclaiming page cache for the dirty pages), flushed blocks 1.5 s / 0.75 s."""
@@ -115,7 +116,7 @@ class NpyWriter:
         fd = self._f.fileno()
         os.fdatasync(fd)
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         """Finish the file: when fewer rows than announced were written, rewrite the header with

@@ -180,7 +180,7 @@ def build_index(
         BudgetTooSmall: no FAISS index fits ``max_memory``.
     """
     from indexer import choose, faiss_index
-    from indexer.stats import StatsAccumulator
+    from indexer.stats import StatsAccumulator, cov_row_picker
 
     progress = progress or null_progress
     if dtype not in ("float32", "float16", "auto"):
@@ -220,8 +220,7 @@ def build_index(
         writers = {m: NpyWriter(paths.embeddings(m), n_max, dim, dtype) for m in MODALITIES}
         rawnorm = {m: np.zeros(n_max, np.float32) for m in MODALITIES} if info.raw_known else None
         acc = {m: StatsAccumulator(dim, raw=info.raw_known, precision="float32") for m in MODALITIES}
-        cov_fraction = 1.0 if cov_sample == 0 else min(1.0, cov_sample / n_max)
-        cov_rng = np.random.default_rng([seed, 17])
+        cov_rows_of = cov_row_picker(n_max, cov_sample, seed)
         store = Store(paths.catalog)
         store.migrate()
         segments: list[tuple[int, str, int]] = []  # (first vec_id, origin, row offset)
@@ -231,7 +230,7 @@ def build_index(
         # Files and the catalog are written by one background thread (in batch order) while the
         # main thread normalises and accumulates statistics; each modality has two row buffers,
         # one being filled while the other is written.
-        buffers: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES}
+        buffers = {m: [np.empty((0, dim), np.float32)] * 2 for m in MODALITIES}
         pending: list[Future] = []
         with ThreadPoolExecutor(1, thread_name_prefix="build-writer") as pool, \
                 progress(f"Reading {info.source}", n_max) as advance:
@@ -242,12 +241,10 @@ def build_index(
                     raise BadInput(f"{batch.origin}: source yielded more than the {n_max} rows it announced")
                 if len(pending) == 2:  # the buffers of batch i - 2 are free again
                     pending.pop(0).result()
-                cov_rows = None if cov_fraction >= 1.0 else np.flatnonzero(cov_rng.random(b) < cov_fraction)
+                cov_rows = cov_rows_of(b)
                 normalised: dict[str, np.ndarray] = {}
                 for m, arr in (("image", batch.image), ("text", batch.text)):
-                    if len(buffers[m]) < 2:
-                        buffers[m].append(np.empty((b, dim), np.float32))
-                    elif buffers[m][i % 2].shape[0] < b:
+                    if buffers[m][i % 2].shape[0] < b:  # first use, or a larger batch
                         buffers[m][i % 2] = np.empty((b, dim), np.float32)
                     v = buffers[m][i % 2][:b]
                     copy_cast(v, arr)  # float16 / float32, maybe from a memory map -> float32

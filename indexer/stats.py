@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -208,6 +209,20 @@ class StatsAccumulator:
         return out
 
 
+def cov_row_picker(n: int, cov_sample: int, seed: int = 0) -> Callable[[int], np.ndarray | None]:
+    """The covariance subset of a pool of ``n`` rows read in batches: a function that, called with
+    each batch's row count in order, returns the batch rows entering the covariances (``cov_rows``
+    of ``StatsAccumulator.update``), a seeded uniform draw of about ``cov_sample`` rows in all;
+    None (every row) when ``cov_sample`` is 0 or at least ``n``."""
+    fraction = 1.0 if cov_sample == 0 else min(1.0, cov_sample / n)
+    rng = np.random.default_rng([seed, 17])
+
+    def pick(rows: int) -> np.ndarray | None:
+        return None if fraction >= 1.0 else np.flatnonzero(rng.random(rows) < fraction)
+
+    return pick
+
+
 def whitening(cov: np.ndarray, ridge: float = 1e-6) -> tuple[np.ndarray, float]:
     """Symmetric inverse square root of a covariance, with a relative ridge.
 
@@ -244,7 +259,7 @@ def whitening(cov: np.ndarray, ridge: float = 1e-6) -> tuple[np.ndarray, float]:
 
 
 def whitened_loglik(
-    u: np.ndarray, mu: np.ndarray, W: np.ndarray, logdet: float | np.ndarray
+    u: np.ndarray, mu: np.ndarray, W: np.ndarray, logdet: float | np.ndarray, precision: str = "float64"
 ) -> np.ndarray:
     """Whitened Gaussian log-likelihood surrogate (SPEC 6).
 
@@ -258,6 +273,8 @@ def whitened_loglik(
         mu: (d,) ``whiten_mean``.
         W: (d, d) ``whiten``.
         logdet: ``whiten_logdet``.
+        precision: type of the product ``(u - mu) W^T``: "float64", or "float32" (3x faster on
+            CPUs, relative error ~1e-6; the squares are summed in float64 either way).
 
     Returns:
         (b,) float64 log-likelihoods (a float64 scalar array for a single vector).
@@ -270,5 +287,7 @@ def whitened_loglik(
         raise InvalidParameter(
             f"whitened_loglik shapes disagree: u {u.shape}, mu {mu.shape}, W {W.shape}"
         )
-    z = (u - mu) @ W.T
-    return -0.5 * np.einsum("...i,...i->...", z, z) - 0.5 * d * math.log(2 * math.pi) + float(logdet)
+    diff = u - mu
+    z = diff @ W.T if precision == "float64" else diff.astype(np.float32) @ W.T.astype(np.float32)
+    sq = np.einsum("...i,...i->...", z, z, dtype=np.float64)
+    return -0.5 * sq - 0.5 * d * math.log(2 * math.pi) + float(logdet)

@@ -107,7 +107,7 @@ def _product(x: np.ndarray, M: np.ndarray, gemm: str) -> np.ndarray:
     return np.asarray(x, dtype=np.float32) @ np.asarray(M, dtype=np.float32)
 
 
-def dw(v: np.ndarray, vbar: np.ndarray, G: np.ndarray, a: float) -> np.ndarray:
+def dw(v: np.ndarray, vbar: np.ndarray, G: np.ndarray, a: float, precision: str = "float64") -> np.ndarray:
     """Whitened-by-the-other-modality distance ``D_W = a^2 (v - vbar)^T G (v - vbar)`` (SPEC 4).
 
     Computed as ``((v - vbar) @ G * (v - vbar)).sum(1)``: one (rows, d) x (d, d) product, never a
@@ -118,12 +118,13 @@ def dw(v: np.ndarray, vbar: np.ndarray, G: np.ndarray, a: float) -> np.ndarray:
         vbar: (d,) mean of the normalised embeddings of the same modality.
         G: (d, d) covariance (ddof=1) of the normalised embeddings of the other modality.
         a: logit scale.
+        precision: type of the (rows, d) x (d, d) product (see ``_product``).
 
     Returns:
         (rows,) float64.
     """
     diff = _rows(v, "v") - _f64(vbar)
-    return float(a) ** 2 * _rowdot(diff @ _f64(G), diff)
+    return float(a) ** 2 * np.einsum("ij,ij->i", _product(diff, G, precision), diff, dtype=np.float64)
 
 
 def rawnorm(norms: np.ndarray, a: float) -> np.ndarray:
@@ -184,7 +185,7 @@ def conformity_est(v: np.ndarray, mean: np.ndarray) -> np.ndarray:
         return (v @ m) / denom
 
 
-def loglik(u: np.ndarray, mu: np.ndarray, W: np.ndarray, logdet: float) -> np.ndarray:
+def loglik(u: np.ndarray, mu: np.ndarray, W: np.ndarray, logdet: float, precision: str = "float64") -> np.ndarray:
     """Whitened Gaussian log-likelihood (SPEC 6); delegates to ``indexer.stats.whitened_loglik``.
 
     ``log p(u) = -||W (u - mu)||^2 / 2 - (d/2) log(2 pi) + log|det W|``. With ``W = S^-1/2`` (or any
@@ -196,6 +197,7 @@ def loglik(u: np.ndarray, mu: np.ndarray, W: np.ndarray, logdet: float) -> np.nd
         mu: (d,) mean used for whitening (stat ``whiten_mean``).
         W: (d, d) whitening matrix (stat ``whiten``).
         logdet: ``log|det W|`` (= -1/2 log det S; stat ``whiten_logdet``).
+        precision: type of the product ``(u - mu) W^T`` (see ``indexer.stats.whitened_loglik``).
 
     Returns:
         (rows,) float64.
@@ -203,7 +205,7 @@ def loglik(u: np.ndarray, mu: np.ndarray, W: np.ndarray, logdet: float) -> np.nd
     Raises:
         InvalidParameter: shapes of u, mu and W disagree.
     """
-    return whitened_loglik(_rows(u, "u"), mu, W, logdet)
+    return whitened_loglik(_rows(u, "u"), mu, W, logdet, precision=precision)
 
 
 def clipscore(v_img: np.ndarray, v_txt: np.ndarray) -> np.ndarray:
@@ -380,19 +382,14 @@ def closed_form_scores(
             if "dc" in wanted:
                 out[f"dc_{modality}"][s:e] = dc(v, mean, a)
             if "dw" in wanted:
-                diff = v - mean
-                out[f"dw_{modality}"][s:e] = a * a * np.einsum(
-                    "ij,ij->i", _product(diff, G, precision), diff, dtype=np.float64)
+                out[f"dw_{modality}"][s:e] = dw(v, mean, G, a, precision)
             if "conformity" in wanted:
                 out[f"conformity_{modality}"][s:e] = conformity(v, sum_vec, n)
             if "conformity_est" in wanted:
                 out[f"conformity_est_{modality}"][s:e] = conformity_est(v, mean)
             if "loglik" in wanted:
                 u = v if norms is None else v * _f64(norms[s:e])[:, None]
-                # as ``loglik``: -||W (u - mu)||^2 / 2 - (d/2) log(2 pi) + log|det W|
-                z = _product(u - w_mu, W.T, precision)
-                out[f"loglik_{modality}"][s:e] = (-0.5 * np.einsum("ij,ij->i", z, z, dtype=np.float64)
-                                                  - 0.5 * d * math.log(2 * math.pi) + w_logdet)
+                out[f"loglik_{modality}"][s:e] = loglik(u, w_mu, W, w_logdet, precision)
             advance(e - s)
     return out
 

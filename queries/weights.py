@@ -513,7 +513,7 @@ def lookup_samples(index, vec_ids: np.ndarray) -> pa.Table:
             found = _arrow(cur.sql(sql, params=uniq.tolist()))
         else:
             cur.register("_ids", pa.table({"vec_id": uniq}))
-            found = _arrow(cur.sql("SELECT s.vec_id, s.uid, s.caption FROM samples AS s SEMI JOIN _ids USING (vec_id)"))
+            found = _arrow(cur.sql(load_sql("samples_by_vec_id_join")))
             cur.unregister("_ids")
     got = found.column("vec_id").to_numpy()
     if len(got) != len(uniq):
