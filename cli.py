@@ -230,7 +230,7 @@ def info_cmd(index_dir, as_json):
               help="Queries per resumable chunk (default 65536).")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit (default: the index's).")
 @click.option("--check", type=click.IntRange(min=2), default=None,
-              help="Also compute exact KL for N random samples and report Spearman, MAE, top-25%% overlap.")
+              help="Also compute exact KL for N random samples and report Spearman, MAE, top-25% overlap.")
 @click.option("--device", default="auto", show_default=True, help="torch device for the dense parts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
