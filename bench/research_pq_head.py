@@ -139,17 +139,17 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
         ej, sj = e[u1[j]], s[u1[j]]
         z += (wgt * ej).sum()
         zs += (wgt * ej * sj).sum()
-        if len(u2):
-            j2 = u2[g.choice(len(u2), min(m2, len(u2)), replace=False)]
-            f = len(u2) / len(j2)
-            z += f * e[j2].sum()
-            zs += f * (e[j2] * s[j2]).sum()
+        j2 = u2[g.choice(len(u2), min(m2, len(u2)), replace=False)] if len(u2) else u2
+        ej2, sj2 = e[j2], s[j2]
+        f = len(u2) / max(len(j2), 1)
+        z += f * ej2.sum()
+        zs += f * (ej2 * sj2).sum()
         mean_p = zs / z
         lz = math.log(z)
         # Each tail draw moves kl by weight * e^s (s - E_p[s] - 1) / Z (first order); its variance.
         var = (wgt * ej * (sj - mean_p - 1) / z).var() * m1
-        if len(u2):
-            var += len(u2) ** 2 / len(j2) * (e[j2] * (s[j2] - mean_p - 1) / z).var()
+        if len(j2):
+            var += len(u2) * f * (ej2 * (sj2 - mean_p - 1) / z).var()
         return mean_p - lz + logn, lz - logn - mean_s[i], scanned * M / d + kr + m, scanned, math.sqrt(var)
 
     g = np.random.default_rng([seed, 11])

@@ -391,6 +391,23 @@ def index_params(index: faiss.Index) -> dict:
 
 
 # -- search ---------------------------------------------------------------------------------
+def check_search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None) -> np.ndarray:
+    """The arguments of a top-k search, checked: ``queries`` as a (q, d) array (a 1-D vector is one
+    query), or InvalidParameter naming what is wrong with k, nprobe or the queries' shape."""
+    if k < 1:
+        raise InvalidParameter(f"Invalid k={k}: must be at least 1")
+    q = np.asarray(queries)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != index.d:
+        raise InvalidParameter(
+            f"queries must have shape (q, {index.d}) for this index, got {np.shape(queries)}"
+        )
+    if nprobe is not None and int(nprobe) < 1:
+        raise InvalidParameter(f"Invalid nprobe={nprobe}: must be at least 1")
+    return q
+
+
 def search(
     index: faiss.Index,
     queries: np.ndarray,
@@ -417,18 +434,7 @@ def search(
         ``exp(a * score)`` is 0 and ``ids >= 0`` masks them). Scores are exact inner products
         only when ``returns_exact_scores(index)``.
     """
-    if k < 1:
-        raise InvalidParameter(f"Invalid k={k}: must be at least 1")
-    q = np.asarray(queries)
-    if q.ndim == 1:
-        q = q[None, :]
-    if q.ndim != 2 or q.shape[1] != index.d:
-        raise InvalidParameter(
-            f"queries must have shape (q, {index.d}) for this index, got {np.shape(queries)}"
-        )
-    if nprobe is not None and int(nprobe) < 1:
-        raise InvalidParameter(f"Invalid nprobe={nprobe}: must be at least 1")
-    q = _as_f32(q)
+    q = _as_f32(check_search(index, queries, k, nprobe))
     if use_gpu:
         index = to_gpu(index)
     ivf = _ivf(index)

@@ -230,16 +230,13 @@ class IvfFlatLists:
 def search(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``indexer.faiss_index.search``, with large batches on a CPU IVF-Flat index scored list by
     list (``IvfFlatLists``; same results, faster for whole-pool scoring)."""
+    from indexer.faiss_index import check_search
     from indexer.faiss_index import search as faiss_search
 
     lists = IvfFlatLists.of(index) if len(queries) >= BATCH_SEARCH_MIN else None
     if lists is None:
         return faiss_search(index, queries, k, nprobe=nprobe)
-    if k < 1:
-        raise InvalidParameter(f"Invalid k={k}: must be at least 1")
-    if nprobe is not None and int(nprobe) < 1:
-        raise InvalidParameter(f"Invalid nprobe={nprobe}: must be at least 1")
-    return lists.search(queries, k, nprobe)
+    return lists.search(check_search(index, queries, k, nprobe), k, nprobe)
 
 
 def search_neighbours(
