@@ -3,7 +3,7 @@
 Not the product's estimator: a simulation of a candidate generator that could replace the IVF-Flat
 head, to learn whether the "Spearman >= 0.999 at <= 5% of the exact dot products" target is within
 reach of the top-k + tail family on the calibrated synthetic world (n = 100k, 1000 caption queries).
-Result (2026-11-23, BENCHMARKS.md section 1): no; the best design found reaches kl 0.998 / klr 0.9998,
+Result (2026-11-23, BENCHMARKS.md section 0): no; the best design found reaches kl 0.998 / klr 0.9998,
 and with an adaptive second stage kl Spearman 0.999 at 5.2-5.6% of n, top-25% overlap still 98.4-98.8%.
 
 The design (cost in dot-product equivalents per query, a d-dim dot = 1):
@@ -20,7 +20,16 @@ The design (cost in dot-product equivalents per query, a d-dim dot = 1):
 3. optional (``--refine F``, session 3): the fraction F of the queries with the largest estimated
    standard error of kl (delta method over the tail draws: a draw moves kl by
    weight * e^s (s - E_p[s] - 1) / Z) gets a second stage with a wider plan (``--plan2``), counted
-   incrementally (the first stage's scan and rescoring are reused, its tail is paid again).
+   incrementally (the first stage's scan and rescoring are reused, its tail is paid again);
+   ``--rank-aware`` ranks the queries by standard error x density of the estimates instead.
+4. session 4 variants, none of which closed the gap (BENCHMARKS.md section 0): ``--pq2 M:NB --r2 R``
+   a second-level PQ of the first PQ's residual, read for the best R scanned items (cost R * M / d
+   + 2^NB), as a finer proxy for the head choice and the importance sampling; ``--beta2 B`` the
+   unprobed items importance-sampled by list (1/2 uniform + 1/2 softmax(B * centroid score));
+   ``--spec-tail`` SPEC section 3's tail as written (one uniform sample R shared by all queries,
+   R minus K reweighted) behind the same head. Every first-stage run also reports where its kl error
+   comes from (``err_probed_tail_*``, ``err_unprobed_*``: kl with only that region estimated and the
+   others exact) and how the softmax mass splits between head, probed tail and unprobed items.
 
 Exact dot products are read from the precomputed exact score matrix (numerically the same as
 computing them); the approximate scores equal FAISS's asymmetric distances (q . decode(code)).
@@ -30,6 +39,8 @@ computing them); the approximate scores equal FAISS's asymmetric distances (q . 
     python -m bench.research_pq_head --pq 32:4 --plan 192:2000:1000
     python -m bench.research_pq_head --refine 0.1     # + a second stage for the hardest 10%
     python -m bench.research_pq_head --plan 192:1500:600 --m-unprobed 200 --refine 0.1 --plan2 448:4000:1500:400
+    python -m bench.research_pq_head --pq2 32:8 --r2 6000 --plan 224:1400:600 --m-unprobed 200
+    python -m bench.research_pq_head --spec-tail --plan 128:1024:2048
 
 One thread, ~2 minutes per run after a one-time preparation (~2 minutes; files in bench/out/research).
 """
@@ -76,7 +87,8 @@ def prepare(seed: int) -> dict:
 
 
 def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: float,
-        refine: float = 0.0, plan2: tuple = (448, 6000, 2000, 500)) -> dict:
+        refine: float = 0.0, plan2: tuple = (448, 6000, 2000, 500), pq2: tuple = (0, 8), r2: int = 0,
+        beta2: float = 0.0, spec_tail: bool = False, rank_aware: bool = False) -> dict:
     import faiss
 
     from queries.score import spearman, top_overlap
@@ -103,14 +115,24 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
     mu = C.mean(0)
     _, _, Vt = np.linalg.svd(C - mu, full_matrices=False)
     B = Vt[:64]
-    order = np.argsort(-(((C - mu) @ B.T) @ (B @ Q.T)).T, axis=1)  # lists by rank-64 centroid score
+    cscore = (((C - mu) @ B.T) @ (B @ Q.T)).T * np.float32(A)  # rank-64 centroid scores (queries x lists)
+    order = np.argsort(-cscore, axis=1)  # lists by rank-64 centroid score
     mean_s = A * (Q.astype(np.float64) @ X.astype(np.float64).sum(0)) / n
     logn = math.log(n)
     pq = faiss.ProductQuantizer(d, M, NB)
     resid = Xw - Cw[assign]
     pq.train(resid[rng.choice(n, 30000, replace=False)])
     approx_x = Cw[assign] + pq.decode(pq.compute_codes(resid))
-    Sh = ((Q @ inv_half) @ approx_x.T) * np.float32(A)  # approximate scores (ADC)
+    Qw = Q @ inv_half
+    Sh = (Qw @ approx_x.T) * np.float32(A)  # approximate scores (ADC)
+    M2, NB2 = pq2
+    if M2:
+        # Second-level codes of what the first PQ left (residual of the residual): a finer proxy,
+        # read only for the best r2 scanned items of each query.
+        resid2 = Xw - approx_x
+        pq_2 = faiss.ProductQuantizer(d, M2, NB2)
+        pq_2.train(resid2[rng.choice(n, 30000, replace=False)])
+        Sh2 = Sh + (Qw @ pq_2.decode(pq_2.compute_codes(resid2)).T) * np.float32(A)
     sizes = np.bincount(assign, minlength=LISTS)
     fixed = 192 + 512 + 2**NB + 2  # centroids, query map, lookup table, own pair + exact mean
 
@@ -121,16 +143,31 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
         in_probe = in_probe[assign]
         scanned = int(sizes[order[i, :P]].sum())
         cand = np.flatnonzero(in_probe)
-        top = cand[np.argpartition(-Sh[i, cand], kr - 1)[:kr]]
+        proxy = Sh[i]
+        if M2 and r2:
+            fine = cand[np.argpartition(-Sh[i, cand], r2 - 1)[:r2]]
+            proxy = Sh[i].copy()
+            proxy[fine] = Sh2[i, fine]
+        top = cand[np.argpartition(-proxy[cand], kr - 1)[:kr]]
         h = np.zeros(n, bool)
         h[top] = True
         h[qids[i]] = True
         s = S[i].astype(np.float64)
         e = np.exp(s)
         z, zs = e[h].sum(), (e[h] * s[h]).sum()
+        if shared_tail is not None:
+            # SPEC section 3 as written: one uniform sample R for all queries, R \ K reweighted
+            r = shared_tail[~h[shared_tail]]
+            f = (n - h.sum()) / max(len(r), 1)
+            er, sr = e[r], s[r]
+            z += f * er.sum()
+            zs += f * (er * sr).sum()
+            mean_p, lz = zs / z, math.log(z)
+            var = f * (n - h.sum()) * (er * (sr - mean_p - 1) / z).var()
+            return mean_p - lz + logn, lz - logn - mean_s[i], scanned * M / d + kr + m + r2 * M2 / d, scanned, math.sqrt(var)
         u1 = np.flatnonzero(in_probe & ~h)
         u2 = np.flatnonzero(~in_probe & ~h)
-        lw = beta * Sh[i, u1].astype(np.float64)
+        lw = beta * proxy[u1].astype(np.float64)
         pw = np.exp(lw - lw.max())
         m1 = m - m2
         p = (1 - EPS) * pw / pw.sum() + EPS / len(u1)
@@ -139,38 +176,83 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
         ej, sj = e[u1[j]], s[u1[j]]
         z += (wgt * ej).sum()
         zs += (wgt * ej * sj).sum()
-        j2 = u2[g.choice(len(u2), min(m2, len(u2)), replace=False)] if len(u2) else u2
+        if beta2 and len(u2):
+            # unprobed items: importance sampling by list, p = 1/2 uniform + 1/2 softmax(beta2 * centroid score)
+            lc = beta2 * cscore[i, assign[u2]].astype(np.float64)
+            pc = np.exp(lc - lc.max())
+            p2 = 0.5 * pc / pc.sum() + 0.5 / len(u2)
+            jj = g.choice(len(u2), m2, p=p2)
+            j2 = u2[jj]
+            f = 1.0 / (m2 * p2[jj])
+        else:
+            j2 = u2[g.choice(len(u2), min(m2, len(u2)), replace=False)] if len(u2) else u2
+            f = np.full(len(j2), len(u2) / max(len(j2), 1))
         ej2, sj2 = e[j2], s[j2]
-        f = len(u2) / max(len(j2), 1)
-        z += f * ej2.sum()
-        zs += f * (ej2 * sj2).sum()
+        z += (f * ej2).sum()
+        zs += (f * ej2 * sj2).sum()
+        if split is not None:
+            # where the error comes from: kl with one region estimated and the others exact
+            zh, zsh = e[h].sum(), (e[h] * s[h]).sum()
+            z1, zs1 = e[u1].sum(), (e[u1] * s[u1]).sum()
+            z2, zs2 = e[u2].sum(), (e[u2] * s[u2]).sum()
+            ztot = zh + z1 + z2
+            exact_kl = (zsh + zs1 + zs2) / ztot - math.log(ztot)
+            e1z, e1s = (wgt * ej).sum(), (wgt * ej * sj).sum()
+            e2z, e2s = (f * ej2).sum(), (f * ej2 * sj2).sum()
+            split.append((
+                (zsh + e1s + zs2) / (zh + e1z + z2) - math.log(zh + e1z + z2) - exact_kl,
+                (zsh + zs1 + e2s) / (zh + z1 + e2z) - math.log(zh + z1 + e2z) - exact_kl,
+                zh / ztot, z1 / ztot, z2 / ztot,
+            ))
         mean_p = zs / z
         lz = math.log(z)
         # Each tail draw moves kl by weight * e^s (s - E_p[s] - 1) / Z (first order); its variance.
         var = (wgt * ej * (sj - mean_p - 1) / z).var() * m1
         if len(j2):
-            var += len(u2) * f * (ej2 * (sj2 - mean_p - 1) / z).var()
-        return mean_p - lz + logn, lz - logn - mean_s[i], scanned * M / d + kr + m, scanned, math.sqrt(var)
+            var += (f * ej2 * (sj2 - mean_p - 1) / z).var() * len(j2)
+        extra = r2 * M2 / d + (2**NB2 if M2 else 0)
+        return mean_p - lz + logn, lz - logn - mean_s[i], scanned * M / d + kr + m + extra, scanned, math.sqrt(var)
 
+    shared_tail = np.sort(np.random.default_rng([seed, 13]).choice(n, m, replace=False)) if spec_tail else None
     g = np.random.default_rng([seed, 11])
+    split = [] if not spec_tail else None
     first = np.array([estimate(i, P, kr, m, m2, g) for i in range(nq)])
+    if split:
+        sp = np.array(split)
+        result_split = {
+            "err_probed_tail_mae_rmse": [round(float(np.abs(sp[:, 0]).mean()), 4), round(float(np.sqrt((sp[:, 0] ** 2).mean())), 4)],
+            "err_unprobed_mae_rmse": [round(float(np.abs(sp[:, 1]).mean()), 4), round(float(np.sqrt((sp[:, 1] ** 2).mean())), 4)],
+            "mass_head_probed_unprobed": [round(float(x), 4) for x in sp[:, 2:].mean(0)],
+            "unprobed_mass_p50_p90_p99": [round(float(x), 4) for x in np.percentile(sp[:, 4], [50, 90, 99])],
+        }
+    else:
+        result_split = {}
+    split = None  # the second stage is not split
     kl, klr, dots = first[:, 0].copy(), first[:, 1].copy(), first[:, 2] + fixed
     result = {
         "seed": seed, "pq": f"PQ{M}x{NB}", "lists_probed": P, "rescored": kr, "m": m, "m_unprobed": m2,
-        "beta": beta, "scanned_items": round(float(first[:, 3].mean())),
+        "beta": beta, "pq2": list(pq2), "r2": r2, "beta2": beta2, "spec_tail": spec_tail, "scanned_items": round(float(first[:, 3].mean())),
+        **result_split,
     }
     if refine:
         # Second stage for the refine fraction with the largest estimated standard error: a wider
         # scan, more rescoring and a fresh tail. Counted incrementally: the first stage's scan and
         # rescoring are reused, its tail is not.
         P2, kr2, m_2, m2_2 = plan2
-        hard = np.argsort(-first[:, 4])[: int(round(refine * nq))]
+        risk = first[:, 4]
+        if rank_aware:
+            # expected rank displacement: standard error x density of the first-stage estimates
+            # (Gaussian kernel, Silverman bandwidth) at the query's own estimate
+            bw = 1.06 * kl.std() * nq ** -0.2
+            dens = np.exp(-0.5 * ((kl[:, None] - kl[None, :]) / bw) ** 2).mean(1)
+            risk = risk * dens
+        hard = np.argsort(-risk)[: int(round(refine * nq))]
         g2 = np.random.default_rng([seed, 12])
         for i in hard:
             kl_i, klr_i, dots2, scanned2, _ = estimate(i, P2, kr2, m_2, m2_2, g2)
             kl[i], klr[i] = kl_i, klr_i
-            dots[i] += (scanned2 - first[i, 3]) * M / d + (kr2 - kr) + m_2
-        result.update({"refine": refine, "plan2": list(plan2)})
+            dots[i] += (scanned2 - first[i, 3]) * M / d + (kr2 - kr) + m_2 + r2 * M2 / d
+        result.update({"refine": refine, "plan2": list(plan2), "rank_aware": rank_aware})
     result.update({
         "dots_per_query": round(float(dots.mean())), "percent_of_n": round(100 * float(dots.mean()) / n, 2),
         "spearman_kl": round(spearman(kl, data["kl"]), 4), "top25_kl": round(top_overlap(kl, data["kl"]), 3),
@@ -192,11 +274,20 @@ def main() -> None:
                     help="fraction of queries (largest estimated standard error) given a second stage")
     ap.add_argument("--plan2", default="448:6000:2000:500",
                     help="second stage: lists probed : rescored : tail m : of m, unprobed")
+    ap.add_argument("--pq2", default="0:8", help="M:bits of a second-level PQ of the first PQ's residual (0: none)")
+    ap.add_argument("--r2", type=int, default=0, help="how many of the best scanned items get the second-level code")
+    ap.add_argument("--beta2", type=float, default=0.0,
+                    help="unprobed tail: importance sampling by centroid score at this temperature (0: uniform)")
+    ap.add_argument("--spec-tail", action="store_true",
+                    help="SPEC section 3's tail: one shared uniform sample of m items (R \\ K per query)")
+    ap.add_argument("--rank-aware", action="store_true",
+                    help="refine by standard error x density of the estimates (expected rank displacement)")
     args = ap.parse_args()
     M, NB = (int(x) for x in args.pq.split(":"))
     P, kr, m = (int(x) for x in args.plan.split(":"))
     plan2 = tuple(int(x) for x in args.plan2.split(":"))
-    print(json.dumps(run(args.seed, M, NB, P, kr, m, args.m_unprobed, args.beta, args.refine, plan2)))
+    pq2 = tuple(int(x) for x in args.pq2.split(":"))
+    print(json.dumps(run(args.seed, M, NB, P, kr, m, args.m_unprobed, args.beta, args.refine, plan2, pq2, args.r2, args.beta2, args.spec_tail, args.rank_aware)))
 
 
 if __name__ == "__main__":
