@@ -32,6 +32,12 @@ from indexer.errors import BudgetTooSmall, InvalidParameter
 FLAT_MAX_N = 20_000
 #: k-means wants at least this many training points per centroid (FAISS warns below it).
 MIN_POINTS_PER_CENTROID = 39
+#: The dot-product budget of the default KL estimate, as a fraction of the exact method's n per query.
+SCORE_BUDGET = 0.05
+#: The scorer's default tail sample m (``queries.score.DEFAULT_TAIL``; a test keeps them equal).
+SCORE_TAIL = 2048
+#: At most this many vectors scanned per query by the default nprobe (the 1M wall-time target).
+MAX_SCAN = 1600
 #: Bytes of bookkeeping per inverted list (two ``std::vector`` headers: codes and ids).
 _LIST_OVERHEAD = 48
 
@@ -275,19 +281,28 @@ def choose_index_key(n: int, dim: int, budget_bytes: int) -> str:
 def default_nprobe(key: str, n: int) -> int:
     """Default number of IVF lists to visit per query; 0 for keys without lists (Flat, HNSW).
 
-    Rule: ``nprobe = 256 / sqrt(nlist)`` rounded to the nearest power of two (in log scale),
-    clamped to ``[1, nlist]``. So nlist 256 -> 16, 1024 -> 8, 4096 -> 4, 16384 -> 2. With the
-    ``default_nlist`` rule (nlist ~ 4 sqrt(n)) the lists scanned are ``256 / nlist**1.5`` of the
-    pool (0.8% at nlist 1024, 0.1% at 4096) and ``dots_per_query`` stays a small fraction of n
-    (1.8% at 100k, 0.5% at 1M). A starting point: tune it with the accuracy-vs-cost benchmarks.
+    Two parts, the larger wins:
+
+    * the base rule ``nprobe = 256 / sqrt(nlist)`` rounded to the nearest power of two (in log
+      scale): nlist 256 -> 16, 1024 -> 8, 4096 -> 4, 16384 -> 2;
+    * with the pool size n known, the largest power of two whose scan fits two budgets: the whole
+      KL estimate within ``SCORE_BUDGET`` (5%) of the exact method's n dot products per query
+      (``nlist`` centroids + the scan + the scorer's default tail of ``SCORE_TAIL`` + 2), and at
+      most ``MAX_SCAN`` vectors scanned per query (wall time: it keeps the 1M ``score`` within
+      10 minutes on the 2-core reference machine, BENCHMARKS.md).
+
+    Accuracy is bought with nprobe (BENCHMARKS.md section 1): on the calibrated synthetic world at
+    100k, IVF1024 with nprobe 8 (3.9% of n) gives Spearman 0.936 on kl_text, nprobe 16 (4.6% of n,
+    what this rule picks there) 0.958. Clamped to ``[1, nlist]``.
 
     Args:
         key: the factory string.
-        n: number of vectors in the index (unused by the current rule; kept so that a tuned rule
-            can depend on it without changing callers).
+        n: number of vectors in the index (0: unknown, the base rule alone).
 
     >>> [default_nprobe(f"IVF{nlist},Flat", 0) for nlist in (64, 256, 1024, 4096, 16384)]
     [32, 16, 8, 4, 2]
+    >>> [default_nprobe(f"IVF{default_nlist(n)},Flat", n) for n in (30_000, 100_000, 300_000, 1_000_000)]
+    [16, 16, 8, 4]
     >>> default_nprobe("Flat", 1000)
     0
     """
@@ -296,6 +311,11 @@ def default_nprobe(key: str, n: int) -> int:
         return 0
     assert k.nlist is not None
     nprobe = 2 ** round(math.log2(256 / math.sqrt(k.nlist)))
+    if n > 0:
+        list_size = n / k.nlist
+        room = min(SCORE_BUDGET * n - k.nlist - SCORE_TAIL - 2, MAX_SCAN)
+        if room >= list_size:
+            nprobe = max(nprobe, 2 ** int(math.log2(room / list_size)))
     return int(min(max(nprobe, 1), k.nlist))
 
 

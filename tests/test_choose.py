@@ -8,6 +8,9 @@ import pytest
 
 import indexer.choose as choose
 from indexer.choose import (
+    MAX_SCAN,
+    SCORE_BUDGET,
+    SCORE_TAIL,
     choose_index_key,
     default_nlist,
     default_nprobe,
@@ -161,8 +164,9 @@ def test_default_nlist():
 
 
 def test_default_nprobe():
-    assert default_nprobe("IVF1024,Flat", 100_000) == 8
-    assert default_nprobe("IVF4096,SQ8", 1_000_000) == 4
+    assert default_nprobe("IVF1024,Flat", 0) == 8  # n unknown: the base rule
+    assert default_nprobe("IVF1024,Flat", 100_000) == 16  # the 5% budget allows twice the base rule
+    assert default_nprobe("IVF4096,SQ8", 1_000_000) == 4  # the scan cap keeps the base rule
     assert default_nprobe("IVF1,Flat", 10) == 1
     assert default_nprobe("IVF2,Flat", 100) == 2  # clamped to nlist
     assert default_nprobe("Flat", 1000) == 0
@@ -174,6 +178,25 @@ def test_default_cost_is_a_small_fraction_of_n(n):
     key = f"IVF{default_nlist(n)},Flat"
     dots = dots_per_query(key, n, default_nprobe(key, n))
     assert dots < 0.05 * n
+
+
+@pytest.mark.parametrize("n", [50_000, 100_000, 200_000, 300_000, 1_000_000, 3_000_000])
+def test_default_nprobe_spends_the_budget_and_no_more(n):
+    from queries.score import DEFAULT_TAIL
+
+    assert SCORE_TAIL == DEFAULT_TAIL
+    nlist = default_nlist(n)
+    key = f"IVF{nlist},Flat"
+    base = default_nprobe(key, 0)
+    nprobe = default_nprobe(key, n)
+    assert nprobe >= base and nprobe & (nprobe - 1) == 0  # a power of two, never below the base rule
+
+    def fits(p):
+        return dots_per_query(key, n, p) + SCORE_TAIL + 2 <= SCORE_BUDGET * n and p * n / nlist <= MAX_SCAN
+
+    if nprobe > base:
+        assert fits(nprobe)
+    assert not fits(2 * nprobe)  # the largest power of two that fits
 
 
 def test_dots_per_query():
