@@ -6,6 +6,7 @@ import duckdb
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 
@@ -81,7 +82,7 @@ def sql_estimate(q, c, index, k, tail_ids, b=None, nprobe=None, drop_query=None)
     qids = np.arange(len(q), dtype=np.int64)
     table = neighbour_table(qids, nb)
     if drop_query is not None:  # a query without any neighbour: the tail alone estimates Z
-        keep = pa.compute.not_equal(table.column("query"), drop_query)
+        keep = pc.not_equal(table.column("query"), drop_query)
         table = table.filter(keep)
         nb.ids[drop_query] = -1
         nb.scores[drop_query] = -np.inf
@@ -231,6 +232,25 @@ def test_batched_ivf_search_equals_faiss(pool, k, nprobe):
     np.testing.assert_array_equal(np.isneginf(s), i < 0)
     np.testing.assert_allclose(s[i >= 0], fs[fi >= 0], atol=1e-5)  # best first, same scores
     np.testing.assert_array_equal(np.sort(i, axis=1), np.sort(fi, axis=1))  # same neighbours
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_batched_ivf_search_same_with_any_thread_count(pool, threads):
+    """The lists are scanned by as many worker threads as torch has; the result must not depend on
+    it, and the caller's thread setting comes back."""
+    q, c = pool
+    index = ivf(c)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = search(index, q, 40, nprobe=4)
+        torch.set_num_threads(threads)
+        got = search(index, q, 40, nprobe=4)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
 
 
 def test_batched_search_only_for_cpu_ivf_flat(pool):
