@@ -285,7 +285,7 @@ def default_nprobe(key: str, n: int) -> int:
 
     * the base rule ``nprobe = 256 / sqrt(nlist)`` rounded to the nearest power of two (in log
       scale): nlist 256 -> 16, 1024 -> 8, 4096 -> 4, 16384 -> 2;
-    * with the pool size n known, the largest power of two whose scan fits two budgets: the whole
+    * with the pool size n known, the largest nprobe whose scan fits two budgets: the whole
       KL estimate within ``SCORE_BUDGET`` (5%) of the exact method's n dot products per query
       (``nlist`` centroids + the scan + the scorer's default tail of ``SCORE_TAIL`` + 2), and at
       most ``MAX_SCAN`` vectors scanned per query (wall time: it keeps the 1M ``score`` within
@@ -302,7 +302,7 @@ def default_nprobe(key: str, n: int) -> int:
     >>> [default_nprobe(f"IVF{nlist},Flat", 0) for nlist in (64, 256, 1024, 4096, 16384)]
     [32, 16, 8, 4, 2]
     >>> [default_nprobe(f"IVF{default_nlist(n)},Flat", n) for n in (30_000, 100_000, 300_000, 1_000_000)]
-    [16, 16, 8, 4]
+    [16, 16, 10, 6]
     >>> default_nprobe("Flat", 1000)
     0
     """
@@ -315,7 +315,7 @@ def default_nprobe(key: str, n: int) -> int:
         list_size = n / k.nlist
         room = min(SCORE_BUDGET * n - k.nlist - SCORE_TAIL - 2, MAX_SCAN)
         if room >= list_size:
-            nprobe = max(nprobe, 2 ** int(math.log2(room / list_size)))
+            nprobe = max(nprobe, int(room / list_size))
     return int(min(max(nprobe, 1), k.nlist))
 
 
