@@ -34,7 +34,7 @@ FLAT_MAX_N = 20_000
 MIN_POINTS_PER_CENTROID = 39
 #: The dot-product budget of the default KL estimate, as a fraction of the exact method's n per query.
 SCORE_BUDGET = 0.05
-#: The scorer's default tail sample m (``queries.score.DEFAULT_TAIL``; a test keeps them equal).
+#: The scorer's default tail sample m (``queries.score.DEFAULT_TAIL`` is this value).
 SCORE_TAIL = 2048
 #: At most this many vectors scanned per query by the default nprobe (the 1M wall-time target).
 MAX_SCAN = 1600

@@ -258,6 +258,14 @@ def whitening(cov: np.ndarray, ridge: float = 1e-6) -> tuple[np.ndarray, float]:
     return W, float(-0.5 * np.sum(np.log(lam_r)))
 
 
+def matmul(x: np.ndarray, M: np.ndarray, precision: str = "float64") -> np.ndarray:
+    """``x @ M`` in float64, or (``precision`` = "float32") in float32: 3x faster on CPUs for the
+    (rows, d) x (d, d) products of ``D_W`` and the whitened likelihood, relative error ~1e-6."""
+    if precision == "float64":
+        return np.asarray(x, dtype=np.float64) @ np.asarray(M, dtype=np.float64)
+    return np.asarray(x, dtype=np.float32) @ np.asarray(M, dtype=np.float32)
+
+
 def whitened_loglik(
     u: np.ndarray, mu: np.ndarray, W: np.ndarray, logdet: float | np.ndarray, precision: str = "float64"
 ) -> np.ndarray:
@@ -288,6 +296,6 @@ def whitened_loglik(
             f"whitened_loglik shapes disagree: u {u.shape}, mu {mu.shape}, W {W.shape}"
         )
     diff = u - mu
-    z = diff @ W.T if precision == "float64" else diff.astype(np.float32) @ W.T.astype(np.float32)
+    z = matmul(diff, W.T, precision)
     sq = np.einsum("...i,...i->...", z, z, dtype=np.float64)
     return -0.5 * sq - 0.5 * d * math.log(2 * math.pi) + float(logdet)

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from indexer.choose import SCORE_TAIL
 from indexer.errors import InvalidParameter
 from indexer.layout import MODALITIES
 from indexer.pool import PoolIndex, as_pool
@@ -41,9 +42,10 @@ from indexer.progress import Progress, null_progress
 log = logging.getLogger(__name__)
 
 #: Defaults of the estimator (SPEC 3), tuned by the benchmarks (``bench/``): neighbours per query
-#: and the size of the uniform tail sample.
+#: and the size of the uniform tail sample (defined beside the default nprobe, whose dot-product
+#: budget counts it: ``indexer.choose.SCORE_TAIL``).
 DEFAULT_K = 256
-DEFAULT_TAIL = 2048
+DEFAULT_TAIL = SCORE_TAIL
 #: Queries per resumable chunk.
 DEFAULT_BATCH = 65536
 
