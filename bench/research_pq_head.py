@@ -5,6 +5,8 @@ head, to learn whether the "Spearman >= 0.999 at <= 5% of the exact dot products
 reach of the top-k + tail family on the calibrated synthetic world (n = 100k, 1000 caption queries).
 Result (2026-11-23, BENCHMARKS.md section 0): no; the best design found reaches kl 0.998 / klr 0.9998,
 and with an adaptive second stage kl Spearman 0.999 at 5.2-5.6% of n, top-25% overlap still 98.4-98.8%.
+Session 5 (model tails, item 5 below): kl Spearman 0.9993-0.9995 at 4.98% of n on both query sets,
+top-25% overlap 99.6% on one and 98.4% on the other: the overlap half is still missed.
 
 The design (cost in dot-product equivalents per query, a d-dim dot = 1):
 
@@ -30,6 +32,19 @@ The design (cost in dot-product equivalents per query, a d-dim dot = 1):
    R minus K reweighted) behind the same head. Every first-stage run also reports where its kl error
    comes from (``err_probed_tail_*``, ``err_unprobed_*``: kl with only that region estimated and the
    others exact) and how the softmax mass splits between head, probed tail and unprobed items.
+5. session 5, model tails (no samples; not SPEC section 3, which samples its tail):
+   ``--model-tail`` estimates each unprobed list l by a log-normal model, s ~ N(m_l, v_l) with
+   m_l = a <q, mu_l> (the rank ``--cent-rank`` centroid score plus the common mean's score) and
+   v_l = c_l a^2 q' Sw q (Sw the pooled within-list covariance, rank ``--var-rank`` plus an isotropic
+   rest, c_l the list's share of its trace): sum e^s ~ n_l e^(m_l + v_l / 2), sum e^s s ~ that
+   times (m_l + v_l); use it with ``--m-unprobed 0``. ``--order model`` probes the lists by the
+   model's expected mass log n_l + m_l + v_l / 2 instead of the centroid score.
+   ``--model-probed`` estimates the probed items outside the head from their proxies,
+   e^proxy k0 and e^proxy (k0 proxy + k1), with k0 = E[e^eta], k1 = E[eta e^eta] of the proxy error
+   eta = s - proxy: Gaussian from the PQ error covariance (``--probed-calib gauss``) or read from the
+   rescored head (``head``); use it with m = 0 in ``--plan``. With either model, ``--refine`` ranks
+   the queries by the modelled share of Z (there are no draws to read a standard error from).
+   Cost: q' Sw q in rank var_rank (var_rank + 1 dots) is added to the fixed part.
 
 Exact dot products are read from the precomputed exact score matrix (numerically the same as
 computing them); the approximate scores equal FAISS's asymmetric distances (q . decode(code)).
@@ -41,6 +56,7 @@ computing them); the approximate scores equal FAISS's asymmetric distances (q . 
     python -m bench.research_pq_head --plan 192:1500:600 --m-unprobed 200 --refine 0.1 --plan2 448:4000:1500:400
     python -m bench.research_pq_head --pq2 32:8 --r2 6000 --plan 224:1400:600 --m-unprobed 200
     python -m bench.research_pq_head --spec-tail --plan 128:1024:2048
+    python -m bench.research_pq_head --model-tail --m-unprobed 0 --order model --model-probed --plan 224:2500:0
 
 One thread, ~2 minutes per run after a one-time preparation (~2 minutes; files in bench/out/research).
 """
@@ -88,7 +104,9 @@ def prepare(seed: int) -> dict:
 
 def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: float,
         refine: float = 0.0, plan2: tuple = (448, 6000, 2000, 500), pq2: tuple = (0, 8), r2: int = 0,
-        beta2: float = 0.0, spec_tail: bool = False, rank_aware: bool = False) -> dict:
+        beta2: float = 0.0, spec_tail: bool = False, rank_aware: bool = False,
+        model_tail: bool = False, cent_rank: int = 64, var_rank: int = 64, order_by: str = "centroid",
+        model_probed: bool = False, probed_calib: str = "gauss") -> dict:
     import faiss
 
     from queries.score import spearman, top_overlap
@@ -114,9 +132,26 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
     C = Cw @ inv_half
     mu = C.mean(0)
     _, _, Vt = np.linalg.svd(C - mu, full_matrices=False)
-    B = Vt[:64]
-    cscore = (((C - mu) @ B.T) @ (B @ Q.T)).T * np.float32(A)  # rank-64 centroid scores (queries x lists)
-    order = np.argsort(-cscore, axis=1)  # lists by rank-64 centroid score
+    B = Vt[:cent_rank]
+    # rank-r centroid scores (queries x lists), absolute (the common mean's score added back)
+    cscore = (((C - mu) @ B.T) @ (B @ Q.T)).T * np.float32(A) + (Q @ mu)[:, None] * np.float32(A)
+    sizes = np.bincount(assign, minlength=LISTS)
+    # Session 5: a per-list log-normal model of sum_j e^{s_j}: s within list l ~ N(a <q, mu_l>, c_l q'Sw q a^2),
+    # Sw the pooled within-list covariance (rank var_rank + isotropic rest), c_l the list's share of it.
+    Rw = (X - C[assign]).astype(np.float64)
+    Sw = (Rw.T @ Rw) / n
+    tr = np.zeros(LISTS)
+    np.add.at(tr, assign, (Rw ** 2).sum(1))
+    c_l = tr / np.maximum(sizes, 1) / np.trace(Sw)
+    wv, Uv = np.linalg.eigh(Sw)
+    wv, Uv = wv[::-1][:var_rank], Uv[:, ::-1][:, :var_rank]
+    rest = (np.trace(Sw) - wv.sum()) / (d - var_rank)
+    Q64 = Q.astype(np.float64)
+    proj = Q64 @ Uv
+    qv = ((proj ** 2) @ (wv - rest) + rest * (Q64 ** 2).sum(1)) * A * A  # q'Sw q a^2, rank var_rank + rest
+    del Rw
+    log_mass = np.log(np.maximum(sizes, 1))[None, :] + cscore + c_l[None, :] * qv[:, None] / 2
+    order = np.argsort(-(log_mass if order_by == "model" else cscore), axis=1)
     mean_s = A * (Q.astype(np.float64) @ X.astype(np.float64).sum(0)) / n
     logn = math.log(n)
     pq = faiss.ProductQuantizer(d, M, NB)
@@ -125,6 +160,16 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
     approx_x = Cw[assign] + pq.decode(pq.compute_codes(resid))
     Qw = Q @ inv_half
     Sh = (Qw @ approx_x.T) * np.float32(A)  # approximate scores (ADC)
+    if model_probed:
+        # s - proxy = a <Qw, Xw - approx_x>: its variance per query from the PQ error's covariance (rank var_rank + rest)
+        Er = (Xw - approx_x).astype(np.float64)
+        Sr = (Er.T @ Er) / n
+        del Er
+        wr, Ur = np.linalg.eigh(Sr)
+        wr, Ur = wr[::-1][:var_rank], Ur[:, ::-1][:, :var_rank]
+        rest_r = (np.trace(Sr) - wr.sum()) / (d - var_rank)
+        Qw64 = Qw.astype(np.float64)
+        qv_r = (((Qw64 @ Ur) ** 2) @ (wr - rest_r) + rest_r * (Qw64 ** 2).sum(1)) * A * A
     M2, NB2 = pq2
     if M2:
         # Second-level codes of what the first PQ left (residual of the residual): a finer proxy,
@@ -133,8 +178,9 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
         pq_2 = faiss.ProductQuantizer(d, M2, NB2)
         pq_2.train(resid2[rng.choice(n, 30000, replace=False)])
         Sh2 = Sh + (Qw @ pq_2.decode(pq_2.compute_codes(resid2)).T) * np.float32(A)
-    sizes = np.bincount(assign, minlength=LISTS)
-    fixed = 192 + 512 + 2**NB + 2  # centroids, query map, lookup table, own pair + exact mean
+    fixed = LISTS * cent_rank / d + cent_rank + 1 + 512 + 2**NB + 2  # centroids, query map, lookup table, own pair + exact mean
+    if model_tail or order_by == "model":
+        fixed += var_rank + 1  # q'Sw q in rank var_rank
 
     def estimate(i: int, P: int, kr: int, m: int, m2: int, g: np.random.Generator) -> tuple:
         """One query's kl, klr, dots (scan + rescoring + tail) and delta-method standard error of kl."""
@@ -174,9 +220,32 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
         j = g.choice(len(u1), m1, p=p)
         wgt = 1.0 / (m1 * p[j])
         ej, sj = e[u1[j]], s[u1[j]]
+        if model_probed:
+            # the probed tail from its proxies: E[e^s | proxy] = e^(proxy + v/2), E[e^s s | proxy] = e^(proxy + v/2)(proxy + v)
+            pr = proxy[u1].astype(np.float64)
+            if probed_calib == "head":
+                # E[e^eta] and E[eta e^eta] of eta = s - proxy, read from the rescored head (selected on the proxy only)
+                eta = s[top] - proxy[top]
+                k0, k1 = np.exp(eta).mean(), (eta * np.exp(eta)).mean()
+            else:
+                k0, k1 = math.exp(qv_r[i] / 2), math.exp(qv_r[i] / 2) * qv_r[i]
+            ez = np.exp(pr)
+            j, wgt, ej, sj = j[:0], wgt[:0], ej[:0], sj[:0]
+            model_pz, model_pzs = k0 * ez.sum(), k0 * (ez * pr).sum() + k1 * ez.sum()
+            z += model_pz
+            zs += model_pzs
         z += (wgt * ej).sum()
         zs += (wgt * ej * sj).sum()
-        if beta2 and len(u2):
+        if model_tail:
+            unp = np.ones(LISTS, bool)
+            unp[order[i, :P]] = False
+            mv = cscore[i].astype(np.float64)
+            vv = c_l * qv[i]
+            zl = sizes * np.exp(mv + vv / 2)
+            j2 = u2[:0]
+            f = np.zeros(0)
+            model_z, model_zs = zl[unp].sum(), (zl * (mv + vv))[unp].sum()
+        elif beta2 and len(u2):
             # unprobed items: importance sampling by list, p = 1/2 uniform + 1/2 softmax(beta2 * centroid score)
             lc = beta2 * cscore[i, assign[u2]].astype(np.float64)
             pc = np.exp(lc - lc.max())
@@ -190,6 +259,9 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
         ej2, sj2 = e[j2], s[j2]
         z += (f * ej2).sum()
         zs += (f * ej2 * sj2).sum()
+        if model_tail:
+            z += model_z
+            zs += model_zs
         if split is not None:
             # where the error comes from: kl with one region estimated and the others exact
             zh, zsh = e[h].sum(), (e[h] * s[h]).sum()
@@ -198,7 +270,11 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
             ztot = zh + z1 + z2
             exact_kl = (zsh + zs1 + zs2) / ztot - math.log(ztot)
             e1z, e1s = (wgt * ej).sum(), (wgt * ej * sj).sum()
+            if model_probed:
+                e1z, e1s = e1z + model_pz, e1s + model_pzs
             e2z, e2s = (f * ej2).sum(), (f * ej2 * sj2).sum()
+            if model_tail:
+                e2z, e2s = e2z + model_z, e2s + model_zs
             split.append((
                 (zsh + e1s + zs2) / (zh + e1z + z2) - math.log(zh + e1z + z2) - exact_kl,
                 (zsh + zs1 + e2s) / (zh + z1 + e2z) - math.log(zh + z1 + e2z) - exact_kl,
@@ -207,11 +283,15 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
         mean_p = zs / z
         lz = math.log(z)
         # Each tail draw moves kl by weight * e^s (s - E_p[s] - 1) / Z (first order); its variance.
-        var = (wgt * ej * (sj - mean_p - 1) / z).var() * m1
+        var = (wgt * ej * (sj - mean_p - 1) / z).var() * m1 if len(j) else 0.0
         if len(j2):
             var += (f * ej2 * (sj2 - mean_p - 1) / z).var() * len(j2)
         extra = r2 * M2 / d + (2**NB2 if M2 else 0)
-        return mean_p - lz + logn, lz - logn - mean_s[i], scanned * M / d + kr + m + extra, scanned, math.sqrt(var)
+        risk = math.sqrt(var)
+        if model_tail or model_probed:
+            # no draws to read a standard error from: the modelled share of Z is the risk
+            risk = ((model_z if model_tail else 0.0) + (model_pz if model_probed else 0.0)) / z
+        return mean_p - lz + logn, lz - logn - mean_s[i], scanned * M / d + kr + m + extra, scanned, risk
 
     shared_tail = np.sort(np.random.default_rng([seed, 13]).choice(n, m, replace=False)) if spec_tail else None
     g = np.random.default_rng([seed, 11])
@@ -231,7 +311,7 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
     kl, klr, dots = first[:, 0].copy(), first[:, 1].copy(), first[:, 2] + fixed
     result = {
         "seed": seed, "pq": f"PQ{M}x{NB}", "lists_probed": P, "rescored": kr, "m": m, "m_unprobed": m2,
-        "beta": beta, "pq2": list(pq2), "r2": r2, "beta2": beta2, "spec_tail": spec_tail, "scanned_items": round(float(first[:, 3].mean())),
+        "beta": beta, "model_tail": model_tail, "model_probed": model_probed, "probed_calib": probed_calib, "cent_rank": cent_rank, "var_rank": var_rank, "order_by": order_by, "pq2": list(pq2), "r2": r2, "beta2": beta2, "spec_tail": spec_tail, "scanned_items": round(float(first[:, 3].mean())),
         **result_split,
     }
     if refine:
@@ -282,12 +362,23 @@ def main() -> None:
                     help="SPEC section 3's tail: one shared uniform sample of m items (R \\ K per query)")
     ap.add_argument("--rank-aware", action="store_true",
                     help="refine by standard error x density of the estimates (expected rank displacement)")
+    ap.add_argument("--model-tail", action="store_true",
+                    help="unprobed lists: a per-list log-normal model instead of uniform samples (m unprobed unused)")
+    ap.add_argument("--cent-rank", type=int, default=64, help="rank of the centroid scores")
+    ap.add_argument("--var-rank", type=int, default=64, help="rank of the pooled within-list covariance")
+    ap.add_argument("--order", default="centroid", choices=["centroid", "model"],
+                    help="probe lists by centroid score or by the model's expected mass")
+    ap.add_argument("--model-probed", action="store_true",
+                    help="probed tail: e^(proxy + v/2) summed over every scanned item outside the head (no samples)")
+    ap.add_argument("--probed-calib", default="gauss", choices=["gauss", "head"],
+                    help="the probed-tail model's E[e^(s - proxy)]: Gaussian from the PQ error covariance, or read from the head")
     args = ap.parse_args()
     M, NB = (int(x) for x in args.pq.split(":"))
     P, kr, m = (int(x) for x in args.plan.split(":"))
     plan2 = tuple(int(x) for x in args.plan2.split(":"))
     pq2 = tuple(int(x) for x in args.pq2.split(":"))
-    print(json.dumps(run(args.seed, M, NB, P, kr, m, args.m_unprobed, args.beta, args.refine, plan2, pq2, args.r2, args.beta2, args.spec_tail, args.rank_aware)))
+    print(json.dumps(run(args.seed, M, NB, P, kr, m, args.m_unprobed, args.beta, args.refine, plan2, pq2, args.r2, args.beta2, args.spec_tail, args.rank_aware,
+                         args.model_tail, args.cent_rank, args.var_rank, args.order, args.model_probed, args.probed_calib)))
 
 
 if __name__ == "__main__":
