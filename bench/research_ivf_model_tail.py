@@ -15,9 +15,11 @@ the model's expected mass, log n_l + m_l + v_l / 2) are scanned exactly. Estimat
 * ``spec``: SPEC section 3, K = the best k = 256 scanned items plus the own pair, the shared uniform
   R of m = 2048 (R \\ K reweighted). Cost: lists + scanned + m + 2.
 * ``specall``: the same with K = every scanned item (no extra dots).
-* ``model`` (not SPEC section 3): every scanned item exact, each unprobed list l by a log-normal
-  model s ~ N(m_l, v_l), m_l = a <q, mu_l>, v_l = c_l a^2 q' Sw q (Sw the pooled within-list
-  covariance in rank 64 plus an isotropic rest, c_l the list's share of its trace):
+* ``model`` (not SPEC section 3): every scanned item and the own pair exact (the own pair also
+  stays in its list's model when that list is unprobed: one item's expected mass counted twice),
+  each unprobed list l by a log-normal model s ~ N(m_l, v_l), m_l = a <q, mu_l>,
+  v_l = c_l a^2 q' Sw q (Sw the pooled within-list covariance in rank 64 plus an isotropic rest,
+  c_l the list's share of its trace):
   sum e^s ~ n_l e^(m_l + v_l / 2), sum e^s s ~ that times (m_l + v_l). Cost: lists + scanned + 65 + 2.
 
 ``--order model`` adds the 65 dots of q' Sw q to the SPEC rows too.

@@ -39,7 +39,8 @@ The design (cost in dot-product equivalents per query, a d-dim dot = 1):
    m_l = a <q, mu_l> (the rank ``--cent-rank`` centroid score plus the common mean's score) and
    v_l = c_l a^2 q' Sw q (Sw the pooled within-list covariance, rank ``--var-rank`` plus an isotropic
    rest, c_l the list's share of its trace): sum e^s ~ n_l e^(m_l + v_l / 2), sum e^s s ~ that
-   times (m_l + v_l); use it with ``--m-unprobed 0``. ``--order model`` probes the lists by the
+   times (m_l + v_l) (the own pair, always exact, also stays in its list's model when that list is
+   unprobed: one item's expected mass counted twice); use it with ``--m-unprobed 0``. ``--order model`` probes the lists by the
    model's expected mass log n_l + m_l + v_l / 2 instead of the centroid score.
    ``--model-probed`` estimates the probed items outside the head from their proxies,
    e^proxy k0 and e^proxy (k0 proxy + k1), with k0 = E[e^eta], k1 = E[eta e^eta] of the proxy error
@@ -125,6 +126,10 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
 
     if item_var and not model_probed:
         raise ValueError("--item-var needs --model-probed")
+    if model_tail and m2:
+        raise ValueError(f"--model-tail replaces the unprobed draws: use --m-unprobed 0, not {m2}")
+    if model_probed and m > m2:
+        raise ValueError(f"--model-probed replaces the probed-tail draws: m in --plan must equal --m-unprobed, not {m} > {m2}")
     faiss.omp_set_num_threads(1)
     data = prepare(seed)
     X, T, S = data["image"], data["text"], data["S"]
