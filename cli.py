@@ -263,8 +263,10 @@ def score_cmd(index_dir, exact, k, tail_sample, side, logit_scale, logit_bias, m
                f"in {report.total_seconds:.1f}s; run {report.run_id}")
     click.echo(f"  columns: {', '.join(report.columns)}")
     for s, d in report.dots_per_query.items():
-        click.echo(f"  {s} side: {report.index_keys.get(s, '')} nprobe {report.nprobe.get(s)}, "
-                   f"{d:,.0f} dot products per query ({d / report.n:.2%} of exact)")
+        probes = report.nprobe.get(s)
+        searched = "every candidate" if report.exact else report.index_keys.get(s, "")
+        searched += "" if probes is None else f" nprobe {probes}"
+        click.echo(f"  {s} side: {searched}, {d:,.0f} dot products per query ({d / report.n:.2%} of exact)")
     if report.chunks_reused:
         click.echo(f"  resumed: reused {report.chunks_reused} finished chunks")
     for c in report.checks:

@@ -44,3 +44,18 @@ def test_option_clashes_are_usage_errors(tmp_path):
     assert result.exit_code == 2 and "--input is required" in result.output
     result = runner.invoke(cli.cli, ["build-index", "--max-memory", "lots", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "lots" in result.output
+
+
+def test_score_summary_names_what_each_side_searched(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "idx"
+    result = runner.invoke(cli.cli, ["build-index", "--n", "3000", "--dim", "32", "--out", str(out),
+                                     "--index-factory", "IVF16,Flat", "--nprobe", "4", "--quiet"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli.cli, ["score", str(out), "--exact", "--metrics", "kl", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "text side: every candidate, 3,000 dot products per query (100.00% of exact)" in result.output
+    assert "None" not in result.output
+    result = runner.invoke(cli.cli, ["score", str(out), "--k", "16", "--tail-sample", "64", "--metrics", "kl", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "text side: IVF16,Flat nprobe 4, " in result.output and "None" not in result.output
