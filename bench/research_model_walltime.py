@@ -136,9 +136,9 @@ def estimate(m: dict, Q: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.nd
     unprobed = np.ones((nq, LISTS), bool)
     np.put_along_axis(unprobed, probes, False, 1)
     mv = cscore.astype(np.float64)
-    z_l = m["sizes"][None] * np.exp(mv + v_l / 2)
-    z_unp = (z_l * unprobed).sum(1)
-    zs_unp = (z_l * (mv + v_l) * unprobed).sum(1)
+    z_l = np.where(unprobed, m["sizes"][None] * np.exp(np.where(unprobed, mv + v_l / 2, 0.0)), 0.0)
+    z_unp = z_l.sum(1)
+    zs_unp = (z_l * (mv + v_l)).sum(1)
     logn = math.log(n)
     for i in range(nq):
         ids = I[lims[i]:lims[i + 1]]
