@@ -34,9 +34,11 @@ from indexer.progress import Progress, null_progress
 
 log = logging.getLogger(__name__)
 
-#: Default chunk sizes (queries x candidates per score block): 1024 x 16384 float64 = 128 MB on
-#: CPU; GPUs get larger blocks.
-CPU_CHUNKS = (1024, 16384)
+#: Default chunk sizes (queries x candidates per score block). CPU: 512 x 4096 float64 = 16 MB, a
+#: block each elementwise pass (max, exp, sums) reads from cache rather than from memory: 1.4 ms per
+#: query against 2.1-2.5 ms with 1024 x 16384 (128 MB) at N = 100k on 2 cores (BENCHMARKS.md).
+#: GPUs get larger blocks.
+CPU_CHUNKS = (512, 4096)
 GPU_CHUNKS = (4096, 65536)
 
 
