@@ -36,8 +36,9 @@ MIN_POINTS_PER_CENTROID = 39
 SCORE_BUDGET = 0.05
 #: The scorer's default tail sample m (``queries.score.DEFAULT_TAIL`` is this value).
 SCORE_TAIL = 2048
-#: At most this many vectors scanned per query by the default nprobe (the 1M wall-time target).
-MAX_SCAN = 1600
+#: At most this many vectors scanned per query by the default nprobe (the 1M wall-time target:
+#: 2000 gives nprobe 8 at 1M, whose whole ``score`` took 396 s with a 1000-sample check, BENCHMARKS.md).
+MAX_SCAN = 2000
 #: Bytes of bookkeeping per inverted list (two ``std::vector`` headers: codes and ids).
 _LIST_OVERHEAD = 48
 
@@ -292,8 +293,8 @@ def default_nprobe(key: str, n: int) -> int:
       10 minutes on the 2-core reference machine, BENCHMARKS.md).
 
     Accuracy is bought with nprobe (BENCHMARKS.md section 1): on the calibrated synthetic world at
-    100k, IVF1024 with nprobe 8 (3.9% of n) gives Spearman 0.936 on kl_text, nprobe 16 (4.6% of n,
-    what this rule picks there) 0.958. Clamped to ``[1, nlist]``.
+    100k, IVF1024 with nprobe 8 (3.9% of n) gives Spearman 0.936 on kl_text, nprobe 16 (4.6% of n)
+    0.958; this rule picks 19 there (4.9% of n). Clamped to ``[1, nlist]``.
 
     Args:
         key: the factory string.
@@ -302,7 +303,7 @@ def default_nprobe(key: str, n: int) -> int:
     >>> [default_nprobe(f"IVF{nlist},Flat", 0) for nlist in (64, 256, 1024, 4096, 16384)]
     [32, 16, 8, 4, 2]
     >>> [default_nprobe(f"IVF{default_nlist(n)},Flat", n) for n in (30_000, 100_000, 300_000, 1_000_000)]
-    [16, 16, 10, 6]
+    [16, 19, 13, 8]
     >>> default_nprobe("Flat", 1000)
     0
     """

@@ -165,8 +165,8 @@ def test_default_nlist():
 
 def test_default_nprobe():
     assert default_nprobe("IVF1024,Flat", 0) == 8  # n unknown: the base rule
-    assert default_nprobe("IVF1024,Flat", 100_000) == 16  # 16 lists of ~98 vectors: the scan cap
-    assert default_nprobe("IVF4096,SQ8", 1_000_000) == 6  # 6 lists of ~244 vectors: the scan cap
+    assert default_nprobe("IVF1024,Flat", 100_000) == 19  # 19 lists of ~98 vectors: the 5% budget
+    assert default_nprobe("IVF4096,SQ8", 1_000_000) == 8  # 8 lists of ~244 vectors: the scan cap
     assert default_nprobe("IVF256,Flat", 100_000) == 16  # 390 vectors per list: the base rule
     assert default_nprobe("IVF1,Flat", 10) == 1
     assert default_nprobe("IVF2,Flat", 100) == 2  # clamped to nlist
