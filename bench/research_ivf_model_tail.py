@@ -61,12 +61,10 @@ def lists_of(space: str, X: np.ndarray, T: np.ndarray, nlist: int) -> tuple[np.n
         quantizer = faiss.downcast_index(index.quantizer)
         centroids = faiss.rev_swig_ptr(quantizer.get_xb(), nlist * d).reshape(nlist, d).copy()
         return quantizer.search(X, 1)[1][:, 0], centroids
-    sigma = (T.astype(np.float64).T @ T) / len(T)
-    w, U = np.linalg.eigh(sigma)
-    Xw = X @ ((U * np.sqrt(w)) @ U.T).astype(np.float32)
-    km = faiss.Kmeans(d, nlist, niter=20, seed=1)
-    km.train(Xw[train])
-    assign = km.index.search(Xw, 1)[1][:, 0]
+    from bench.research_pq_head import query_whitening, whitened_kmeans
+
+    Xw = X @ query_whitening(T)[0]
+    assign = whitened_kmeans(Xw, nlist, train).index.search(Xw, 1)[1][:, 0]
     return assign, list_means(X, assign, nlist).astype(np.float32)
 
 

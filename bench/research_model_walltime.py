@@ -60,15 +60,14 @@ def quad(Q: np.ndarray, model: tuple) -> np.ndarray:
 def build(X: np.ndarray, T: np.ndarray) -> dict:
     import faiss
 
+    from bench.research_ivf_model_tail import list_means
+    from bench.research_pq_head import query_whitening, whitened_kmeans
+
     n, d = X.shape
-    sigma = (T.astype(np.float64).T @ T) / len(T)
-    w, U = np.linalg.eigh(sigma)
-    half = ((U * np.sqrt(w)) @ U.T).astype(np.float32)
-    inv_half = ((U / np.sqrt(w)) @ U.T).astype(np.float32)
+    half, inv_half = query_whitening(T)
     Xw = X @ half
     rng = np.random.default_rng(0)
-    km = faiss.Kmeans(d, LISTS, niter=20, seed=1)
-    km.train(Xw[rng.choice(n, 64 * LISTS, replace=False)])
+    km = whitened_kmeans(Xw, LISTS, rng.choice(n, 64 * LISTS, replace=False))
     Cq = km.centroids.copy()
     quantizer = faiss.IndexFlatL2(d)  # assignment = the k-means one (nearest centroid in the whitened space)
     quantizer.add(Cq)
@@ -92,9 +91,7 @@ def build(X: np.ndarray, T: np.ndarray) -> dict:
     err_model = low_rank((err.astype(np.float64).T @ err) / n, RANK)
     err2 = (err.astype(np.float64) ** 2).sum(1)
     share_item = (err2 / err2.mean()).astype(np.float32)
-    C = np.zeros((LISTS, d))
-    np.add.at(C, assign, X)
-    C /= np.maximum(sizes, 1)[:, None]  # the lists' means in the original space
+    C = list_means(X, assign, LISTS)  # the lists' means in the original space
     resid = (X - C[assign]).astype(np.float64)
     Sw = (resid.T @ resid) / n
     trace = np.bincount(assign, weights=(resid ** 2).sum(1), minlength=LISTS)

@@ -114,6 +114,23 @@ def prepare(seed: int) -> dict:
     return {"image": image, "text": text, "qids": z["qids"], "kl": z["kl"], "klr": z["klr"], "S": z["S"] * np.float32(A)}
 
 
+def query_whitening(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sigma^(1/2) and Sigma^(-1/2), float32, of Sigma = E[t t^T] over the captions T: the queries'
+    second moment, whose metric (x Sigma^(1/2)) is the query-aware space the lists are clustered in."""
+    sigma = (T.astype(np.float64).T @ T) / len(T)
+    w, U = np.linalg.eigh(sigma)
+    return ((U * np.sqrt(w)) @ U.T).astype(np.float32), ((U / np.sqrt(w)) @ U.T).astype(np.float32)
+
+
+def whitened_kmeans(Xw: np.ndarray, nlist: int, train_rows: np.ndarray):
+    """FAISS k-means (20 iterations, seed 1) of ``Xw[train_rows]``; the trained ``faiss.Kmeans``."""
+    import faiss
+
+    km = faiss.Kmeans(Xw.shape[1], nlist, niter=20, seed=1)
+    km.train(Xw[train_rows])
+    return km
+
+
 def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: float,
         refine: float = 0.0, plan2: tuple = (448, 6000, 2000, 500), pq2: tuple = (0, 8), r2: int = 0,
         beta2: float = 0.0, spec_tail: bool = False, rank_aware: bool = False,
@@ -146,14 +163,10 @@ def run(seed: int, M: int, NB: int, P: int, kr: int, m: int, m2: int, beta: floa
         qids = np.concatenate([qids, cq])
         S = np.vstack([S, (T[cq] @ X.T) * np.float32(A)])
     gam = {"u": 1.0, "p": 1.0}  # variance scales of the unprobed and the probed-tail models
-    sig = (T.astype(np.float64).T @ T) / len(T)
-    w, U = np.linalg.eigh(sig)
-    half = ((U * np.sqrt(w)) @ U.T).astype(np.float32)
-    inv_half = ((U / np.sqrt(w)) @ U.T).astype(np.float32)
+    half, inv_half = query_whitening(T)
     Xw = X @ half
     rng = np.random.default_rng(0)
-    km = faiss.Kmeans(d, LISTS, niter=20, seed=1)
-    km.train(Xw[rng.choice(n, 64 * LISTS, replace=False)])
+    km = whitened_kmeans(Xw, LISTS, rng.choice(n, 64 * LISTS, replace=False))
     _, assign = km.index.search(Xw, 1)
     assign = assign[:, 0]
     Cw = np.stack([Xw[assign == i].mean(0) for i in range(LISTS)]).astype(np.float32)
