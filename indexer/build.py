@@ -201,10 +201,13 @@ def build_index(
         dtype = "float16" if info.dtype == "float16" else "float32"
     if "float16" in (dtype, info.dtype):
         # half-float conversions go through torch (indexer.arrays.copy_cast), whose import takes
-        # ~2 s: start it now, beside the reading of the first shard
-        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
+        # ~2 s: start it now, beside the reading of the first shard. Not a daemon: a build that
+        # fails early waits for the import to finish instead of killing it mid-way at exit, which
+        # printed "Exception in thread ..." after the error message.
+        threading.Thread(target=importlib.import_module, args=("torch",)).start()
     if info.n < 1:
-        raise BadInput(f"source {info.source!r} has no samples")
+        where = info.extra.get("path")
+        raise BadInput(f"source {info.source!r} has no samples" + (f" ({where})" if where else ""))
     if not (info.logit_scale > 0 and np.isfinite(info.logit_scale)):
         raise InvalidParameter(f"logit scale must be a positive number, got {info.logit_scale}")
 

@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 UID_REGEX = "^[0-9a-f]{32}$"
 
+#: Column names of ``samples`` that the index sets itself; a source column of that name (any case,
+#: as DuckDB's names are case-insensitive) is kept with the suffix ``_source``.
+RESERVED_COLUMNS = ("uid", "caption", "vec_id")
+
 #: DataComp ``arch`` -> (open_clip model name, open_clip pretrained tag) that produced the arrays.
 DATACOMP_ARCHS: dict[str, tuple[str, str]] = {
     "b32": ("ViT-B-32", "openai"),
@@ -137,8 +141,8 @@ def arrange_meta(table: pa.Table, uid: pa.Array, caption_column: str,
         drop: columns of ``table`` not to keep (e.g. the column that became ``uid``).
 
     Returns:
-        The arranged table. A remaining source column named ``uid`` or ``caption`` is kept as
-        ``uid_source`` / ``caption_source``.
+        The arranged table. A remaining source column named ``uid``, ``caption`` or ``vec_id`` (a
+        name the index uses itself) is kept as ``uid_source`` / ``caption_source`` / ``vec_id_source``.
     """
     caption = table.column(caption_column)
     if caption.type != pa.string():
@@ -147,7 +151,7 @@ def arrange_meta(table: pa.Table, uid: pa.Array, caption_column: str,
     for name in table.column_names:
         if name == caption_column or name in drop:
             continue
-        names.append(f"{name}_source" if name in ("uid", "caption") else name)
+        names.append(f"{name}_source" if name.lower() in RESERVED_COLUMNS else name)
         arrays.append(table.column(name))
     return pa.table(arrays, names=names)
 
@@ -256,13 +260,74 @@ def _check_embedding_ref(ref: _ArrayRef) -> None:
         raise BadInput(f"{ref.label}: expected floating-point embeddings, got dtype {ref.dtype}")
 
 
-def _parquet_num_rows(path: Path) -> tuple[int, list[str]]:
-    """Row count and column names from a parquet footer."""
+def _parquet_footer(path: Path) -> tuple[int, pa.Schema]:
+    """Row count and Arrow schema from a parquet footer."""
     try:
         pf = pq.ParquetFile(path)
-        return pf.metadata.num_rows, list(pf.schema_arrow.names)
+        return pf.metadata.num_rows, pf.schema_arrow
     except (OSError, pa.ArrowException) as exc:
         raise BadInput(f"Cannot read {path}: not a valid parquet file ({exc})") from exc
+
+
+def unify_metadata_schemas(schemas: Sequence[tuple[Path, pa.Schema]]) -> pa.Schema:
+    """One schema for the metadata of every shard: the union of their columns, in first-seen order.
+
+    Shards written at different times often differ a little: a column only some shards have (it is
+    NULL in the others), an all-NULL column in one shard, int64 in one shard and float64 in another
+    (widened to float64). Types that cannot be reconciled (a number in one shard, a string in
+    another) are an error naming both files. Columns that are NULL in every shard become strings.
+
+    Raises:
+        BadInput: two shards give a column incompatible types.
+    """
+    unified = schemas[0][1]
+    for path, schema in schemas[1:]:
+        try:
+            unified = pa.unify_schemas([unified, schema], promote_options="permissive")
+        except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+            for field in schema:
+                if field.name not in unified.names:
+                    continue
+                other = unified.field(field.name).type
+                try:
+                    pa.unify_schemas([pa.schema([(field.name, other)]), pa.schema([field])],
+                                     promote_options="permissive")
+                except (pa.ArrowTypeError, pa.ArrowInvalid):
+                    first = next(p for p, sc in schemas if field.name in sc.names)
+                    raise BadInput(
+                        f"Metadata column {field.name!r} is {field.type} in {path} but {other} in "
+                        f"{first}; the shards' columns must have "
+                        "compatible types"
+                    ) from None
+            raise BadInput(f"Cannot combine the metadata columns of {path} with the earlier shards: "
+                           f"{exc}") from exc
+    for i, field in enumerate(unified):
+        if pa.types.is_null(field.type):
+            unified = unified.set(i, field.with_type(pa.string()))
+    for path, schema in schemas:
+        missing = [name for name in unified.names if name not in schema.names]
+        if missing:
+            logger.warning("%s has no column %s; its rows get NULL there", path,
+                           ", ".join(repr(m) for m in missing))
+    return unified
+
+
+def conform_to_schema(table: pa.Table, schema: pa.Schema, origin: str) -> pa.Table:
+    """``table`` with ``schema``'s columns, in its order: missing ones NULL, the others cast."""
+    arrays = []
+    for field in schema:
+        if field.name not in table.column_names:
+            arrays.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(field.name)
+        if column.type != field.type:
+            try:
+                column = column.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise BadInput(f"{origin}: column {field.name!r} cannot be read as {field.type} "
+                               f"like the other shards: {exc}") from exc
+        arrays.append(column)
+    return pa.table(arrays, schema=schema)
 
 
 def _read_parquet(path: Path) -> pa.Table:
@@ -306,9 +371,11 @@ def _check_dims(shards: Sequence[_Shard]) -> int:
     return dim
 
 
-def _stream(shards: Sequence[_Shard], batch_size: int,
+def _stream(shards: Sequence[_Shard], batch_size: int, schema: pa.Schema,
             meta_of: Callable[[_Shard, pa.Table], pa.Table]) -> Iterator[Batch]:
-    """Yield the shards' rows in order, ``batch_size`` rows at most, one shard in memory at a time."""
+    """Yield the shards' rows in order, ``batch_size`` rows at most, one shard in memory at a time.
+
+    Each shard's metadata is first conformed to ``schema`` (``unify_metadata_schemas``)."""
     batch_size = _check_batch_size(batch_size)
     for shard in shards:
         if shard.n == 0:
@@ -317,7 +384,7 @@ def _stream(shards: Sequence[_Shard], batch_size: int,
         if table.num_rows != shard.n:
             raise BadInput(f"Row counts disagree: {shard.meta_path} now has {table.num_rows} rows, "
                            f"{shard.n} when the source was opened")
-        meta = meta_of(shard, table)
+        meta = meta_of(shard, conform_to_schema(table, schema, str(shard.meta_path)))
         image, text = shard.image.load(), shard.text.load()
         logger.debug("Reading %s (%d rows)", shard.meta_path, shard.n)
         for start in range(0, shard.n, batch_size):
@@ -389,12 +456,14 @@ class DataCompSource:
         for npz in npzs:
             if npz.stem not in parquet_stems:
                 raise BadInput(f"{npz} has no matching metadata file {npz.with_suffix('.parquet')}")
-        shards = []
+        shards, schemas = [], []
         for i, parquet in enumerate(parquets):
             npz = parquet.with_suffix(".npz")
             if not npz.is_file():
                 raise BadInput(f"{parquet} has no matching embeddings file {npz}")
-            n, columns = _parquet_num_rows(parquet)
+            n, schema = _parquet_footer(parquet)
+            schemas.append((parquet, schema))
+            columns = schema.names
             for required in ("uid", "text"):
                 if required not in columns:
                     raise BadInput(f"{parquet} has no {required!r} column; columns: {', '.join(columns)}")
@@ -408,6 +477,7 @@ class DataCompSource:
             _check_shard(parquet, n, image, text)
             shards.append(_Shard(parquet, image, text, n, i))
         self._shards = shards
+        self._schema = unify_metadata_schemas(schemas)
         dim = _check_dims(shards)
         model_name, pretrained = DATACOMP_ARCHS[arch]
         self.info = SourceInfo(
@@ -432,7 +502,7 @@ class DataCompSource:
             uid = normalize_uids(table.column("uid"), str(shard.meta_path))
             return arrange_meta(table, uid, "text", drop=("uid",))
 
-        yield from _stream(self._shards, batch_size, meta_of)
+        yield from _stream(self._shards, batch_size, self._schema, meta_of)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -498,7 +568,7 @@ class ClipRetrievalSource:
                            f"metadata/metadata_{{i}}.parquet)")
         expected = {"image": "img_emb/img_emb_{i}.npy", "text": "text_emb/text_emb_{i}.npy",
                     "meta": "metadata/metadata_{i}.parquet"}
-        shards = []
+        shards, schemas = [], []
         warned_uid = False
         for i in indices:
             for kind in ("meta", "image", "text"):
@@ -507,7 +577,9 @@ class ClipRetrievalSource:
                     raise BadInput(f"Shard {i} is incomplete: {present} exists but "
                                    f"{self.path / expected[kind].format(i=i)} is missing")
             meta_path = files["meta"][i]
-            n, columns = _parquet_num_rows(meta_path)
+            n, schema = _parquet_footer(meta_path)
+            schemas.append((meta_path, schema))
+            columns = schema.names
             for col in (caption_column, uid_column):
                 if col is not None and col not in columns:
                     raise BadInput(f"{meta_path} has no {col!r} column; columns: {', '.join(columns)}")
@@ -520,6 +592,7 @@ class ClipRetrievalSource:
             _check_shard(meta_path, n, image, text)
             shards.append(_Shard(meta_path, image, text, n, i))
         self._shards = shards
+        self._schema = unify_metadata_schemas(schemas)
         dim = _check_dims(shards)
         self.info = SourceInfo(
             source="clip-retrieval", n=sum(s.n for s in shards), dim=dim, raw_known=False,
@@ -554,4 +627,4 @@ class ClipRetrievalSource:
                             for row, key in enumerate(keys)], pa.string())
             return arrange_meta(table, uid, self.caption_column)
 
-        yield from _stream(self._shards, batch_size, meta_of)
+        yield from _stream(self._shards, batch_size, self._schema, meta_of)

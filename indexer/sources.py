@@ -82,6 +82,7 @@ class ArraySource:
         import numpy as np
         import pyarrow as pa
 
+        from indexer.reader import RESERVED_COLUMNS
         from indexer.source import SourceInfo
 
         self.image = np.asarray(image)
@@ -96,8 +97,8 @@ class ArraySource:
         cols = {"uid": pa.array(list(uids), pa.string()), "caption": pa.array(list(captions), pa.string())}
         if meta is not None:
             extra = meta if isinstance(meta, pa.Table) else pa.table(meta)
-            for name_ in extra.column_names:
-                cols[name_] = extra.column(name_)
+            for name_ in extra.column_names:  # a column the index names itself is kept as NAME_source
+                cols[f"{name_}_source" if name_.lower() in RESERVED_COLUMNS else name_] = extra.column(name_)
         self.meta = pa.table(cols)
         self.info = SourceInfo(source=name, n=n, dim=self.image.shape[1], raw_known=raw_known,
                                logit_scale=logit_scale, logit_bias=logit_bias, model=model)

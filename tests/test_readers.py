@@ -254,6 +254,46 @@ def test_datacomp_missing_text_column(tmp_path, rng):
         DataCompSource(tmp_path / "dc")
 
 
+def test_datacomp_shards_with_different_columns_are_unified(tmp_path, rng):
+    """A column only one shard has is NULL in the others; int64 in one shard and float64 in another
+    is read as float64 (not cast to int); an all-NULL column takes the other shard's type."""
+    make_datacomp(tmp_path / "dc", rng)
+    first, second = sorted((tmp_path / "dc").glob("*.parquet"))
+    t0, t1 = pq.read_table(first), pq.read_table(second)
+    n0, n1 = t0.num_rows, t1.num_rows
+    pq.write_table(t0.append_column("note", pa.nulls(n0, pa.null())), first)
+    widths = np.linspace(0.25, 0.75, n1)
+    t1 = t1.set_column(t1.column_names.index("original_width"), "original_width", pa.array(widths))
+    pq.write_table(t1.append_column("aesthetic", pa.array(np.arange(n1, dtype=np.float32)))
+                   .append_column("note", pa.array([f"n{i}" for i in range(n1)])), second)
+    _, meta, _, _ = collect(DataCompSource(tmp_path / "dc"), 10)
+    assert meta.schema.field("original_width").type == pa.float64()
+    assert meta.column("original_width").to_pylist()[n0:] == widths.tolist()
+    assert meta.column("original_width").to_pylist()[:n0] == [float(w) for w in t0.column("original_width").to_pylist()]
+    assert meta.column("aesthetic").to_pylist() == [None] * n0 + list(range(n1))
+    assert meta.column("note").to_pylist() == [None] * n0 + [f"n{i}" for i in range(n1)]
+
+
+def test_datacomp_incompatible_column_types_name_both_files(tmp_path, rng):
+    make_datacomp(tmp_path / "dc", rng)
+    first, second = sorted((tmp_path / "dc").glob("*.parquet"))
+    t1 = pq.read_table(second)
+    col = t1.column_names.index("original_width")
+    pq.write_table(t1.set_column(col, "original_width", pa.array(["w"] * t1.num_rows)), second)
+    with pytest.raises(BadInput, match=rf"'original_width' is string in {re.escape(str(second))} but "
+                                       rf"int64 in {re.escape(str(first))}"):
+        DataCompSource(tmp_path / "dc")
+
+
+def test_source_columns_named_like_index_columns_are_kept_with_a_suffix(tmp_path, rng):
+    make_clip_retrieval(tmp_path / "cr", rng, sizes=(5,))
+    path = tmp_path / "cr" / "metadata" / "metadata_00.parquet"
+    pq.write_table(pq.read_table(path).append_column("VEC_ID", pa.array([7] * 5)), path)
+    _, meta, _, _ = collect(ClipRetrievalSource(tmp_path / "cr"), 10)
+    assert "VEC_ID_source" in meta.column_names and "VEC_ID" not in meta.column_names
+    assert meta.column("VEC_ID_source").to_pylist() == [7] * 5
+
+
 def test_datacomp_bad_parameters(tmp_path, rng):
     make_datacomp(tmp_path / "dc", rng)
     with pytest.raises(InvalidParameter, match="arch"):
