@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from indexer import __version__
+from indexer import __version__, lock
 from indexer.arrays import NpyWriter, copy_cast
 from indexer.errors import BadInput, InvalidParameter
 from indexer.layout import FORMAT_VERSION, MODALITIES, IndexPaths
@@ -57,6 +57,7 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: int = 0
     skipped_report: Path | None = None
+    replaced: bool = False  # an older index at ``path`` was replaced
 
     @property
     def total_seconds(self) -> float:
@@ -97,6 +98,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _clean_stale(out: Path) -> None:
     """Remove build directories left by builds of ``out`` whose process no longer exists."""
     pat = re.compile(rf"^\.{re.escape(out.name)}\.(building|old)-(\d+)-[0-9a-f]+$")
@@ -106,7 +114,13 @@ def _clean_stale(out: Path) -> None:
         m = pat.match(p.name)
         if m and not _pid_alive(int(m.group(2))):
             log.info("removing stale build directory %s", p)
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
+
+
+#: What a build writes into an index directory (and ``score`` / the locks add); anything else in
+#: an index at ``--out`` is the user's, and a rebuild refuses to delete it.
+_INDEX_FILES = re.compile(r"^(catalog\.duckdb(\.wal)?|(image|text)(\.faiss|_emb\.npy|_rawnorm\.npy)"
+                          r"|skipped\.tsv|work|\.lock)$")
 
 
 def _check_replaceable(out: Path) -> None:
@@ -119,14 +133,27 @@ def _check_replaceable(out: Path) -> None:
             f"Output {str(out)!r} exists, is not empty and is not an index; refusing to replace it "
             "(choose another --out)"
         )
+    foreign = sorted(p.name for p in out.iterdir() if not _INDEX_FILES.match(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise BadInput(
+            f"Output {str(out)!r} is an index that also holds files a build did not write ({shown}); "
+            "a rebuild replaces the whole directory, so move them out first (or choose another --out)"
+        )
+    with lock.replacing(out):  # fail now, not after the build, when a score is running in it
+        pass
 
 
-def _swap(tmp: Path, out: Path) -> None:
-    """Move the finished build at ``tmp`` to ``out``, replacing an older index there."""
+def _swap(tmp: Path, out: Path) -> bool:
+    """Move the finished build at ``tmp`` to ``out``, replacing an older index there (True then).
+
+    The older index is moved aside under its exclusive lock (``indexer.lock``): not while a
+    ``score`` works in it."""
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
+        with lock.replacing(out):
+            os.rename(out, old)
     try:
         os.rename(tmp, out)
     except BaseException:
@@ -134,7 +161,8 @@ def _swap(tmp: Path, out: Path) -> None:
             os.rename(old, out)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+    return old is not None
 
 
 def build_index(
@@ -156,7 +184,8 @@ def build_index(
 
     Args:
         source: any ``indexer.source.Source`` (synthetic world, DataComp, clip-retrieval, open_clip).
-        out: the index directory; an existing index there is replaced only when the build succeeds.
+        out: the index directory; an existing index there is replaced only when the build succeeds
+            (with its scores and weights). A symbolic link is followed: its target is replaced.
         index_key: FAISS factory string; default chosen from n, dim and ``max_memory``.
         max_memory: memory budget in bytes for one modality's FAISS index.
         dtype: storage of the normalised embeddings, "float32", "float16" or "auto" (the source's
@@ -178,6 +207,7 @@ def build_index(
         BadInput: malformed input (the message names the file and row).
         InvalidParameter: a bad option value.
         BudgetTooSmall: no FAISS index fits ``max_memory``.
+        IndexBusy: a ``score`` is running in the index at ``out``.
     """
     from indexer import choose, faiss_index
     from indexer.stats import StatsAccumulator, cov_row_picker
@@ -190,10 +220,12 @@ def build_index(
     if cov_sample < 0 or (0 < cov_sample < 2):
         raise InvalidParameter(f"cov_sample must be 0 (every row) or at least 2, got {cov_sample}")
     if limit is not None:
-        if limit < 1:
-            raise InvalidParameter(f"n must be >= 1, got {limit}")
+        if limit < 2:
+            raise InvalidParameter(f"n must be >= 2 (an index needs two samples), got {limit}")
         source = LimitedSource(source, limit)
     out = Path(out)
+    if out.is_symlink():  # build beside the link's target (its disk), and replace the target
+        out = out.resolve()
     _check_replaceable(out)
     _clean_stale(out)
     info = source.info
@@ -268,8 +300,9 @@ def build_index(
         seconds["read"] = time.perf_counter() - t0
         skipped = list(getattr(source, "skipped", []) or [])
         n = pos
-        if n == 0:
-            raise BadInput(f"source {info.source!r} yielded no samples")
+        if n < 2:
+            raise BadInput(f"source {info.source!r} yielded {n or 'no'} sample{'' if n == 1 else 's'}; an "
+                           "index needs at least two")
         if n < n_max and not skipped:
             raise BadInput(f"source {info.source!r} announced {n_max} samples but yielded {n}")
         t0 = time.perf_counter()
@@ -338,7 +371,7 @@ def build_index(
         del emb
         seconds["catalog"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _swap(tmp, out)
+        replaced = _swap(tmp, out)
         seconds["swap"] = time.perf_counter() - t0
     except BaseException:
         for w in writers.values():
@@ -348,7 +381,7 @@ def build_index(
     return BuildReport(
         path=out, source=info.source, synthetic=bool(info.synthetic), n=n, dim=dim,
         index_keys={m: key for m in MODALITIES}, seconds=seconds, skipped=len(skipped),
-        skipped_report=(out / "skipped.tsv") if skipped else None,
+        skipped_report=(out / "skipped.tsv") if skipped else None, replaced=replaced,
     )
 
 

@@ -34,3 +34,11 @@ class BudgetTooSmall(ClipIndexError):
 
 class NotReadOnly(ClipIndexError):
     """A user query tried to modify the catalog through a read-only entry point."""
+
+
+class BrokenIndex(ClipIndexError):
+    """An index directory is damaged: a file it needs is missing or unreadable."""
+
+
+class IndexBusy(ClipIndexError):
+    """Another process is using the index in a way that conflicts with this request."""

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import faiss
 import numpy as np
 
+from indexer import layout
 from indexer.choose import MIN_POINTS_PER_CENTROID
 from indexer.errors import IndexNotFound, InvalidParameter
 from indexer.progress import Progress, null_progress
@@ -259,9 +260,10 @@ def build_index(
 
 
 # -- exact (Flat) indexes -------------------------------------------------------------------
-#: The factory string of an exact index. The builder writes no file for it: the index is the
-#: stored embedding matrix, copied into an ``IndexFlatIP`` when the index directory is opened.
-FLAT_KEY = "Flat"
+#: The factory string of an exact index (``indexer.layout.FLAT_KEY``). The builder writes no file
+#: for it: the index is the stored embedding matrix, copied into an ``IndexFlatIP`` when the index
+#: directory is opened.
+FLAT_KEY = layout.FLAT_KEY
 
 
 def flat_index(vectors: np.ndarray, chunk: int = 65536) -> faiss.Index:

@@ -11,6 +11,8 @@
       text_emb.npy          normalised text embeddings
       image_rawnorm.npy     ||u|| of the raw image embeddings (only when raw embeddings are known)
       text_rawnorm.npy      ||u|| of the raw text embeddings
+      work/                 resumable chunks of a running or interrupted ``score``
+      .lock                 flock target: ``score`` vs a rebuild (``indexer.lock``)
 
 Row ``i`` of every array and ``vec_id = i`` in ``samples`` describe the same (image, caption) pair;
 the raw embedding is ``rawnorm[i] * emb[i]``.
@@ -24,6 +26,8 @@ from pathlib import Path
 FORMAT_VERSION = 1
 MODALITIES = ("image", "text")
 CATALOG = "catalog.duckdb"
+#: The factory key of an exact index; such an index has no .faiss file (it is made from *_emb.npy).
+FLAT_KEY = "Flat"
 
 
 def check_modality(modality: str) -> str:

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from indexer.errors import FormatVersionMismatch, IndexNotFound
-from indexer.layout import FORMAT_VERSION, IndexPaths, check_modality
+from indexer.errors import BrokenIndex, FormatVersionMismatch, IndexNotFound
+from indexer.layout import FLAT_KEY, FORMAT_VERSION, MODALITIES, IndexPaths, check_modality
 from queries.store import Store
 
 
@@ -40,9 +40,26 @@ class PoolIndex:
                 f"Index {str(self.root)!r} has format version {fv}; this tool reads version "
                 f"{FORMAT_VERSION}. Rebuild it with `cli.py build-index`."
             )
+        self._check_files()
         self._faiss: dict[str, Any] = {}
         self._emb: dict[str, np.ndarray] = {}
         self._reader: Store | None = None
+
+    def _check_files(self) -> None:
+        """Every file the manifest implies is there (a damaged or half-copied index fails here)."""
+        params = self.manifest.get("index_params") or {}
+        missing = []
+        for m in MODALITIES:
+            need = [self.paths.embeddings(m)]
+            if (params.get(m) or {}).get("key") != FLAT_KEY:
+                need.append(self.paths.faiss(m))
+            if self.manifest.get("raw_known"):
+                need.append(self.paths.rawnorms(m))
+            missing += [p.name for p in need if not p.is_file()]
+        if missing:
+            raise BrokenIndex(f"Index {str(self.root)!r} is incomplete: {', '.join(missing)} "
+                              f"{'is' if len(missing) == 1 else 'are'} missing; rebuild it with "
+                              "`cli.py build-index`")
 
     def _read_manifest(self) -> dict:
         with self.store(read_only=True) as s:

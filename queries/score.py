@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from indexer import lock
 from indexer.choose import SCORE_TAIL
 from indexer.errors import InvalidParameter
 from indexer.layout import MODALITIES
@@ -489,73 +490,75 @@ def score(
     Raises:
         IndexNotFound: ``pool_or_path`` is not an index.
         InvalidParameter: a parameter is out of range (the message names it and its value).
+        IndexBusy: build-index is replacing the index right now.
     """
     started = time.perf_counter()
     pool = as_pool(pool_or_path)
-    if not exact and k is None and tail_sample is None and _flat_only(pool):
-        # A Flat search already spends N dot products per query: the exact softmax costs no more
-        # (the estimator would cost N + m) and is the truth.
-        log.info("Flat indexes: computing the exact KL (no cheaper than the search); "
-                 "pass k or tail_sample to force the estimator")
-        exact = True
-    p = _resolve(pool, exact=exact, k=k, tail_sample=tail_sample, side=side, logit_scale=logit_scale,
-                 logit_bias=logit_bias, metrics=metrics, seed=seed, batch_size=batch_size, nprobe=nprobe,
-                 check=check)
-    progress = progress or null_progress
-    columns = [c for c in SCORE_COLUMNS
-               if c == "clipscore" and "clipscore" in p.metrics
-               or c.rsplit("_", 1)[0] in p.metrics and c.rsplit("_", 1)[1] in p.sides]
-    report = ScoreReport(run_id=0, path=pool.root, columns=columns, n=pool.n, exact=p.exact, sides=p.sides,
-                         k=p.k, m=p.m, logit_scale=p.a, logit_bias=p.b, seed=p.seed)
-    cols: dict[str, np.ndarray] = {}
-    work = pool.paths.work_dir(_work_name(pool, p))
-    if p.kl:
-        work.mkdir(parents=True, exist_ok=True)
-        log.info("scoring KL (%s) of %d samples, %s; chunks in %s", "exact" if p.exact else
-                 f"k={p.k}, m={p.m}", pool.n, "+".join(p.sides), work)
-        for s in p.sides:
-            t0 = time.perf_counter()
-            _kl_side(pool, s, p, work, report, progress, device)
-            cols.update(_read_side(work, s, pool.n))
-            report.seconds[f"kl_{s}"] = time.perf_counter() - t0
-            log.info("KL %s side: %.1f s", s, report.seconds[f"kl_{s}"])
-        if report.chunks_reused:
-            log.info("resumed: %d chunks reused from %s", report.chunks_reused, work)
+    with lock.using(pool.root, "score"):  # a rebuild must not swap the index out from under us
+        if not exact and k is None and tail_sample is None and _flat_only(pool):
+            # A Flat search already spends N dot products per query: the exact softmax costs no more
+            # (the estimator would cost N + m) and is the truth.
+            log.info("Flat indexes: computing the exact KL (no cheaper than the search); "
+                     "pass k or tail_sample to force the estimator")
+            exact = True
+        p = _resolve(pool, exact=exact, k=k, tail_sample=tail_sample, side=side, logit_scale=logit_scale,
+                     logit_bias=logit_bias, metrics=metrics, seed=seed, batch_size=batch_size, nprobe=nprobe,
+                     check=check)
+        progress = progress or null_progress
+        columns = [c for c in SCORE_COLUMNS
+                   if c == "clipscore" and "clipscore" in p.metrics
+                   or c.rsplit("_", 1)[0] in p.metrics and c.rsplit("_", 1)[1] in p.sides]
+        report = ScoreReport(run_id=0, path=pool.root, columns=columns, n=pool.n, exact=p.exact, sides=p.sides,
+                             k=p.k, m=p.m, logit_scale=p.a, logit_bias=p.b, seed=p.seed)
+        cols: dict[str, np.ndarray] = {}
+        work = pool.paths.work_dir(_work_name(pool, p))
+        if p.kl:
+            work.mkdir(parents=True, exist_ok=True)
+            log.info("scoring KL (%s) of %d samples, %s; chunks in %s", "exact" if p.exact else
+                     f"k={p.k}, m={p.m}", pool.n, "+".join(p.sides), work)
+            for s in p.sides:
+                t0 = time.perf_counter()
+                _kl_side(pool, s, p, work, report, progress, device)
+                cols.update(_read_side(work, s, pool.n))
+                report.seconds[f"kl_{s}"] = time.perf_counter() - t0
+                log.info("KL %s side: %.1f s", s, report.seconds[f"kl_{s}"])
+            if report.chunks_reused:
+                log.info("resumed: %d chunks reused from %s", report.chunks_reused, work)
 
-    t0 = time.perf_counter()
-    closed = [m for m in CLOSED_FORM_METRICS if m in p.metrics]
-    if closed:
-        from queries.closed_form import closed_form_scores
-
-        for s in p.sides:
-            cols.update(closed_form_scores(pool, s, a=p.a, metrics=set(closed), progress=progress,
-                                           precision="float32"))
-    if "clipscore" in p.metrics:
-        from queries.closed_form import clipscore_scores
-
-        cols["clipscore"] = clipscore_scores(pool, progress=progress)
-    if closed or "clipscore" in p.metrics:
-        report.seconds["closed_form"] = time.perf_counter() - t0
-
-    if p.check:
         t0 = time.perf_counter()
-        report.checks = _check(pool, p, cols, progress, device)
-        report.seconds["check"] = time.perf_counter() - t0
+        closed = [m for m in CLOSED_FORM_METRICS if m in p.metrics]
+        if closed:
+            from queries.closed_form import closed_form_scores
 
-    cols = {c: v for c, v in cols.items() if c in columns}
-    t0 = time.perf_counter()
-    report.run_id = _store_scores(pool, p, cols, report, started)
-    report.seconds["store"] = time.perf_counter() - t0
-    report.seconds["total"] = time.perf_counter() - started
-    if work.exists():
-        shutil.rmtree(work, ignore_errors=True)
-        try:
-            work.parent.rmdir()  # the index's work/ folder, when nothing else is in it
-        except OSError:
-            pass
-    log.info("scored %d samples: %s in %.1f s (run %d)", pool.n, ", ".join(columns),
-             report.seconds["total"], report.run_id)
-    return report
+            for s in p.sides:
+                cols.update(closed_form_scores(pool, s, a=p.a, metrics=set(closed), progress=progress,
+                                               precision="float32"))
+        if "clipscore" in p.metrics:
+            from queries.closed_form import clipscore_scores
+
+            cols["clipscore"] = clipscore_scores(pool, progress=progress)
+        if closed or "clipscore" in p.metrics:
+            report.seconds["closed_form"] = time.perf_counter() - t0
+
+        if p.check:
+            t0 = time.perf_counter()
+            report.checks = _check(pool, p, cols, progress, device)
+            report.seconds["check"] = time.perf_counter() - t0
+
+        cols = {c: v for c, v in cols.items() if c in columns}
+        t0 = time.perf_counter()
+        report.run_id = _store_scores(pool, p, cols, report, started)
+        report.seconds["store"] = time.perf_counter() - t0
+        report.seconds["total"] = time.perf_counter() - started
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+            try:
+                work.parent.rmdir()  # the index's work/ folder, when nothing else is in it
+            except OSError:
+                pass
+        log.info("scored %d samples: %s in %.1f s (run %d)", pool.n, ", ".join(columns),
+                 report.seconds["total"], report.run_id)
+        return report
 
 
 def _flat_only(pool: PoolIndex) -> bool:

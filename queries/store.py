@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import duckdb
 
-from indexer.errors import IndexNotFound, UnknownQuery
+from indexer.errors import BrokenIndex, IndexBusy, IndexNotFound, UnknownQuery
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -64,7 +64,14 @@ class Store:
         if must_exist and self.path != ":memory:" and not Path(self.path).is_file():
             raise IndexNotFound(f"No catalog at {self.path}")
         self.read_only = read_only
-        self.con = duckdb.connect(self.path, read_only=read_only)
+        try:
+            self.con = duckdb.connect(self.path, read_only=read_only)
+        except duckdb.IOException as e:
+            first = str(e).splitlines()[0]
+            if "lock" in first.lower():
+                raise IndexBusy(f"The catalog {self.path} is open for writing in another process; wait "
+                                f"for it to finish ({first})") from None
+            raise BrokenIndex(f"Cannot open the catalog {self.path}: {first}") from None
 
     def __enter__(self) -> "Store":
         return self

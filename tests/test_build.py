@@ -120,9 +120,60 @@ def test_rebuild_replaces_and_interrupted_build_keeps_old_index(tmp_path, monkey
     assert pool.n == 300 and pool.faiss("image").ntotal == 300
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # nothing half-written left
     monkeypatch.undo()
-    build_index(make(n=500, seed=1)[0], out)
+    assert build_index(make(n=500, seed=1)[0], out).replaced
     assert open_index(out).n == 500
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_rebuild_refuses_while_the_index_is_in_use(tmp_path, monkeypatch):
+    """A running score holds a shared lock (indexer.lock.using); a rebuild refuses before it starts,
+    and also at the swap when the score began during the build, leaving the old index in place."""
+    import indexer.build as build_module
+    from indexer import lock
+    from indexer.errors import IndexBusy
+
+    out = tmp_path / "idx"
+    build_index(make(n=300)[0], out)
+    with lock.using(out, "score"):
+        with pytest.raises(IndexBusy, match="in use by another process"):
+            build_index(make(n=500, seed=1)[0], out)
+    held = []
+    real = build_module._insert_stats
+
+    def score_starts_meanwhile(*a, **k):
+        held.append(lock.using(out, "score"))
+        held[-1].__enter__()
+        return real(*a, **k)
+
+    monkeypatch.setattr(build_module, "_insert_stats", score_starts_meanwhile)
+    with pytest.raises(IndexBusy):
+        build_index(make(n=500, seed=1)[0], out)
+    assert open_index(out).n == 300
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    held[0].__exit__(None, None, None)
+    with pytest.raises(IndexBusy, match="being replaced"), lock.replacing(out), lock.using(out, "score"):
+        pass
+
+
+def test_rebuild_refuses_to_delete_files_it_did_not_write(tmp_path):
+    out = tmp_path / "idx"
+    build_index(make(n=300)[0], out)
+    (out / "subset.npy").write_bytes(b"mine")
+    with pytest.raises(BadInput, match=r"holds files a build did not write \(subset.npy\)"):
+        build_index(make(n=500, seed=1)[0], out)
+    assert (out / "subset.npy").read_bytes() == b"mine" and open_index(out).n == 300
+
+
+def test_symlinked_out_replaces_the_target(tmp_path):
+    target, link = tmp_path / "disk" / "idx", tmp_path / "idx"
+    target.parent.mkdir()
+    build_index(make(n=300)[0], target)
+    link.symlink_to(target)
+    report = build_index(make(n=500, seed=1)[0], link)
+    assert report.replaced and report.path == target
+    assert link.is_symlink() and open_index(link).n == 500
+    assert sorted(p.name for p in target.parent.iterdir()) == ["idx"]  # built and swapped beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "idx"]
 
 
 def test_refuses_to_replace_a_directory_that_is_not_an_index(tmp_path):
@@ -183,3 +234,39 @@ def test_store_helpers_leave_no_open_result(tmp_path):
         assert s.has_table("manifest") and s.schema_version() >= 1
         s.con.register("t", pa.table({"x": [1, 2]}))
         assert s.con.execute("SELECT sum(x) FROM t").fetchall() == [(3,)]
+
+
+def test_a_damaged_index_is_named_not_a_traceback(tmp_path):
+    from indexer.errors import BrokenIndex
+
+    out = tmp_path / "idx"
+    build_index(make(n=300)[0], out, index_key="IVF8,Flat")
+    (out / "text.faiss").unlink()
+    (out / "image_emb.npy").unlink()
+    with pytest.raises(BrokenIndex, match=r"incomplete: image_emb.npy, text.faiss are missing"):
+        open_index(out)
+    (out / "catalog.duckdb").write_bytes(b"junk" * 100)
+    with pytest.raises(BrokenIndex, match=r"Cannot open the catalog .*catalog.duckdb: .*not a valid DuckDB"):
+        open_index(out)
+
+
+def test_a_catalog_another_process_writes_is_reported_busy(tmp_path):
+    import subprocess
+    import sys
+
+    from indexer.errors import IndexBusy
+
+    out = tmp_path / "idx"
+    build_index(make(n=300)[0], out)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ready', "
+         "flush=True); time.sleep(60)", str(out / "catalog.duckdb")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        with pytest.raises(IndexBusy, match="open for writing in another process"):
+            open_index(out)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert open_index(out).n == 300

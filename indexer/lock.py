@@ -1,0 +1,94 @@
+"""Advisory locks between processes on one index directory.
+
+A long job that works inside an index (``score`` keeps its resumable chunks in ``DIR/work/``) holds a
+shared lock on ``DIR/.lock`` while it runs; ``build-index`` takes the exclusive lock before it
+replaces the directory. So a rebuild refuses to pull an index from under a running ``score`` (which
+would lose its work), and a ``score`` started while a rebuild swaps the directory in refuses to
+start instead of reading half of each.
+
+The locks are ``flock(2)`` locks: the kernel drops them when the process ends, however it ends, so
+a crashed job never leaves an index locked. Where they are unavailable (no ``fcntl``, a read-only
+directory, a filesystem without ``flock``), nothing is locked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from indexer.errors import IndexBusy
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+
+
+def _open(root: Path) -> int | None:
+    if fcntl is None or not root.is_dir():
+        return None
+    try:
+        return os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        log.debug("no lock on %s: %s", root, e)
+        return None
+
+
+def _flock(fd: int, how: int) -> bool:
+    """Take the lock without waiting: False when another process holds a conflicting one."""
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:  # e.g. a filesystem without flock: run unlocked
+        log.debug("flock failed: %s", e)
+    return True
+
+
+@contextmanager
+def using(root: str | Path, job: str) -> Iterator[None]:
+    """Hold a shared lock on the index at ``root`` while a ``job`` (e.g. "score") works in it.
+
+    Raises:
+        IndexBusy: a rebuild is replacing the index right now.
+    """
+    root = Path(root)
+    fd = _open(root)
+    if fd is None:
+        yield
+        return
+    try:
+        if not _flock(fd, fcntl.LOCK_SH):
+            raise IndexBusy(f"Index {str(root)!r} is being replaced by build-index; run {job} again "
+                            "when the build has finished")
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def replacing(root: str | Path) -> Iterator[None]:
+    """Hold the exclusive lock on the index at ``root`` (if it exists) while it is replaced.
+
+    Raises:
+        IndexBusy: another process is working in the index (a running ``score``).
+    """
+    root = Path(root)
+    fd = _open(root)
+    if fd is None:
+        yield
+        return
+    try:
+        if not _flock(fd, fcntl.LOCK_EX):
+            raise IndexBusy(f"Index {str(root)!r} is in use by another process (a running score); "
+                            "wait for it to finish, stop it, or build to another --out")
+        yield
+    finally:
+        os.close(fd)
