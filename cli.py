@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +16,24 @@ import click
 from indexer.errors import ClipIndexError
 
 SOURCES = ("synthetic", "open_clip", "datacomp", "clip-retrieval")
+
+#: build-index options that only some sources read (parameter name -> those sources). Giving one to
+#: another source is a usage error, not silently ignored.
+SOURCE_OPTIONS = {
+    "arch": ("datacomp",),
+    "logit_scale": ("datacomp", "clip-retrieval"),
+    "model": ("open_clip",),
+    "pretrained": ("open_clip",),
+    "captions": ("open_clip",),
+    "image_column": ("open_clip",),
+    "caption_column": ("open_clip", "clip-retrieval"),
+    "uid_column": ("open_clip", "clip-retrieval"),
+    "skip_bad": ("open_clip",),
+    "device": ("open_clip",),
+    "workers": ("open_clip",),
+    "dim": ("synthetic",),
+    "geometry": ("synthetic",),
+}
 
 
 class Cli(click.Group):
@@ -91,6 +110,13 @@ def cli(verbose: int) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # `kill` / `timeout` (SIGTERM) ends a command like Ctrl-C: a build removes its half-written
+    # directory, a score keeps its finished chunks for the next run.
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 @cli.command("build-index")
@@ -101,7 +127,7 @@ def cli(verbose: int) -> None:
                    "image folder / .tar shard(s).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("index"),
               show_default=True, help="Index directory to write (replaced only when the build succeeds).")
-@click.option("--n", "n", type=click.IntRange(min=1), default=None,
+@click.option("--n", "n", type=click.IntRange(min=2), default=None,
               help="Pool size for --source synthetic (default 100000); for other sources, keep only "
                    "the first N samples.")
 @click.option("--arch", type=click.Choice(["b32", "l14"]), default="b32", show_default=True,
@@ -156,6 +182,12 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, model, pretra
     from indexer.build import build_index
     from indexer.sources import make_source
 
+    ctx = click.get_current_context()
+    for name, sources in SOURCE_OPTIONS.items():
+        given = ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+        if given and source not in sources:
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(f"{flag} applies only to --source {' / '.join(sources)}, not {source}")
     progress = _progress(quiet)
     if source != "synthetic" and input_path is None:
         raise click.UsageError(f"--input is required with --source {source}")
@@ -167,6 +199,8 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, model, pretra
         skip_bad=skip_bad, device=device, workers=workers, seed=seed, dim=dim, geometry=geometry,
         progress=progress,
     )
+    if n is not None and source != "synthetic" and src.info.n < n:
+        click.echo(f"Note: --n {n:,} but {input_path} holds {src.info.n:,} samples; building all of them", err=True)
     extra = {} if cov_sample is None else {"cov_sample": cov_sample}
     report = build_index(
         src, out, index_key=index_factory, max_memory=max_memory, nprobe=nprobe, dtype=dtype, **extra,
@@ -175,6 +209,8 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, model, pretra
     )
     label = " (SYNTHETIC data: the built-in synthetic CLIP-like world)" if report.synthetic else ""
     click.echo(f"Built {report.path}: {report.n:,} samples, dim {report.dim}, source {report.source}{label}")
+    if report.replaced:
+        click.echo("  replaced the previous index there (its scores and weights are gone; run score again)")
     click.echo(f"  FAISS: {', '.join(f'{m} {k}' for m, k in report.index_keys.items())}")
     click.echo("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
                + f" (total {report.total_seconds:.1f}s, {report.n / max(report.total_seconds, 1e-9):,.0f} samples/s)")

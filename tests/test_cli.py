@@ -45,6 +45,39 @@ def test_option_clashes_are_usage_errors(tmp_path):
     result = runner.invoke(cli.cli, ["build-index", "--max-memory", "lots", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "lots" in result.output
 
+    for args, message in [
+        (["--arch", "l14"], "--arch applies only to --source datacomp, not synthetic"),
+        (["--logit-scale", "5"], "--logit-scale applies only to --source datacomp / clip-retrieval"),
+        (["--uid-column", "key"], "--uid-column applies only to --source open_clip / clip-retrieval"),
+        (["--n", "1"], "1 is not in the range x>=2"),
+    ]:
+        result = runner.invoke(cli.cli, ["build-index", *args, "--out", str(tmp_path / "x")])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_build_index_says_when_it_replaces_and_when_n_exceeds_the_input(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "cr"
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    np.save(root / "img_emb" / "img_emb_0.npy", rng.standard_normal((40, 8)).astype(np.float32))
+    np.save(root / "text_emb" / "text_emb_0.npy", rng.standard_normal((40, 8)).astype(np.float32))
+    pq.write_table(pa.table({"caption": [f"c{i}" for i in range(40)]}), root / "metadata" / "metadata_0.parquet")
+    runner = CliRunner()
+    args = ["build-index", "--source", "clip-retrieval", "--input", str(root), "--out", str(tmp_path / "i"), "-q"]
+    result = runner.invoke(cli.cli, [*args, "--n", "100"])
+    assert result.exit_code == 0, result.output
+    assert "--n 100 but" in result.output and "holds 40 samples" in result.output
+    assert "replaced" not in result.output and open_index(tmp_path / "i").n == 40
+    result = runner.invoke(cli.cli, [*args, "--n", "30"])
+    assert result.exit_code == 0 and "replaced the previous index" in result.output, result.output
+    assert "holds" not in result.output and open_index(tmp_path / "i").n == 30
+
 
 def test_score_summary_names_what_each_side_searched(tmp_path):
     runner = CliRunner()
