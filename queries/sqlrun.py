@@ -66,6 +66,11 @@ _NUMERIC = ("DOUBLE", "FLOAT", "REAL", "DECIMAL", "NUMERIC", "TINYINT", "SMALLIN
 _NOT_SCORES = ("vec_id",)
 
 
+#: The head of an EXPLAIN statement: EXPLAIN [ANALYZE] [(options)] (comments before it allowed).
+_EXPLAIN = re.compile(r"^(\s|--[^\n]*\n|/\*.*?\*/)*EXPLAIN\s+(ANALY[SZ]E\s+)?(\([^)]*\)\s*)?",
+                      re.IGNORECASE | re.DOTALL)
+
+
 class QueryError(ClipIndexError):
     """A SQL statement failed to parse or run (unknown table or column, type error, ...)."""
 
@@ -79,13 +84,34 @@ def read_only_store(index) -> Store:
 
 
 def _arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
-    """A DuckDB relation as a pyarrow Table (across DuckDB versions)."""
+    """A DuckDB relation as a pyarrow Table (across DuckDB versions), its column names made unique."""
     for name in ("to_arrow_table", "fetch_arrow_table", "arrow"):
         fn = getattr(rel, name, None)
         if fn is not None:
             out = fn()
-            return out.read_all() if isinstance(out, pa.RecordBatchReader) else out
+            out = out.read_all() if isinstance(out, pa.RecordBatchReader) else out
+            return out.rename_columns(unique_names(out.column_names))
     raise QueryError("this DuckDB version cannot return arrow tables")  # pragma: no cover
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Column names with repeats suffixed ``_1``, ``_2``, ... as DuckDB names them in a table
+    (``SELECT s.vec_id, w.vec_id`` gives two columns named ``vec_id``; a table, a CSV header or a
+    parquet file needs them apart).
+
+    >>> unique_names(["vec_id", "vec_id", "b", "vec_id_1"])
+    ['vec_id', 'vec_id_2', 'b', 'vec_id_1']
+    """
+    taken = set(names)
+    out, seen = [], set()
+    for name in names:
+        new, i = name, 0
+        while new in seen or (new != name and new in taken):
+            i += 1
+            new = f"{name}_{i}"
+        seen.add(new)
+        out.append(new)
+    return out
 
 
 def _first_line(e: Exception) -> str:
@@ -144,6 +170,11 @@ def check_read_only(sql: str) -> None:
     indexer.errors.NotReadOnly: Not a read-only query: 'DELETE FROM samples' is a DELETE statement; only SELECT / WITH / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN queries may run here (the catalog is opened read-only)
     """
     kinds = statement_kinds(sql)
+    if kinds == ["EXPLAIN"]:  # EXPLAIN ANALYZE runs its statement: that one must be read-only too
+        m = _EXPLAIN.match(sql)
+        inner = statement_kinds(sql[m.end():]) if m else ["EXPLAIN"]
+        if inner != ["SELECT"]:
+            kinds = [f"EXPLAIN {inner[0]}" if inner else "EXPLAIN"]
     bad = [k for k in kinds if k not in READ_ONLY_KINDS]
     if bad:
         raise NotReadOnly(

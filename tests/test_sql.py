@@ -136,6 +136,7 @@ def fingerprint(index_dir):
 @pytest.mark.parametrize("sql", [
     "SELECT 1", "WITH a AS (SELECT 1 AS x) SELECT * FROM a", "DESCRIBE samples", "SHOW TABLES",
     "SUMMARIZE samples", "EXPLAIN SELECT 1", "FROM samples LIMIT 1", "VALUES (1)",
+    "EXPLAIN ANALYZE SELECT 1", "explain (format json) select 1", "/* plan */ EXPLAIN ANALYZE FROM samples",
 ])
 def test_read_only_statements_pass(sql):
     check_read_only(sql)
@@ -148,6 +149,9 @@ def test_read_only_statements_pass(sql):
     ("ATTACH 'other.db'", "ATTACH"), ("PRAGMA show_tables", "PRAGMA"), ("SET threads = 1", "SET"),
     ("SELECT 1; DROP TABLE samples", "DROP"),
     ("WITH a AS (SELECT 1) INSERT INTO samples SELECT * FROM a", "INSERT"),
+    ("EXPLAIN ANALYZE COPY (SELECT 1) TO 'x.csv'", "EXPLAIN COPY"),  # ANALYZE runs the COPY
+    ("explain analyse (format json) copy samples to 'x.csv'", "EXPLAIN COPY"),
+    ("EXPLAIN ANALYZE DELETE FROM samples", "EXPLAIN DELETE"),
 ])
 def test_writing_statements_are_rejected_naming_the_kind(sql, kind):
     with pytest.raises(NotReadOnly, match=kind):
@@ -182,6 +186,29 @@ def test_sql_cli_refuses_writes_and_catalog_is_unchanged(arrays_index, sql):
     assert result.exit_code == 1
     assert "Not a read-only query" in result.output and "Traceback" not in result.output
     assert fingerprint(idx) == before
+
+
+def test_explain_analyze_cannot_write_a_file(arrays_index, tmp_path):
+    idx, *_ = arrays_index
+    victim = tmp_path / "victim.txt"
+    victim.write_text("original")
+    result = CliRunner().invoke(cli.cli, ["sql", str(idx), f"EXPLAIN ANALYZE COPY (SELECT uid FROM samples) TO '{victim}'"])
+    assert result.exit_code == 1 and "EXPLAIN COPY statement" in result.output
+    assert victim.read_text() == "original"
+
+
+def test_repeated_column_names_are_kept_apart(arrays_index, tmp_path):
+    """A join's two vec_id columns were shown as one (the first, twice) and CSV lost a value."""
+    idx, *_ = arrays_index
+    sql = "SELECT s.vec_id, w.vec_id FROM samples s JOIN samples w ON s.vec_id = w.vec_id + 1 ORDER BY 1 LIMIT 2"
+    t = run_sql(idx, sql)
+    assert t.column_names == ["vec_id", "vec_id_1"] and t.to_pylist() == [
+        {"vec_id": 1, "vec_id_1": 0}, {"vec_id": 2, "vec_id_1": 1}]
+    result = CliRunner().invoke(cli.cli, ["sql", str(idx), "SELECT 1 AS a, 2 AS a, 3 AS b", "--format", "csv"])
+    assert result.exit_code == 0 and result.output.splitlines()[-2:] == ["a,a_1,b", "1,2,3"], result.output
+    out = tmp_path / "r.parquet"
+    result = CliRunner().invoke(cli.cli, ["sql", str(idx), sql, "--format", "parquet", "--out", str(out)])
+    assert result.exit_code == 0 and pq.read_table(out).column("vec_id_1").to_pylist() == [0, 1]
 
 
 def test_read_only_connection_is_the_real_guard(arrays_index, monkeypatch):
