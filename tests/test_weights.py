@@ -218,6 +218,12 @@ def test_top_with_ivf_probes_a_quarter_of_the_lists_or_all_with_exact(tmp_path, 
     assert 0 < recall < 1  # 2 of 32 lists cannot find them all on this data
     with pytest.raises(InvalidParameter, match="nprobe"):
         sample(out, prompt_embedding=v, n=5, mode="top", nprobe=0)
+    # more than the probed lists hold (3000 / 32 ~ 94 per list): probes double until n are found
+    probes.clear()
+    many = sample(out, prompt_embedding=v, n=1000, mode="top", nprobe=1)
+    assert many.num_rows == 1000 and probes[0] == 1 and len(probes) > 1 and probes == sorted(probes)
+    ids = many.column("vec_id").to_numpy()
+    assert len(set(ids)) == 1000 and np.all(np.diff(many.column("cosine").to_numpy()) <= 0)
 
 
 def test_draw_with_replacement_follows_the_weights(arrays_index, prompt_vec):
