@@ -16,6 +16,8 @@ import click
 from indexer.errors import ClipIndexError
 
 SOURCES = ("synthetic", "open_clip", "datacomp", "clip-retrieval")
+#: Seeds are what numpy's generators and DuckDB's BIGINT columns take.
+SEED = click.IntRange(min=0, max=2**63 - 1)
 
 #: build-index options that only some sources read (parameter name -> those sources). Giving one to
 #: another source is a usage error, not silently ignored.
@@ -145,7 +147,7 @@ def _terminate(signum, frame) -> None:
 @click.option("--skip-bad", is_flag=True, help="open_clip: skip unreadable images, count and list them.")
 @click.option("--device", default="auto", show_default=True, help="open_clip: torch device.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="open_clip: DataLoader workers.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed (synthetic world, FAISS training).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed (synthetic world, FAISS training).")
 @click.option("--dim", type=click.IntRange(min=2), default=512, show_default=True,
               help="Embedding dimension of the synthetic world.")
 @click.option("--geometry", type=click.Choice(["calibrated", "flat", "clustered"]), default="calibrated",
@@ -261,7 +263,7 @@ def info_cmd(index_dir, as_json):
 @click.option("--metrics", default=None,
               help="Comma-separated subset of kl,klr,dc,dw,rawnorm,conformity,conformity_est,loglik,clipscore "
                    "(default all).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the tail sample and of --check.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the tail sample and of --check.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Queries per resumable chunk (default 65536).")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit (default: the index's).")
@@ -287,7 +289,11 @@ def score_cmd(index_dir, exact, k, tail_sample, side, logit_scale, logit_bias, m
     _note_synthetic(index_dir)
     from queries.score import report_dict, score
 
-    metric_list = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    if exact:
+        given = [f for f, v in (("--k", k), ("--tail-sample", tail_sample), ("--nprobe", nprobe)) if v is not None]
+        if given:
+            raise click.UsageError(f"{' / '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to the top-k estimator, not to --exact")
+    metric_list = None if metrics is None else [m.strip() for m in metrics.split(",") if m.strip()]
     report = score(index_dir, exact=exact, k=k, tail_sample=tail_sample, side=side, logit_scale=logit_scale,
                    logit_bias=logit_bias, metrics=metric_list, seed=seed, batch_size=batch_size, nprobe=nprobe,
                    check=check, device=device, progress=_progress(quiet))
@@ -515,7 +521,7 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, out, f
 @click.option("-n", "n", type=click.IntRange(min=1), required=True, help="How many samples.")
 @click.option("--mode", type=click.Choice(["draw", "top"]), default="draw", show_default=True,
               help="draw: random, probability proportional to the weight; top: the highest weights (FAISS).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw (same seed, same draw).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the draw (same seed, same draw).")
 @click.option("--replace/--no-replace", default=False, show_default=True,
               help="--mode draw: draw with replacement (default: without, by the Gumbel-top-k trick).")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None,

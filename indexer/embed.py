@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import pyarrow as pa
 
+from indexer.device import resolve_device
 from indexer.errors import BadInput, InvalidParameter
 from indexer.progress import Progress, null_progress
 from indexer.reader import UidDeriver, arrange_meta, natural_key, normalize_uids
@@ -57,15 +58,6 @@ class ModelBundle(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 # Model loading and encoding
 # --------------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; other values pass through."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(model_name: str, pretrained: str | None, device: str = "auto") -> ModelBundle:

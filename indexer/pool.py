@@ -138,7 +138,16 @@ class PoolIndex:
         """Normalised embeddings of one modality, shape (n, dim), memory-mapped read-only."""
         check_modality(modality)
         if modality not in self._emb:
-            self._emb[modality] = np.load(self.paths.embeddings(modality), mmap_mode="r")
+            path = self.paths.embeddings(modality)
+            try:
+                emb = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:  # truncated or overwritten: mmap length, bad header
+                raise BrokenIndex(f"Index {str(self.root)!r}: cannot read {path.name} ({e}); rebuild the "
+                                  "index with `cli.py build-index`") from None
+            if emb.ndim != 2 or emb.shape != (self.n, self.dim):
+                raise BrokenIndex(f"Index {str(self.root)!r}: {path.name} has shape {emb.shape}, the "
+                                  f"manifest says ({self.n}, {self.dim}); rebuild the index")
+            self._emb[modality] = emb
         return self._emb[modality]
 
     def raw_norms(self, modality: str) -> np.ndarray | None:
@@ -160,7 +169,12 @@ class PoolIndex:
             if not path.exists() and params.get("key") == faiss_index.FLAT_KEY:
                 self._faiss[modality] = faiss_index.flat_index(self.embeddings(modality))
             else:
-                self._faiss[modality] = faiss_index.load_index(path, mmap=self.mmap)
+                try:
+                    self._faiss[modality] = faiss_index.load_index(path, mmap=self.mmap)
+                except RuntimeError as e:  # FAISS's own message for a truncated or foreign file
+                    first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    raise BrokenIndex(f"Index {str(self.root)!r}: cannot read {path.name} ({first}); "
+                                      "rebuild the index with `cli.py build-index`") from None
         return self._faiss[modality]
 
     @cached_property

@@ -1,6 +1,5 @@
-"""Per-batch checks the builder runs on every source: shapes, finite non-zero vectors, uids.
-
-Every error names the origin file and the row within it.
+"""Per-batch checks the builder runs on every source: shapes, finite non-zero vectors, uids (every
+error names the origin file and the row within it); and ``check_seed``, for every command's seed.
 """
 
 from __future__ import annotations
@@ -9,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from indexer.errors import BadInput
+from indexer.errors import BadInput, InvalidParameter
 from indexer.source import Batch
 
 UID_PATTERN = r"^[0-9a-f]{32}$"
@@ -78,3 +77,10 @@ def validate_batch(batch: Batch, dim: int, check_uids: bool = True) -> None:
         raise BadInput(
             f"{_where(batch, bad)}: malformed uid {uid[bad].as_py()!r} (expected 32 lowercase hex digits)"
         )
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` if numpy's generators and the catalog's BIGINT columns take it, else ``InvalidParameter``."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise InvalidParameter(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    return int(seed)

@@ -43,10 +43,10 @@ GPU_CHUNKS = (4096, 65536)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` means CUDA when torch sees a GPU, else CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    """``"auto"`` means CUDA when torch sees a GPU, else CPU (``indexer.device.resolve_device``)."""
+    from indexer.device import resolve_device as resolve
+
+    return torch.device(resolve(device))
 
 
 def to_tensor(x: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

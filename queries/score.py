@@ -39,6 +39,7 @@ from indexer.errors import InvalidParameter
 from indexer.layout import MODALITIES
 from indexer.pool import PoolIndex, as_pool
 from indexer.progress import Progress, null_progress
+from indexer.validate import check_seed
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ def _resolve(pool: PoolIndex, *, exact, k, tail_sample, side, logit_scale, logit
         raise InvalidParameter(f"tail_sample must be between 0 and N={n} (the pool size), got {tail_sample}")
     if batch_size is not None and batch_size < 1:
         raise InvalidParameter(f"batch_size must be at least 1, got {batch_size}")
+    seed = check_seed(seed)
     if nprobe is not None and nprobe < 1:
         raise InvalidParameter(f"nprobe must be at least 1, got {nprobe}")
     if check is not None and not 1 <= check <= n:
@@ -504,6 +506,9 @@ def score(
         p = _resolve(pool, exact=exact, k=k, tail_sample=tail_sample, side=side, logit_scale=logit_scale,
                      logit_bias=logit_bias, metrics=metrics, seed=seed, batch_size=batch_size, nprobe=nprobe,
                      check=check)
+        from indexer.device import resolve_device
+
+        resolve_device(device)  # an unknown or unavailable device fails now, not after the search
         progress = progress or null_progress
         columns = [c for c in SCORE_COLUMNS
                    if c == "clipscore" and "clipscore" in p.metrics

@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from indexer.errors import BadInput, InvalidParameter
 from indexer.pool import as_pool
+from indexer.validate import check_seed
 from queries.sqlrun import _arrow, _first_line, check_out, format_for, write_result
 
 log = logging.getLogger(__name__)
@@ -596,6 +597,7 @@ def sample(
     if mode == "draw" and (nprobe is not None or exact):
         raise InvalidParameter("--nprobe and --exact only apply to --mode top")
     a = check_logit_scale(logit_scale)
+    seed = check_seed(seed)
     if out is not None:
         _out_suffix(out)
         check_out(out, force)

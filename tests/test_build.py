@@ -245,6 +245,15 @@ def test_a_damaged_index_is_named_not_a_traceback(tmp_path):
     (out / "image_emb.npy").unlink()
     with pytest.raises(BrokenIndex, match=r"incomplete: image_emb.npy, text.faiss are missing"):
         open_index(out)
+    build_index(make(n=300)[0], out, index_key="IVF8,Flat")
+    for name in ("image.faiss", "text_emb.npy"):  # truncated: found on first use, named
+        data = (out / name).read_bytes()
+        (out / name).write_bytes(data[: len(data) // 2])
+    pool = open_index(out)
+    with pytest.raises(BrokenIndex, match=r"cannot read image.faiss"):
+        pool.faiss("image")
+    with pytest.raises(BrokenIndex, match=r"cannot read text_emb.npy"):
+        pool.embeddings("text")
     (out / "catalog.duckdb").write_bytes(b"junk" * 100)
     with pytest.raises(BrokenIndex, match=r"Cannot open the catalog .*catalog.duckdb: .*not a valid DuckDB"):
         open_index(out)

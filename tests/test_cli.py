@@ -54,6 +54,13 @@ def test_option_clashes_are_usage_errors(tmp_path):
         result = runner.invoke(cli.cli, ["build-index", *args, "--out", str(tmp_path / "x")])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "x").exists()
+    assert runner.invoke(cli.cli, ["build-index", "--n", "300", "--dim", "8", "--out", str(tmp_path / "i"), "-q"]).exit_code == 0
+    result = runner.invoke(cli.cli, ["score", str(tmp_path / "i"), "--exact", "--k", "3"])
+    assert result.exit_code == 2 and "--k only applies to the top-k estimator" in result.output
+    result = runner.invoke(cli.cli, ["score", str(tmp_path / "i"), "--metrics", ""])
+    assert result.exit_code == 1 and "metrics is empty" in result.output
+    result = runner.invoke(cli.cli, ["sample", str(tmp_path / "i"), "--prompt", "a dog", "-n", "2", "--seed", "-1"])
+    assert result.exit_code == 2 and "-1 is not in the range" in result.output
 
 
 def test_build_index_says_when_it_replaces_and_when_n_exceeds_the_input(tmp_path):

@@ -178,6 +178,10 @@ def test_siglip_bias_and_unknown_raw_norms(built):
         (dict(nprobe=0), "0"),
         (dict(check=N + 5), str(N + 5)),
         (dict(check=10, metrics=["dc"]), "check=10"),
+        (dict(metrics=[]), "metrics is empty"),
+        (dict(seed=-1), "-1"),
+        (dict(seed=2**63), str(2**63)),
+        (dict(device="bogus"), "'bogus'"),
     ],
 )
 def test_bad_parameters_name_the_value(built, kw, value):
