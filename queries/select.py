@@ -193,14 +193,9 @@ def select(
         q = quote_identifier(col)
         try:
             rel = _base_relation(con)
-            total, valued = rel.aggregate(f"count(*), count({q})").fetchall()[0]
+            total = rel.aggregate("count(*)").fetchall()[0][0]
         except duckdb.Error as e:
             raise _query_failed(e, "select", store) from None
-        if total and not valued:
-            raise InvalidParameter(
-                f"Score column {col!r} has no values in this index (it has not been computed): run "
-                f"`cli.py score INDEX_DIR --metrics {col.rsplit('_', 1)[0] if col != 'clipscore' else col}` first"
-            )
         if where is not None:
             rel = _filter(rel, where)
         try:
@@ -217,6 +212,10 @@ def select(
                                      "vec_id": pa.array([], pa.int64()), col: pa.array([], pa.float64())})
         except duckdb.Error as e:
             raise _query_failed(e, "select", store) from None
+    if not kept and out_path is not None:
+        why = f"no sample passed --where {where!r}" if where is not None and not passed else \
+            f"no sample has a value of {col!r}"
+        raise InvalidParameter(f"Nothing to select: {why} ({passed:,} of {total:,} passed); {out_path} not written")
     threshold = table.column(col)[-1].as_py() if kept else None
     sel = Selection(col, fraction, lowest, where, total, passed, candidates, kept, threshold, table)
     if out_path is not None:

@@ -250,8 +250,8 @@ def check_score_column(con: duckdb.DuckDBPyConnection, column: str, context: str
     """Return ``column`` if it is a numeric column of ``scores``; else raise naming the valid ones.
 
     Raises:
-        InvalidParameter: the index has no ``scores`` table, or ``column`` is not one of its
-            numeric columns.
+        InvalidParameter: the index has no ``scores`` table, ``column`` is not one of its
+            numeric columns, or it holds no value (not computed by any score run).
     """
     valid = score_columns(con)
     where = f" ({context})" if context else ""
@@ -262,6 +262,14 @@ def check_score_column(con: duckdb.DuckDBPyConnection, column: str, context: str
         )
     if column not in valid:
         raise InvalidParameter(f"Unknown score column {column!r}{where}; valid columns: {', '.join(valid)}")
+    q = quote_identifier(column)
+    rows, values = con.execute(f"SELECT count(*), count({q}) FROM scores").fetchall()[0]
+    if rows and not values:  # every public column exists; one not computed is all NULL
+        metric = column.rsplit("_", 1)[0] if column != "clipscore" else column
+        raise InvalidParameter(
+            f"Score column {column!r}{where} has no values in this index (it has not been computed): "
+            f"run `cli.py score INDEX_DIR --metrics {metric}` first"
+        )
     return column
 
 

@@ -239,12 +239,15 @@ def test_selecting_by_a_column_never_computed_is_a_clear_error(tmp_path):
     from indexer.errors import InvalidParameter
     from indexer.sources import ArraySource
     from queries.select import select
+    from queries.sqlrun import run_query
 
     image, text = clustered_pairs(300, 16, seed=6)
     build_index(ArraySource(image, text), tmp_path / "idx")
     score(tmp_path / "idx", metrics=["kl"], k=16, tail_sample=64)
     with pytest.raises(InvalidParameter, match=r"'dc_text' has no values .*--metrics dc"):
         select(tmp_path / "idx", by="dc_text", top_fraction=0.5)
+    with pytest.raises(InvalidParameter, match=r"'klr_image' \(parameter 'column' .*\) has no values .*--metrics klr"):
+        run_query(tmp_path / "idx", "top_by_score", column="klr_image")  # was: 0 rows, silently
     assert select(tmp_path / "idx", by="kl_text", top_fraction=0.5).kept == 150
 
 

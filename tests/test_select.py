@@ -79,10 +79,14 @@ def test_lowest_and_nulls_and_parquet(arrays_index, tmp_path):
     assert t.column("uid").to_pylist() == want and t.column("rank").to_pylist() == list(range(1, len(want) + 1))
 
 
-def test_where_matching_nothing_and_tiny_fraction(arrays_index):
+def test_where_matching_nothing_and_tiny_fraction(arrays_index, tmp_path):
     idx, _, _, _, uids, cols = arrays_index
     sel = select(idx, "kl_text", 0.5, where="clipscore > 100")
     assert sel.passed_where == 0 and sel.kept == 0 and sel.uids == [] and sel.threshold is None
+    out = tmp_path / "empty.npy"  # an empty subset file is an error, not a silent success
+    with pytest.raises(InvalidParameter, match=r"no sample passed --where 'clipscore > 100' \(0 of 400 passed\)"):
+        select(idx, "kl_text", 0.5, where="clipscore > 100", out=out)
+    assert not out.exists()
     sel = select(idx, "kl_text", 1e-6)
     assert sel.kept == 1 and sel.uids == [uids[int(np.argmax(cols["kl_text"]))]]
 
