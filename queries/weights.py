@@ -94,15 +94,18 @@ def load_prompt_embedding(source: str | Path | np.ndarray, dim: int) -> np.ndarr
             arr = np.load(p, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise BadInput(f"{name} is not a readable .npy array: {e}") from None
+        if not isinstance(arr, np.ndarray):  # np.load gives an NpzFile for .npz archives
+            arr.close()
+            raise BadInput(f"{name} is a .npz archive; give a .npy file holding the one embedding")
     arr = np.asarray(arr)
+    if arr.dtype.kind not in "fiu":  # complex parts would be dropped, strings and bools are not vectors
+        raise BadInput(f"{name} has dtype {arr.dtype}; expected real numbers (float)")
     if arr.ndim == 2 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 1:
         raise BadInput(f"{name} has shape {arr.shape}; expected ({dim},) or (1, {dim})")
     if arr.shape[0] != dim:
         raise BadInput(f"{name} has dimension {arr.shape[0]}, but the index's embeddings have dimension {dim}")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise BadInput(f"{name} has dtype {arr.dtype}; expected floats")
     v = arr.astype(np.float64)
     norm = float(np.linalg.norm(v))
     if not np.all(np.isfinite(v)) or norm == 0.0:

@@ -116,6 +116,15 @@ def test_prompt_errors(arrays_index, prompt_vec, tmp_path):
     np.save(bad, np.zeros(16))
     with pytest.raises(BadInput, match="zero"):
         weights(idx, prompt_embedding=bad)
+    np.save(bad, np.ones(16) + 1j)
+    with pytest.raises(BadInput, match="dtype complex128; expected real numbers"):
+        weights(idx, prompt_embedding=bad)
+    np.save(bad, np.ones(16, dtype=bool))
+    with pytest.raises(BadInput, match="dtype bool"):
+        weights(idx, prompt_embedding=bad)
+    np.savez(tmp_path / "p.npz", v=np.ones(16))
+    with pytest.raises(BadInput, match=r"p.npz' is a .npz archive"):
+        weights(idx, prompt_embedding=tmp_path / "p.npz")
     with pytest.raises(BadInput, match="does not exist"):
         weights(idx, prompt_embedding=tmp_path / "missing.npy")
     with pytest.raises(InvalidParameter, match="empty"):
