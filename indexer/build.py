@@ -314,8 +314,15 @@ def build_index(
         seconds["check"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        stats = [(m, name, np.asarray(value, dtype=np.float64))
-                 for m in MODALITIES for name, value in acc[m].finalize().items()]
+        stats = []
+        for m in MODALITIES:
+            try:
+                finished = acc[m].finalize()
+            except InvalidParameter as e:  # e.g. identical vectors: name the input, not a ridge
+                where = info.extra.get("path") or info.source
+                raise BadInput(f"{where}: the {m} embeddings cannot be whitened ({e}); an index needs "
+                               "embeddings that vary") from None
+            stats += [(m, name, np.asarray(value, dtype=np.float64)) for name, value in finished.items()]
         _insert_stats(store, stats)
         for m in MODALITIES:
             if rawnorm is not None:

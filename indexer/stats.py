@@ -248,6 +248,8 @@ def whitening(cov: np.ndarray, ridge: float = 1e-6) -> tuple[np.ndarray, float]:
     lam, Q = np.linalg.eigh((cov + cov.T) / 2)
     lam = np.clip(lam, 0.0, None)
     lam_r = lam + ridge * lam.mean()
+    if not lam.any():
+        raise InvalidParameter("Covariance is zero: every vector is the same")
     if not np.all(lam_r > 0):
         raise InvalidParameter(
             f"Covariance is singular ({int(np.sum(lam_r <= 0))} of {len(lam)} eigenvalues are 0) "

@@ -560,10 +560,19 @@ def score(
             try:
                 work.parent.rmdir()  # the index's work/ folder, when nothing else is in it
             except OSError:
-                pass
+                _note_unfinished(work.parent)
         log.info("scored %d samples: %s in %.1f s (run %d)", pool.n, ", ".join(columns),
                  report.seconds["total"], report.run_id)
         return report
+
+
+def _note_unfinished(folder: Path) -> None:
+    """Say that interrupted runs with other options still keep their chunks (and space) in ``folder``."""
+    runs = [p for p in folder.glob("score-*") if p.is_dir()]
+    if runs:
+        size = sum(f.stat().st_size for p in runs for f in p.rglob("*") if f.is_file())
+        log.warning("%d interrupted score run(s) with other options keep their finished chunks in %s "
+                    "(%.1f MB): rerun them to resume, or delete the folder", len(runs), folder, size / 2**20)
 
 
 def _flat_only(pool: PoolIndex) -> bool:

@@ -214,6 +214,14 @@ def test_dimension_and_row_mismatch(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_identical_vectors_are_named_as_such(tmp_path):
+    image, text = clustered_pairs(100, 8)
+    image[:] = image[0]
+    with pytest.raises(BadInput, match=r"arrays: the image embeddings cannot be whitened \(Covariance is zero"):
+        build_index(ArraySource(image, text), tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_parameters(tmp_path):
     src = make()[0]
     with pytest.raises(InvalidParameter, match="float64"):

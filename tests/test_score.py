@@ -134,6 +134,28 @@ def test_resume_after_interruption(index, tmp_path, monkeypatch):
         np.testing.assert_array_equal(resumed[c], uninterrupted[c])
 
 
+def test_a_run_says_when_interrupted_runs_with_other_options_keep_chunks(index, monkeypatch, caplog):
+    params = dict(k=16, tail_sample=64, batch_size=300, metrics=["kl"])
+    real = estimate.kl_from_lists
+    calls = []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(estimate, "kl_from_lists", failing)
+    with pytest.raises(KeyboardInterrupt):
+        score(index, seed=1, **params)
+    monkeypatch.setattr(estimate, "kl_from_lists", real)
+    with caplog.at_level("WARNING", logger="queries.score"):
+        score(index, seed=2, **params)
+    [kept] = (index / "work").iterdir()  # seed 1's chunk, not seed 2's
+    assert "1 interrupted score run(s) with other options keep their finished chunks" in caplog.text
+    assert len(list(kept.iterdir())) == 1
+
+
 def test_exact_mode_and_columns_carried_over(index):
     score(index, metrics=["clipscore", "dc"], side="image")
     report = score(index, exact=True, metrics=["kl", "klr"], batch_size=700)
