@@ -87,10 +87,34 @@ def _note_synthetic(index_dir) -> None:
 
 
 def _echo_kv(title: str, items: dict, indent: int = 2) -> None:
+    """``title``, then one ``key  value`` line per item; a dict value (or its JSON text) becomes one
+    line per entry (``key.entry``), a list a comma-separated line, a float 4 significant digits."""
     click.echo(title)
-    width = max((len(k) for k in items), default=0)
+    flat: dict[str, str] = {}
     for k, v in items.items():
+        if isinstance(v, str) and v.startswith("{"):
+            try:
+                v = json.loads(v)
+            except ValueError:
+                pass
+        if isinstance(v, dict):
+            for sub, value in v.items():
+                flat[f"{k}.{sub}"] = _plain(value)
+        else:
+            flat[k] = _plain(v)
+    width = max((len(k) for k in flat), default=0)
+    for k, v in flat.items():
         click.echo(f"{' ' * indent}{k:<{width}}  {v}")
+
+
+def _plain(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_plain(v)}" for k, v in value.items())
+    return str(value)
 
 
 index_dir_argument = click.argument(

@@ -28,6 +28,8 @@ def test_build_index_synthetic_then_info(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.startswith("SYNTHETIC DATA")
     assert "samples" in result.output and "3000" in result.output
+    assert "  index_params.image  " in result.output and "key=Flat" in result.output  # one line each, no dict repr
+    assert "{'" not in result.output
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):
