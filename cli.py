@@ -316,7 +316,8 @@ def score_cmd(index_dir, exact, k, tail_sample, side, logit_scale, logit_bias, m
     if exact:
         given = [f for f, v in (("--k", k), ("--tail-sample", tail_sample), ("--nprobe", nprobe)) if v is not None]
         if given:
-            raise click.UsageError(f"{' / '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to the top-k estimator, not to --exact")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise click.UsageError(f"{' / '.join(given)} only {verb} to the top-k estimator, not to --exact")
     metric_list = None if metrics is None else [m.strip() for m in metrics.split(",") if m.strip()]
     report = score(index_dir, exact=exact, k=k, tail_sample=tail_sample, side=side, logit_scale=logit_scale,
                    logit_bias=logit_bias, metrics=metric_list, seed=seed, batch_size=batch_size, nprobe=nprobe,

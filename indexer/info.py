@@ -33,6 +33,7 @@ def index_info(path: str | Path) -> dict:
         if pool.raw_known:
             raw_mean, raw_cov = pool.stat(m, "raw_mean"), pool.stat(m, "raw_cov")
             stats[m]["raw_mean_over_std"] = float(np.linalg.norm(raw_mean) / np.sqrt(np.trace(raw_cov)))
-    files = {p.name: p.stat().st_size for p in sorted(pool.root.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    files = {p.name: p.stat().st_size for p in sorted(pool.root.iterdir())
+             if p.is_file() and not p.name.startswith(".")}  # not the lock file
     return {"path": str(pool.root), "manifest": pool.manifest, "tables": counts, "files": files,
             "stats": stats, "last_score_run": runs[0] if runs else None}

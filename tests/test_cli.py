@@ -56,7 +56,8 @@ def test_option_clashes_are_usage_errors(tmp_path):
         result = runner.invoke(cli.cli, ["build-index", *args, "--out", str(tmp_path / "x")])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "x").exists()
-    assert runner.invoke(cli.cli, ["build-index", "--n", "300", "--dim", "8", "--out", str(tmp_path / "i"), "-q"]).exit_code == 0
+    result = runner.invoke(cli.cli, ["build-index", "--n", "300", "--dim", "8", "--out", str(tmp_path / "i"), "-q"])
+    assert result.exit_code == 0
     result = runner.invoke(cli.cli, ["score", str(tmp_path / "i"), "--exact", "--k", "3"])
     assert result.exit_code == 2 and "--k only applies to the top-k estimator" in result.output
     result = runner.invoke(cli.cli, ["score", str(tmp_path / "i"), "--metrics", ""])

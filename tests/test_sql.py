@@ -192,7 +192,8 @@ def test_explain_analyze_cannot_write_a_file(arrays_index, tmp_path):
     idx, *_ = arrays_index
     victim = tmp_path / "victim.txt"
     victim.write_text("original")
-    result = CliRunner().invoke(cli.cli, ["sql", str(idx), f"EXPLAIN ANALYZE COPY (SELECT uid FROM samples) TO '{victim}'"])
+    sql = f"EXPLAIN ANALYZE COPY (SELECT uid FROM samples) TO '{victim}'"
+    result = CliRunner().invoke(cli.cli, ["sql", str(idx), sql])
     assert result.exit_code == 1 and "EXPLAIN COPY statement" in result.output
     assert victim.read_text() == "original"
 
