@@ -490,7 +490,7 @@ def select_cmd(index_dir, by, top_fraction, where, lowest, out, force):
     \b
     Examples:
       python cli.py select index --by kl_text --top-fraction 0.25 --out subset.npy
-      python cli.py select index --by klr_text --top-fraction 0.3 --where "clipscore > 0.2" --out subset.npy
+      python cli.py select index --by klr_text --top-fraction 0.3 --where "clipscore > 0.2" --out clean.npy
     """
     _note_synthetic(index_dir)
     from queries.select import select

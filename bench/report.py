@@ -144,4 +144,7 @@ def write(out: Path) -> Path:
 
 
 if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print("python -m bench.report [OUT]   # OUT/results.md from OUT/*.json (default bench/out)")
+        sys.exit(0)
     print(write(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/out")).read_text())

@@ -1,12 +1,12 @@
 """Run the benchmarks of issue 5 and write results, plots and a markdown fragment under --out.
 
-    python bench/run.py                 # everything (~60-75 min on 2 CPU cores)
+    python bench/run.py                 # everything (~1.5-2 h on 2 CPU cores, BENCHMARKS.md)
     python bench/run.py --quick         # a minutes-long subset
     python bench/run.py --sections accuracy --accuracy-n 100000 --geometries calibrated
 
 Sections: accuracy (item 1), pipeline (items 2-4: throughput, scaling, latency; aliases throughput,
 scaling, latency), encode (open_clip encoding throughput with a tiny random model). Results: ``OUT/*.json``; plots: ``OUT/*.png``; summary: ``OUT/results.md``
-(``bench/report.py`` regenerates it from the JSON files).
+(``python -m bench.report OUT`` regenerates it from the JSON files).
 """
 
 from __future__ import annotations
