@@ -25,6 +25,7 @@ import logging
 import os
 import posixpath
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -269,11 +270,17 @@ class _TarIndex:
     members: pa.Array  # image member name ("" when absent)
 
 
-def index_tar_shards(shards: Sequence[Path]) -> _TarIndex:
+def index_tar_shards(shards: Sequence[Path], problems: list[tuple[str, str]] | None = None) -> _TarIndex:
     """Read the member headers of every shard and group members into samples by key.
 
+    Args:
+        shards: the .tar files.
+        problems: when given, an unreadable or truncated shard does not stop the listing: its
+            members read before the damage are kept (a cut-off member then fails to read and is
+            skipped by name), and ``(shard, reason)`` is appended here.
+
     Raises:
-        BadInput: a shard is unreadable; the message names it.
+        BadInput: a shard is unreadable and ``problems`` is None; the message names it.
     """
     shard_col, row_col, key_col, member_col = [], [], [], []
     spans: dict[str, list] = {"image": [], "txt": [], "json": []}
@@ -292,7 +299,11 @@ def index_tar_shards(shards: Sequence[Path]) -> _TarIndex:
                     groups.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size,
                                                                member.name)
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise BadInput(f"Cannot read tar shard {shard}: {exc}") from exc
+            if problems is None:
+                raise BadInput(f"Cannot read tar shard {shard}: {exc}; pass skip_bad=True (--skip-bad) to "
+                               "keep what can be read of it") from exc
+            problems.append((str(shard), f"unreadable tar shard ({exc}); {len(groups)} samples before "
+                                         "the damage kept"))
         for row, (key, members) in enumerate(groups.items()):
             image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
             shard_col.append(s)
@@ -318,10 +329,33 @@ def index_tar_shards(shards: Sequence[Path]) -> _TarIndex:
 
 
 def _load_image(preprocess: Callable, data: bytes | str):
-    from PIL import Image
+    """Decode, turn upright (EXIF orientation), bring to 8-bit RGB, preprocess."""
+    from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-        return preprocess(img.convert("RGB"))
+        upright = ImageOps.exif_transpose(img)  # phone photos are stored sideways with a rotate tag
+        return preprocess(_to_8bit(upright).convert("RGB"))
+
+
+def _to_8bit(img):
+    """A high-bit-depth grey image (16-bit, 32-bit int, float) scaled into 0..255.
+
+    PIL's ``convert("RGB")`` clips such values at 255 (a 16-bit image becomes white) or to 0 (floats
+    in 0..1 become black). Integers are scaled by their type's range: 16-bit PNGs by 1/257, 32-bit
+    ints holding 16-bit data likewise; floats in 0..1 by 255; other floats by their min-max range.
+    """
+    from PIL import Image
+
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        lo, hi = (0.0, 1.0) if a.size and a.min() >= 0 and a.max() <= 1 else (float(a.min()), float(a.max()))
+    else:
+        top = float(a.max()) if a.size else 0.0
+        lo, hi = 0.0, (255.0 if top <= 255 else 65535.0 if top <= 65535 else top)
+    scaled = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 class _FolderDataset:
@@ -350,13 +384,17 @@ class _FolderDataset:
 class _TarDataset:
     """Map-style dataset over tar samples: item -> (index, pixels | None, error | None, caption, json).
 
-    Members are read with ``os.pread`` on a per-process file descriptor (safe after fork).
+    Members are read with ``os.pread`` on per-process file descriptors (safe after fork); at most
+    ``MAX_OPEN_SHARDS`` stay open per process (least recently used closed first), so any number of
+    shards works under the usual limit of open files.
     """
+
+    MAX_OPEN_SHARDS = 16
 
     def __init__(self, index: _TarIndex, preprocess: Callable) -> None:
         self.index = index
         self.preprocess = preprocess
-        self._fds: dict[int, int] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -364,10 +402,14 @@ class _TarDataset:
 
     def _read(self, shard: int, span: np.ndarray) -> bytes:
         if self._pid != os.getpid():
-            self._fds, self._pid = {}, os.getpid()
+            self._fds, self._pid = OrderedDict(), os.getpid()
         fd = self._fds.get(shard)
         if fd is None:
+            while len(self._fds) >= self.MAX_OPEN_SHARDS:
+                os.close(self._fds.popitem(last=False)[1])
             fd = self._fds[shard] = os.open(self.index.shards[shard], os.O_RDONLY)
+        else:
+            self._fds.move_to_end(shard)
         offset, size = int(span[0]), int(span[1])
         data = os.pread(fd, size, offset)
         if len(data) != size:
@@ -378,7 +420,7 @@ class _TarDataset:
         if self._pid == os.getpid():
             for fd in self._fds.values():
                 os.close(fd)
-        self._fds = {}
+        self._fds = OrderedDict()
 
     def __getitem__(self, i: int):
         ix = self.index
@@ -514,6 +556,7 @@ class OpenClipSource:
         self.skip_bad = skip_bad
         self.progress = progress
         self.skipped: list[tuple[str, str]] = []
+        self._shard_problems: list[tuple[str, str]] = []  # damaged .tar shards read in part (skip_bad)
         if not self.images.exists():
             raise BadInput(f"Image input {self.images} does not exist")
 
@@ -587,7 +630,11 @@ class OpenClipSource:
             raise BadInput(f"Captions file {path} has no rows")
 
     def _init_tar(self, shards: list[Path]) -> None:
-        self._tar = index_tar_shards(shards)
+        problems: list[tuple[str, str]] | None = [] if self.skip_bad else None
+        self._tar = index_tar_shards(shards, problems)
+        self._shard_problems = problems or []  # reported again at the start of every batches()
+        for shard, reason in self._shard_problems:
+            logger.warning("Skipping the rest of %s: %s", shard, reason)
         self._n = len(self._tar.shard)
         if self._n == 0:
             raise BadInput(f"No samples in the .tar shards at {self.images}")
@@ -662,7 +709,8 @@ class OpenClipSource:
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Encode the pool and yield batches of raw embeddings, ``batch_size`` rows at most.
 
-        ``self.skipped`` is reset at the start and lists the skipped samples as they occur.
+        ``self.skipped`` is reset at the start (to the damaged shards read only in part, with
+        ``skip_bad``) and lists the skipped samples as they occur.
 
         Raises:
             BadInput: an unreadable sample (naming the file) when ``skip_bad`` is False.
@@ -672,7 +720,7 @@ class OpenClipSource:
 
         if int(batch_size) < 1:
             raise InvalidParameter(f"batch_size must be >= 1, got {batch_size!r}")
-        self.skipped = []
+        self.skipped = list(self._shard_problems)
         model, preprocess, tokenizer = self.bundle
         device = _model_device(model)
         if self.format == "folder":

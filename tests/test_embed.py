@@ -348,6 +348,81 @@ def test_tar_bad_image_raises_or_is_skipped(models, bundle, tmp_path):
         OpenClipSource(tar, None, uid_column="uid", **kw)
 
 
+def test_truncated_shard_stops_the_build_or_keeps_what_it_can_with_skip_bad(models, bundle, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    make_tar(shards / "a.tar", range(3), with_json=False)
+    make_tar(shards / "b.tar", range(3, 9), with_json=False)
+    data = (shards / "b.tar").read_bytes()
+    (shards / "b.tar").write_bytes(data[: len(data) // 2 + 100])  # cut inside a member
+    (shards / "c.tar").write_bytes(b"not a tar at all" * 40)
+    kw = dict(model=TINY, pretrained=str(models[TINY]), num_workers=0, bundle=bundle)
+    with pytest.raises(BadInput, match=r"Cannot read tar shard .*b\.tar: .*--skip-bad"):
+        OpenClipSource(shards, None, **kw)
+    src = OpenClipSource(shards, None, skip_bad=True, **kw)
+    _, meta, image, _ = collect(src, 100)
+    keys = meta.column("key").to_pylist()
+    assert keys[:3] == ["00000", "00001", "00002"] and 3 < len(keys) < 9  # b.tar's first members kept
+    reasons = dict(src.skipped)
+    assert "unreadable tar shard" in reasons[str(shards / "b.tar")]
+    assert "unreadable tar shard" in reasons[str(shards / "c.tar")]
+    assert np.all(np.isfinite(image))
+
+
+def test_tar_reading_keeps_few_files_open(models, bundle, tmp_path, monkeypatch):
+    """One descriptor per shard, never closed, hit the open-files limit on large shard sets."""
+    from indexer import embed
+
+    shards = tmp_path / "many"
+    shards.mkdir()
+    for s in range(12):
+        make_tar(shards / f"{s:03d}.tar", [s % N_IMAGES], with_json=False)
+    monkeypatch.setattr(embed._TarDataset, "MAX_OPEN_SHARDS", 3)
+    opened, closed = [], []
+    real_open, real_close = embed.os.open, embed.os.close
+    monkeypatch.setattr(embed.os, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    monkeypatch.setattr(embed.os, "close", lambda fd: closed.append(fd) or real_close(fd))
+    src = OpenClipSource(shards, None, model=TINY, pretrained=str(models[TINY]), num_workers=0, bundle=bundle)
+    _, meta, _, _ = collect(src, 100)
+    assert meta.num_rows == 12 and len(opened) == 12 and len(opened) - len(closed) <= 3
+
+
+def _identity(img):
+    return np.asarray(img)
+
+
+def test_images_are_read_upright_and_at_8_bits():
+    from indexer.embed import _load_image
+
+    grad = np.tile(np.linspace(0, 1, 64), (32, 1))  # dark on the left, bright on the right
+    eight = _load_image(_identity, _png(Image.fromarray(np.rint(grad * 255).astype(np.uint8))))
+    sixteen = _load_image(_identity, _png(Image.fromarray(np.rint(grad * 65535).astype(np.uint16))))
+    assert np.abs(sixteen.astype(int) - eight.astype(int)).max() <= 1  # was: all 255 (white)
+    as_float = _load_image(_identity, _tiff(Image.fromarray(grad.astype(np.float32), mode="F")))
+    assert np.abs(as_float.astype(int) - eight.astype(int)).max() <= 1  # was: all 0 (black)
+    # EXIF orientation 6 (rotate 90 degrees clockwise to view): a 64 x 32 photo is seen as 32 x 64
+    photo = Image.fromarray(np.rint(grad * 255).astype(np.uint8)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", exif=exif.tobytes())
+    upright = _load_image(_identity, buf.getvalue())
+    assert upright.shape == (64, 32, 3)
+    assert upright[0].mean() < 30 and upright[-1].mean() > 220  # the dark left edge is now on top
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tiff(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF")
+    return buf.getvalue()
+
+
 def test_siglip_like_model_records_logit_bias(models, folder, tmp_path):
     root, table = folder
     captions = write_captions(table.slice(0, 2), tmp_path / "captions.csv")
