@@ -162,7 +162,8 @@ def _terminate(signum, frame) -> None:
               help="Logit scale a for precomputed embeddings (default 100; open_clip reads the model's).")
 @click.option("--model", default="ViT-B-32", show_default=True, help="open_clip model name.")
 @click.option("--pretrained", default=None,
-              help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint path.")
+              help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint path; required "
+                   "with --source open_clip ('random': untrained weights, for tests only).")
 @click.option("--captions", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="open_clip: captions file (CSV, TSV, JSONL or parquet) for an image folder.")
 @click.option("--image-column", default="image", show_default=True, help="Captions file: image path column.")
@@ -214,6 +215,11 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, model, pretra
         if given and source not in sources:
             flag = "--" + name.replace("_", "-")
             raise click.UsageError(f"{flag} applies only to --source {' / '.join(sources)}, not {source}")
+    if source == "open_clip" and pretrained is None:
+        raise click.UsageError("--pretrained is required with --source open_clip: a tag such as "
+                               "laion2b_s34b_b79k or a checkpoint file ('random' for untrained weights)")
+    if pretrained == "random":
+        pretrained = None
     progress = _progress(quiet)
     if source != "synthetic" and input_path is None:
         raise click.UsageError(f"--input is required with --source {source}")

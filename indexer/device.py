@@ -27,4 +27,7 @@ def resolve_device(device: str = "auto") -> str:
         if dev.index is not None and dev.index >= count:
             raise InvalidParameter(f"Device {device!r}: torch sees {count} CUDA GPU(s), cuda:0 to "
                                    f"cuda:{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidParameter(f"Device {device!r}: this torch build or machine has no MPS (Apple GPU) "
+                               "support (use --device cpu, or auto)")
     return device

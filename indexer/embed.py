@@ -122,8 +122,14 @@ def load_model(model_name: str, pretrained: str | None, device: str = "auto") ->
             model, preprocess = open_clip.create_model_from_pretrained(model_name, pretrained,
                                                                        device=device)
     except Exception as exc:  # noqa: BLE001 - open_clip raises many types for a bad checkpoint
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 300 else detail[:299] + "…"
+        hint = ""
+        if pretrained is not None and Path(pretrained).is_file():
+            hint = (f" (is it a state dict of {model_name}, as saved by torch.save(model.state_dict(), "
+                    "path), or an open_clip / OpenAI checkpoint of that architecture?)")
         raise BadInput(f"Cannot load {model_name} with pretrained={pretrained!r}: "
-                       f"{type(exc).__name__}: {exc}") from exc
+                       f"{type(exc).__name__}: {detail}{hint}") from exc
     model.eval()
     try:
         tokenizer = open_clip.get_tokenizer(model_name)
@@ -136,7 +142,7 @@ def load_model(model_name: str, pretrained: str | None, device: str = "auto") ->
 def _pretrained_label(pretrained: str | None) -> str | None:
     """What to record for ``pretrained``: the tag, or the absolute path of a checkpoint file."""
     if pretrained is None:
-        return None
+        return "random (untrained weights)"
     path = Path(pretrained).expanduser()
     return str(path.resolve()) if path.is_file() else str(pretrained)
 
@@ -569,6 +575,10 @@ class OpenClipSource:
             shards = list_tar_shards(self.images)
             if not shards:
                 raise BadInput(f"No captions file given and no .tar shards in {self.images}")
+            if (image_column, caption_column) != ("image", "caption"):
+                raise InvalidParameter("image_column / caption_column (--image-column / --caption-column) "
+                                       "name columns of a captions file; .tar shards pair each image with "
+                                       "its .txt member")
             self._init_tar(shards)
 
         self.bundle = bundle if bundle is not None else load_model(model, pretrained, device)

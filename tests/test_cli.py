@@ -52,6 +52,7 @@ def test_option_clashes_are_usage_errors(tmp_path):
         (["--logit-scale", "5"], "--logit-scale applies only to --source datacomp / clip-retrieval"),
         (["--uid-column", "key"], "--uid-column applies only to --source open_clip / clip-retrieval"),
         (["--n", "1"], "1 is not in the range x>=2"),
+        (["--source", "open_clip", "--input", str(tmp_path)], "--pretrained is required with --source open_clip"),
     ]:
         result = runner.invoke(cli.cli, ["build-index", *args, "--out", str(tmp_path / "x")])
         assert result.exit_code == 2 and message in result.output, result.output

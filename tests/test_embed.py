@@ -184,8 +184,13 @@ def test_load_model_errors(models, tmp_path):
         load_model("ViT-B-32", "lion9b", device="cpu")
     # a checkpoint of another architecture (it has a logit_bias the tiny CLIP lacks)
     other = re.escape(str(models[TINY_BIASED]))
-    with pytest.raises(BadInput, match=rf"Cannot load {TINY} with pretrained='{other}'"):
+    with pytest.raises(BadInput, match=rf"Cannot load {TINY} with pretrained='{other}'") as e:
         load_model(TINY, str(models[TINY_BIASED]), device="cpu")
+    assert "\n" not in str(e.value) and "is it a state dict of" in str(e.value)  # one line, with a hint
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(BadInput, match=r"Cannot load .*notes.pt.*is it a state dict of"):
+        load_model(TINY, str(text), device="cpu")
 
 
 def test_encode_texts_is_raw_encode_text(bundle):
@@ -346,6 +351,8 @@ def test_tar_bad_image_raises_or_is_skipped(models, bundle, tmp_path):
     assert [(b.row_offset, len(b.meta)) for b in batches] == [(0, 3), (4, 2)]
     with pytest.raises(BadInput, match=rf"uid_column='uid' but the shards at {re.escape(str(tar))} have no"):
         OpenClipSource(tar, None, uid_column="uid", **kw)
+    with pytest.raises(InvalidParameter, match=r"name columns of a captions file; .tar shards pair"):
+        OpenClipSource(tar, None, caption_column="text", **kw)  # was silently ignored
 
 
 def test_truncated_shard_stops_the_build_or_keeps_what_it_can_with_skip_bad(models, bundle, tmp_path):
