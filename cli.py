@@ -339,7 +339,9 @@ def score_cmd(index_dir, exact, k, tail_sample, side, logit_scale, logit_bias, m
         probes = report.nprobe.get(s)
         searched = "every candidate" if report.exact else report.index_keys.get(s, "")
         searched += "" if probes is None else f" nprobe {probes}"
-        click.echo(f"  {s} side: {searched}, {d:,.0f} dot products per query ({d / report.n:.2%} of exact)")
+        cost = ("dot products per query not counted (a graph search's cost depends on the data)" if d is None
+                else f"{d:,.0f} dot products per query ({d / report.n:.2%} of exact)")
+        click.echo(f"  {s} side: {searched}, {cost}")
     if report.chunks_reused:
         click.echo(f"  resumed: reused {report.chunks_reused} finished chunks")
     for c in report.checks:

@@ -219,6 +219,8 @@ def build_index(
         raise InvalidParameter(f"batch_size must be >= 1, got {batch_size}")
     if cov_sample < 0 or (0 < cov_sample < 2):
         raise InvalidParameter(f"cov_sample must be 0 (every row) or at least 2, got {cov_sample}")
+    if index_key is not None:  # checked before the source is read, whatever else is given
+        index_key = choose.parse_key(index_key).key
     if limit is not None:
         if limit < 2:
             raise InvalidParameter(f"n must be >= 2 (an index needs two samples), got {limit}")

@@ -92,7 +92,7 @@ class ScoreReport:
     nprobe: dict[str, int | None] = field(default_factory=dict)  # per side: lists probed
     index_keys: dict[str, str] = field(default_factory=dict)  # per side: FAISS key searched
     rescored: dict[str, bool] = field(default_factory=dict)  # per side: neighbours rescored
-    dots_per_query: dict[str, float] = field(default_factory=dict)  # per side
+    dots_per_query: dict[str, float | None] = field(default_factory=dict)  # per side; None: not counted
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
     chunks_computed: int = 0
     chunks_reused: int = 0
@@ -254,7 +254,8 @@ def _chunk_scorer(pool: PoolIndex, side: str, p: _Params, report: ScoreReport,
     report.index_keys[side] = params["key"]
     report.nprobe[side] = None if params.get("nlist") is None else min(nprobe, params["nlist"])
     report.rescored[side] = rescored
-    report.dots_per_query[side] = estimate.dots_per_query(search_dots, p.k, p.m, rescored, own_pair=True)
+    dots = estimate.dots_per_query(search_dots, p.k, p.m, rescored, own_pair=True)
+    report.dots_per_query[side] = dots if math.isfinite(dots) else None  # None: not counted (HNSW)
     secs[f"kl_{side}.setup"] = time.perf_counter() - t0
 
     with duckdb.connect() as con:

@@ -231,6 +231,22 @@ def test_bad_parameters(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_index_key_is_checked_before_reading_whatever_the_nprobe(tmp_path):
+    """Wrapped keys (a rotation, a PCA, an id map) skipped the check when --nprobe was given, and
+    then scored unrotated queries against rotated vectors as if exact."""
+    src = make(n=300)[0]
+
+    def unread(batch_size):
+        raise AssertionError("the source was read before the key was checked")
+
+    src.batches = unread
+    for key in ("RR16,IVF8,Flat", "PCA8,IVF8,Flat", "IDMap,Flat", "IVF8,PQ4x4", "OPQ4,IVF8,PQ4"):
+        with pytest.raises(InvalidParameter, match="Unsupported index key"):
+            build_index(src, tmp_path / "i", index_key=key, nprobe=4)
+    report = build_index(make(n=300)[0], tmp_path / "i", index_key=" IVF8,Flat ")
+    assert report.index_keys == {"image": "IVF8,Flat", "text": "IVF8,Flat"}
+
+
 def test_store_helpers_leave_no_open_result(tmp_path):
     """DuckDB 2.0: a half-read result blocks ``register``; the Store helpers must read fully."""
     import pyarrow as pa

@@ -1,5 +1,6 @@
 """``score``: the scores table, run records, resume after interruption, --check, parameter errors."""
 
+import json
 import math
 import shutil
 
@@ -252,6 +253,19 @@ def test_scores_table_always_has_every_public_column(tmp_path):
     assert table.column("dc_text").null_count == 400 and table.column("kl_text").null_count == 0
     corr = run_query(tmp_path / "idx", "score_correlations")
     assert corr.num_rows > 0
+
+
+def test_a_graph_index_reports_its_cost_as_not_counted(tmp_path):
+    """HNSW's search cost depends on the data: the run says so instead of NaN (invalid JSON)."""
+    from queries.score import report_dict
+
+    image, text = clustered_pairs(600, 16, seed=6)
+    build_index(ArraySource(image, text), tmp_path / "idx", index_key="HNSW16")
+    report = score(tmp_path / "idx", metrics=["kl"], k=16, tail_sample=64)
+    assert report.dots_per_query == {"text": None, "image": None}
+    json.dumps(report_dict(report), allow_nan=False)
+    stored = table(tmp_path / "idx", "SELECT dots_per_query FROM score_runs")[0]["dots_per_query"]
+    assert json.loads(stored) == report.dots_per_query
 
 
 def test_selecting_by_a_column_never_computed_is_a_clear_error(tmp_path):
