@@ -559,7 +559,8 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, out, f
               help="--mode draw: draw with replacement (default: without, by the Gumbel-top-k trick).")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None,
               help="--mode top: IVF lists to probe (default: a quarter of them; more is slower, surer).")
-@click.option("--exact", is_flag=True, help="--mode top: probe every IVF list (the exact top n).")
+@click.option("--exact", is_flag=True,
+              help="--mode top: the exact top n, from every image's cosine (any index type, O(n d)).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the rows to .parquet / .csv / .jsonl.")
 @force_option

@@ -235,6 +235,19 @@ def test_top_with_ivf_probes_a_quarter_of_the_lists_or_all_with_exact(tmp_path, 
     assert len(set(ids)) == 1000 and np.all(np.diff(many.column("cosine").to_numpy()) <= 0)
 
 
+def test_top_exact_is_exact_on_lossy_codes(tmp_path):
+    """--exact probed every list, but PQ codes lost true neighbours before the exact rescoring."""
+    image, text = clustered_pairs(3000, 16, seed=8)
+    out = tmp_path / "pq"
+    build_index(ArraySource(image, text), out, index_key="IVF8,PQ2")
+    v = np.random.default_rng(3).standard_normal(16)
+    cos = unit(image).astype(np.float32).astype(np.float64) @ (v / np.linalg.norm(v))
+    t = sample(out, prompt_embedding=v, n=100, mode="top", exact=True)
+    assert t.column("vec_id").to_pylist() == np.argsort(-cos, kind="stable")[:100].tolist()
+    approx = sample(out, prompt_embedding=v, n=100, mode="top").column("vec_id").to_pylist()
+    assert approx != t.column("vec_id").to_pylist()  # what --exact is for, on this data
+
+
 def test_draw_with_replacement_follows_the_weights(arrays_index, prompt_vec):
     idx, image, *_ = arrays_index
     draws = 20000
