@@ -69,8 +69,14 @@ class Store:
         except duckdb.IOException as e:
             first = str(e).splitlines()[0]
             if "lock" in first.lower():
-                raise IndexBusy(f"The catalog {self.path} is open for writing in another process; wait "
-                                f"for it to finish ({first})") from None
+                pid = re.search(r"\(PID (\d+)\)", first)
+                who = f"another process (PID {pid.group(1)})" if pid else "another process"
+                if read_only:  # only a writer blocks a reader
+                    raise IndexBusy(f"The catalog {self.path} is open for writing in {who}; wait for it "
+                                    "to finish") from None
+                raise IndexBusy(f"The catalog {self.path} is open in {who}: a running command, or a "
+                                "Python session whose PoolIndex keeps a reader open (pool.close() there "
+                                "releases it)") from None
             raise BrokenIndex(f"Cannot open the catalog {self.path}: {first}") from None
 
     def __enter__(self) -> "Store":

@@ -283,23 +283,30 @@ def test_a_damaged_index_is_named_not_a_traceback(tmp_path):
         open_index(out)
 
 
-def test_a_catalog_another_process_writes_is_reported_busy(tmp_path):
+@pytest.mark.parametrize("other_reads", [False, True])
+def test_a_catalog_another_process_holds_is_reported_busy(tmp_path, other_reads):
     import subprocess
     import sys
 
     from indexer.errors import IndexBusy
+    from queries.store import Store
 
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out)
-    writer = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ready', "
-         "flush=True); time.sleep(60)", str(out / "catalog.duckdb")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=sys.argv[2] "
+         "== 'r'); print('ready', flush=True); time.sleep(60)", str(out / "catalog.duckdb"),
+         "r" if other_reads else "w"], stdout=subprocess.PIPE, text=True)
     try:
-        assert writer.stdout.readline().strip() == "ready"
-        with pytest.raises(IndexBusy, match="open for writing in another process"):
-            open_index(out)
+        assert holder.stdout.readline().strip() == "ready"
+        if other_reads:  # a notebook's kept reader blocks writers only; the message says how to free it
+            assert open_index(out).n == 300
+            with pytest.raises(IndexBusy, match=rf"open in another process \(PID {holder.pid}\).*pool.close"):
+                Store(out / "catalog.duckdb", read_only=False)
+        else:
+            with pytest.raises(IndexBusy, match=rf"open for writing in another process \(PID {holder.pid}\)"):
+                open_index(out)
     finally:
-        writer.kill()
-        writer.wait()
+        holder.kill()
+        holder.wait()
     assert open_index(out).n == 300
