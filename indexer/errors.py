@@ -42,3 +42,7 @@ class BrokenIndex(ClipIndexError):
 
 class IndexBusy(ClipIndexError):
     """Another process is using the index in a way that conflicts with this request."""
+
+
+class IndexReplaced(ClipIndexError):
+    """The index directory was rebuilt (or removed) after this object opened it."""

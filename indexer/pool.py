@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from indexer.errors import BrokenIndex, FormatVersionMismatch, IndexNotFound
+from indexer.errors import BrokenIndex, FormatVersionMismatch, IndexNotFound, IndexReplaced
 from indexer.layout import FLAT_KEY, FORMAT_VERSION, MODALITIES, IndexPaths, check_modality
 from queries.store import Store
 
@@ -33,6 +34,7 @@ class PoolIndex:
                 f"{str(self.root)!r} is not an index: it has no {self.paths.catalog.name} "
                 "(build one with `cli.py build-index --out DIR`)"
             )
+        self._identity = self._dir_identity()
         self.manifest = self._read_manifest()
         fv = self.manifest.get("format_version")
         if fv != FORMAT_VERSION:
@@ -44,6 +46,21 @@ class PoolIndex:
         self._faiss: dict[str, Any] = {}
         self._emb: dict[str, np.ndarray] = {}
         self._reader: Store | None = None
+
+    def _dir_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check_current(self) -> None:
+        """Raise ``IndexReplaced`` when the directory was rebuilt (or removed) since this object
+        opened it: its arrays, FAISS indexes and manifest describe the old index, and mixing them
+        with the new catalog would return or store wrong rows. Every data access checks this."""
+        if self._dir_identity() != self._identity:
+            raise IndexReplaced(f"Index {str(self.root)!r} was rebuilt or removed after it was opened; "
+                                "open it again (queries.open_index) to use the new one")
 
     def _check_files(self) -> None:
         """Every file the manifest implies is there (a damaged or half-copied index fails here)."""
@@ -107,6 +124,7 @@ class PoolIndex:
         A writable one first closes this object's kept reader (see ``reader``): DuckDB opens a file
         with one configuration per process.
         """
+        self.check_current()
         if not read_only:
             self.close()
         return Store(self.paths.catalog, read_only=read_only, must_exist=True)
@@ -118,6 +136,7 @@ class PoolIndex:
         at 1M samples. While it is open, other processes cannot open the catalog for writing
         (DuckDB's file lock); ``close()`` or leaving a ``with open_index(...)`` block releases it.
         """
+        self.check_current()
         if self._reader is None:
             self._reader = Store(self.paths.catalog, read_only=True, must_exist=True)
         return self._reader
@@ -137,6 +156,7 @@ class PoolIndex:
     def embeddings(self, modality: str) -> np.ndarray:
         """Normalised embeddings of one modality, shape (n, dim), memory-mapped read-only."""
         check_modality(modality)
+        self.check_current()
         if modality not in self._emb:
             path = self.paths.embeddings(modality)
             try:
@@ -152,6 +172,7 @@ class PoolIndex:
 
     def raw_norms(self, modality: str) -> np.ndarray | None:
         """||u|| of the raw embeddings, or None when the source gave normalised vectors only."""
+        self.check_current()
         p = self.paths.rawnorms(modality)
         return np.load(p) if p.is_file() else None
 
@@ -161,6 +182,7 @@ class PoolIndex:
         An exact (``Flat``) index has no file: it is made from the stored embeddings.
         """
         check_modality(modality)
+        self.check_current()
         if modality not in self._faiss:
             from indexer import faiss_index
 
@@ -190,6 +212,7 @@ class PoolIndex:
     def stat(self, modality: str, name: str) -> np.ndarray:
         """A per-modality statistic (see ``sql/migrations/001_create_tables.sql`` for names)."""
         check_modality(modality)
+        self.check_current()
         try:
             return self._stats[(modality, name)]
         except KeyError:

@@ -6,7 +6,11 @@ SQL lives in ``sql/*.sql`` (one statement per file, ``$name`` parameters); schem
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import threading
+import weakref
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
@@ -15,6 +19,8 @@ from typing import Any, Iterator
 import duckdb
 
 from indexer.errors import BrokenIndex, IndexBusy, IndexNotFound, UnknownQuery
+
+logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -50,6 +56,32 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(out)
 
 
+#: Open stores by absolute catalog path. DuckDB shares one database per path within a process: while
+#: a connection to a catalog that a rebuild has since replaced stays open, a new connection to the
+#: same path would read the old, deleted file. ``_close_replaced`` closes such stale connections first.
+_OPEN: dict[str, list[weakref.ref]] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _close_replaced(key: str, current: tuple[int, int] | None) -> None:
+    """Close this process's connections to an older file at ``key`` (a catalog since rebuilt)."""
+    with _REGISTRY_LOCK:
+        refs = _OPEN.setdefault(key, [])
+        stale = [s for s in (r() for r in refs) if s is not None and current is not None and s._file != current]
+        refs[:] = [r for r in refs if r() is not None and r() not in stale]
+    for s in stale:
+        logger.info("closing a connection to %s: the catalog was replaced since it was opened", key)
+        s.con.close()
+
+
 class Store:
     """A DuckDB catalog. Use as a context manager; ``run`` executes a named SQL file.
 
@@ -64,8 +96,16 @@ class Store:
         if must_exist and self.path != ":memory:" and not Path(self.path).is_file():
             raise IndexNotFound(f"No catalog at {self.path}")
         self.read_only = read_only
+        self._key, self._file = None, None
+        if self.path != ":memory:":
+            self._key = os.path.abspath(self.path)
+            self._file = _file_identity(self._key)
+            _close_replaced(self._key, self._file)
         try:
             self.con = duckdb.connect(self.path, read_only=read_only)
+            if self._key is not None:
+                with _REGISTRY_LOCK:
+                    _OPEN.setdefault(self._key, []).append(weakref.ref(self))
         except duckdb.IOException as e:
             first = str(e).splitlines()[0]
             if "lock" in first.lower():
@@ -87,6 +127,9 @@ class Store:
 
     def close(self) -> None:
         self.con.close()
+        with _REGISTRY_LOCK:
+            refs = _OPEN.get(self._key, [])
+            refs[:] = [r for r in refs if r() is not None and r() is not self]
 
     def run(self, name: str, **params: Any) -> duckdb.DuckDBPyConnection:
         """Execute ``sql/<name>.sql`` with ``$param`` bindings; returns the cursor."""

@@ -310,3 +310,26 @@ def test_a_catalog_another_process_holds_is_reported_busy(tmp_path, other_reads)
         holder.kill()
         holder.wait()
     assert open_index(out).n == 300
+
+
+def test_an_open_pool_notices_a_rebuild_and_a_new_one_sees_it(tmp_path):
+    """An old PoolIndex mixed its arrays with the new catalog (scores written into the new index),
+    and a fresh open_index in the same process read the old, deleted catalog while the old pool's
+    kept reader was open (DuckDB shares one database per path)."""
+    import queries
+    from indexer.errors import IndexReplaced
+
+    out = tmp_path / "idx"
+    build_index(make(n=300)[0], out)
+    old = open_index(out)
+    old.reader()
+    old.embeddings("image")
+    build_index(make(n=400, seed=1)[0], out)
+    for use in (lambda: old.embeddings("image"), old.reader, old.store, lambda: old.faiss("text"),
+                lambda: queries.score(old, metrics=["dc"])):
+        with pytest.raises(IndexReplaced, match="was rebuilt or removed after it was opened"):
+            use()
+    fresh = open_index(out)
+    assert fresh.n == 400 and fresh.manifest["n"] == 400
+    assert list(fresh.reader().query("SELECT count(*) AS c FROM samples")) == [{"c": 400}]
+    assert queries.run_sql(fresh, "SELECT count(*) AS c FROM samples").to_pylist() == [{"c": 400}]
