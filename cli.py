@@ -136,6 +136,8 @@ def cli(verbose: int) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # huggingface_hub prints through its own handler; through ours as well, every line came twice
+    logging.getLogger("huggingface_hub").propagate = False
     # `kill` / `timeout` (SIGTERM) ends a command like Ctrl-C: a build removes its half-written
     # directory, a score keeps its finished chunks for the next run.
     signal.signal(signal.SIGTERM, _terminate)

@@ -619,6 +619,14 @@ class OpenClipSource:
                 full.append(str(self.images / rel))
                 if caption_null[row]:
                     errors[row] = f"empty {self.caption_column!r} value"
+                elif not os.path.isfile(full[-1]):  # found now, not after encoding every row before it
+                    errors[row] = "file not found"
+        bad = [row for row, e in enumerate(errors) if e is not None]
+        if bad and not self.skip_bad:
+            row = bad[0]
+            others = f"; {len(bad) - 1} more rows have problems" if len(bad) > 1 else ""
+            raise BadInput(f"{full[row] or path} (row {row} of {path}): {errors[row]}{others}; pass "
+                           "skip_bad=True (--skip-bad) to skip unreadable samples")
         if self.uid_column is not None:
             uid = normalize_uids(table.column(self.uid_column), str(path))
             drop = (self.uid_column,) if self.uid_column != self.image_column else ()

@@ -258,6 +258,15 @@ def test_folder_bad_image_raises_naming_it(models, bundle, folder, tmp_path):
         collect(src, 100)
 
 
+def test_folder_missing_images_are_found_before_encoding(models, bundle, folder, tmp_path):
+    root, table = folder
+    (root / table.column("image")[6].as_py()).unlink()
+    (root / table.column("image")[8].as_py()).unlink()
+    captions = write_captions(table, tmp_path / "captions.csv")
+    with pytest.raises(BadInput, match=r"row 6 of .*captions\.csv\): file not found; 1 more rows have problems"):
+        OpenClipSource(root, captions, TINY, str(models[TINY]), num_workers=0, bundle=bundle)
+
+
 def test_folder_skip_bad_reports_and_skips(models, bundle, folder, tmp_path):
     root, table = folder
     bad = root / table.column("image")[4].as_py()
