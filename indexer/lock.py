@@ -53,42 +53,35 @@ def _flock(fd: int, how: int) -> bool:
 
 
 @contextmanager
-def using(root: str | Path, job: str) -> Iterator[None]:
+def _held(root: Path, exclusive: bool, busy: str) -> Iterator[None]:
+    """Hold the lock on ``root``'s lock file (shared or exclusive), or raise ``IndexBusy(busy)``."""
+    fd = _open(root)
+    if fd is None:
+        yield
+        return
+    try:
+        if not _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
+            raise IndexBusy(busy)
+        yield
+    finally:
+        os.close(fd)
+
+
+def using(root: str | Path, job: str):
     """Hold a shared lock on the index at ``root`` while a ``job`` (e.g. "score") works in it.
 
     Raises:
         IndexBusy: a rebuild is replacing the index right now.
     """
-    root = Path(root)
-    fd = _open(root)
-    if fd is None:
-        yield
-        return
-    try:
-        if not _flock(fd, fcntl.LOCK_SH):
-            raise IndexBusy(f"Index {str(root)!r} is being replaced by build-index; run {job} again "
-                            "when the build has finished")
-        yield
-    finally:
-        os.close(fd)
+    return _held(Path(root), False, f"Index {str(root)!r} is being replaced by build-index; run {job} "
+                                    "again when the build has finished")
 
 
-@contextmanager
-def replacing(root: str | Path) -> Iterator[None]:
+def replacing(root: str | Path):
     """Hold the exclusive lock on the index at ``root`` (if it exists) while it is replaced.
 
     Raises:
         IndexBusy: another process is working in the index (a running ``score``).
     """
-    root = Path(root)
-    fd = _open(root)
-    if fd is None:
-        yield
-        return
-    try:
-        if not _flock(fd, fcntl.LOCK_EX):
-            raise IndexBusy(f"Index {str(root)!r} is in use by another process (a running score); "
-                            "wait for it to finish, stop it, or build to another --out")
-        yield
-    finally:
-        os.close(fd)
+    return _held(Path(root), True, f"Index {str(root)!r} is in use by another process (a running score); "
+                                   "wait for it to finish, stop it, or build to another --out")

@@ -102,20 +102,27 @@ def test_check_report_and_table(index):
     assert computed(cols) == ["kl_text", "klr_text"]
 
 
-def test_resume_after_interruption(index, tmp_path, monkeypatch):
-    fresh = tmp_path / "fresh"
-    shutil.copytree(index, fresh)
-    params = dict(k=16, tail_sample=64, batch_size=300, metrics=["kl", "klr", "clipscore"])
+def interrupt_chunk(monkeypatch, number: int) -> list:
+    """Make the ``number``-th chunk's SQL step raise KeyboardInterrupt; returns the call log."""
     calls = []
     real = estimate.kl_from_lists
 
     def failing(*args, **kw):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == number:
             raise KeyboardInterrupt("simulated interruption")
         return real(*args, **kw)
 
     monkeypatch.setattr(estimate, "kl_from_lists", failing)
+    return calls
+
+
+def test_resume_after_interruption(index, tmp_path, monkeypatch):
+    fresh = tmp_path / "fresh"
+    shutil.copytree(index, fresh)
+    params = dict(k=16, tail_sample=64, batch_size=300, metrics=["kl", "klr", "clipscore"])
+    real = estimate.kl_from_lists
+    calls = interrupt_chunk(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         score(index, **params)
     [work] = (index / "work").iterdir()
@@ -138,15 +145,7 @@ def test_resume_after_interruption(index, tmp_path, monkeypatch):
 def test_a_run_says_when_interrupted_runs_with_other_options_keep_chunks(index, monkeypatch, caplog):
     params = dict(k=16, tail_sample=64, batch_size=300, metrics=["kl"])
     real = estimate.kl_from_lists
-    calls = []
-
-    def failing(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*args, **kw)
-
-    monkeypatch.setattr(estimate, "kl_from_lists", failing)
+    interrupt_chunk(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         score(index, seed=1, **params)
     monkeypatch.setattr(estimate, "kl_from_lists", real)
