@@ -17,9 +17,10 @@ itself is a readable SQL statement (``sql/kl_per_sample.sql``):
 1. ``search_neighbours`` / ``neighbour_table`` (``neighbour_lists`` does both): FAISS search ->
    arrow table ``(query, candidate, rank, score)``.
 2. ``tail_sums``: one GEMM of the queries against ``R`` -> arrow table ``(query, shift, tail_sum,
-   tail_sum_s, tail_m, mean_s)`` with sums over ALL of R, relative to a per-query max-shift.
-3. ``kl_from_lists``: DuckDB joins the neighbour list with ``tail_members`` (R's ids) to subtract
-   ``R ∩ K`` from the tail sums, and computes both scores per query in float64.
+   tail_sum_s, tail_m, mean_s)`` with sums over each query's ``R \\ K`` (its neighbours are left
+   out of the sums, not subtracted afterwards), relative to a per-query max-shift.
+3. ``kl_from_lists``: DuckDB joins the neighbour list with the tail sums and computes both scores
+   per query in float64.
 
 Cost per query, in dot products (``dots_per_query``): the FAISS search (``choose.dots_per_query``),
 ``m`` for the tail, ``k`` more when the neighbours are rescored, and 1 for the exact mean.
@@ -372,6 +373,7 @@ def tail_sums(
     a: float,
     shift_from_topk: np.ndarray,
     *,
+    exclude: np.ndarray | None = None,
     query_ids: np.ndarray | None = None,
     cand_sum: np.ndarray | None = None,
     tail_vectors: np.ndarray | None = None,
@@ -379,11 +381,14 @@ def tail_sums(
     device: str = "auto",
     dtype: torch.dtype = torch.float32,
 ) -> pa.Table:
-    """Per-query sums over the whole tail sample R, relative to a max-shift.
+    """Per-query sums over the tail ``R \\ K``, relative to a max-shift.
 
     One GEMM of (chunk x d) queries against the (m x d) tail vectors per chunk; the exponentials
     are taken relative to ``shift = max(top-1 score, max_R s)``, so none overflows and the largest
-    is 1. The results are float64.
+    is 1. Each query's neighbours (``exclude``, its K) are left out of its sums here: subtracting
+    them later from the sum over all of R, with scores rounded differently, cancelled badly (the
+    neighbours dominate the sum, and the remainder is multiplied by (N - k) / |R \\ K|). The
+    results are float64.
 
     Args:
         queries: (q, d) normalised queries.
@@ -391,6 +396,8 @@ def tail_sums(
         tail_ids: R, the sorted candidate ids of the tail sample (``draw_tail``).
         a: logit scale.
         shift_from_topk: (q,) the best neighbour score of each query (-inf when none).
+        exclude: (q, k) candidate ids of each query's K (-1 = empty slot), left out of its sums;
+            None sums over all of R.
         query_ids: the queries' vec_ids (default ``0..q-1``).
         cand_sum: ``sum_j v_j`` over all candidates (default: computed from ``candidates``).
         tail_vectors: ``candidates[tail_ids]``, when the caller already gathered them.
@@ -400,8 +407,8 @@ def tail_sums(
 
     Returns:
         Arrow table ``(query BIGINT, shift, tail_sum, tail_sum_s DOUBLE, tail_m BIGINT,
-        mean_s DOUBLE)`` with ``tail_sum = sum_R e^{s - shift}``, ``tail_sum_s = sum_R e^{s - shift}
-        s``, ``tail_m = |R|`` and ``mean_s = a <q, sum_j v_j> / N`` (exact).
+        mean_s DOUBLE)`` with ``tail_sum = sum_{R\\K} e^{s - shift}``, ``tail_sum_s = sum_{R\\K}
+        e^{s - shift} s``, ``tail_m = |R \\ K|`` and ``mean_s = a <q, sum_j v_j> / N`` (exact).
     """
     q, n = len(queries), len(candidates)
     m = len(tail_ids)
@@ -413,6 +420,8 @@ def tail_sums(
     shift = np.asarray(shift_from_topk, dtype=np.float64).copy()
     t_sum = np.zeros(q)
     t_sum_s = np.zeros(q)
+    t_m = np.full(q, m, dtype=np.int64)
+    tail_ids = np.asarray(tail_ids, dtype=np.int64)
     if m:
         dev = resolve_device(device)
         np_dtype = np.float32 if dtype == torch.float32 else np.float64
@@ -427,6 +436,14 @@ def tail_sums(
             top = torch.from_numpy(shift[s : s + chunk]).to(dev)
             sh = torch.maximum(top, sc.max(dim=1).values.to(f64))
             e = torch.exp(sc - sh.to(dtype)[:, None])
+            if exclude is not None:  # R ∩ K: the query's own neighbours are its head, not its tail
+                ids = np.asarray(exclude[s : s + chunk], dtype=np.int64)
+                pos = np.minimum(np.searchsorted(tail_ids, ids), m - 1)
+                rows, cols = np.nonzero((ids >= 0) & (tail_ids[pos] == ids))
+                if len(rows):
+                    hit = (torch.from_numpy(rows).to(e.device), torch.from_numpy(pos[rows, cols]).to(e.device))
+                    e[hit] = 0
+                t_m[s : s + chunk] -= np.bincount(rows, minlength=len(ids))
             # per-row sums of m terms in [0, 1] in the GEMM dtype (torch sums pairwise: relative
             # error ~1e-7 in float32, far below the sampling error), stored as float64
             t_sum[s : s + chunk] = e.sum(dim=1).to(f64).cpu().numpy()
@@ -438,14 +455,9 @@ def tail_sums(
         "shift": shift,
         "tail_sum": t_sum,
         "tail_sum_s": t_sum_s,
-        "tail_m": np.full(q, m, dtype=np.int64),
+        "tail_m": t_m,
         "mean_s": mean_s,
     })
-
-
-def tail_members(tail_ids: np.ndarray) -> pa.Table:
-    """Arrow table ``(candidate BIGINT)`` of R's ids, for the SQL's ``R ∩ K`` join."""
-    return pa.table({"candidate": np.asarray(tail_ids, dtype=np.int64)})
 
 
 # -- 3. the estimator in SQL ---------------------------------------------------------------------
@@ -455,18 +467,16 @@ def kl_from_lists(
     con,
     neighbours: pa.Table,
     tails: pa.Table,
-    members: pa.Table,
     n: int,
     b: float | None = None,
 ) -> pa.Table:
-    """Run ``sql/kl_per_sample.sql`` over the three arrow tables.
+    """Run ``sql/kl_per_sample.sql`` over the two arrow tables.
 
     Args:
-        con: a DuckDB connection (the tables are registered on it as ``neighbours``, ``tails`` and
-            ``tail_members`` for the duration of the call).
+        con: a DuckDB connection (the tables are registered on it as ``neighbours`` and ``tails``
+            for the duration of the call).
         neighbours: ``neighbour_table`` output.
-        tails: ``tail_sums`` output.
-        members: ``tail_members`` output.
+        tails: ``tail_sums`` output, with the same neighbours excluded (``exclude=``).
         n: N, the number of candidates.
         b: SigLIP logit bias, or None (CLIP).
 
@@ -476,7 +486,7 @@ def kl_from_lists(
     """
     if b is not None and n < 2:
         raise InvalidParameter(f"SigLIP scores need at least 2 candidates, got N={n}")
-    names = {"neighbours": neighbours, "tails": tails, "tail_members": members}
+    names = {"neighbours": neighbours, "tails": tails}
     for name, table in names.items():
         con.register(name, table)
     try:
@@ -501,7 +511,6 @@ def estimate_kl(
     own_ids: np.ndarray | None = None,
     cand_sum: np.ndarray | None = None,
     tail_vectors: np.ndarray | None = None,
-    members: pa.Table | None = None,
     con=None,
     device: str = "auto",
     timings: dict[str, float] | None = None,
@@ -521,8 +530,8 @@ def estimate_kl(
         rescore: rescore the neighbours exactly (default: when the index's scores are lossy).
         query_ids: the queries' vec_ids (default ``0..q-1``).
         own_ids: the candidate id of each query's own pair, always put in K (``search_neighbours``).
-        cand_sum, tail_vectors, members: per-run constants (``candidate_sum(candidates)``,
-            ``candidates[tail_ids]``, ``tail_members(tail_ids)``), computed when not given.
+        cand_sum, tail_vectors: per-run constants (``candidate_sum(candidates)``,
+            ``candidates[tail_ids]``), computed when not given.
         con: DuckDB connection for the SQL (default: a new in-memory one).
         device: torch device of the tail GEMM.
         timings: when given, seconds of the phases ``search``, ``table``, ``tail``, ``sql`` are added to it
@@ -542,14 +551,13 @@ def estimate_kl(
     with clock("table"):
         neighbours = neighbour_table(qids, nb)
     with clock("tail"):
-        tails = tail_sums(queries, candidates, tail_ids, a, nb.top, query_ids=qids, cand_sum=cand_sum,
-                          tail_vectors=tail_vectors, device=device)
+        tails = tail_sums(queries, candidates, tail_ids, a, nb.top, exclude=nb.ids, query_ids=qids,
+                          cand_sum=cand_sum, tail_vectors=tail_vectors, device=device)
     own = con is None
     con = duckdb.connect() if own else con
     try:
         with clock("sql"):
-            members = tail_members(tail_ids) if members is None else members
-            return kl_from_lists(con, neighbours, tails, members, len(candidates), b)
+            return kl_from_lists(con, neighbours, tails, len(candidates), b)
     finally:
         if own:
             con.close()

@@ -245,8 +245,7 @@ def _chunk_scorer(pool: PoolIndex, side: str, p: _Params, report: ScoreReport,
         cand_sum = pool.stat(other, "sum")  # sum of the normalised vectors, from the build
     except KeyError:
         cand_sum = estimate.candidate_sum(candidates)
-    constants = dict(tail_ids=tail_ids, tail_vectors=np.asarray(candidates[tail_ids]),
-                     members=estimate.tail_members(tail_ids), cand_sum=cand_sum)
+    constants = dict(tail_ids=tail_ids, tail_vectors=np.asarray(candidates[tail_ids]), cand_sum=cand_sum)
     try:
         search_dots = choose.dots_per_query(params["key"], n, nprobe or 1)
     except InvalidParameter:  # HNSW: data-dependent cost
