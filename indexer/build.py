@@ -286,6 +286,7 @@ def build_index(
                     v = buffers[m][i % 2][:b]
                     copy_cast(v, arr)  # float16 / float32, maybe from a memory map -> float32
                     norms = np.sqrt(np.einsum("ij,ij->i", v, v))
+                    _renorm_extremes(v, norms)
                     check_rows(batch, m, v, norms)
                     np.divide(v, norms[:, None], out=v)
                     if rawnorm is not None:
@@ -322,8 +323,7 @@ def build_index(
                 finished = acc[m].finalize()
             except InvalidParameter as e:  # e.g. identical vectors: name the input, not a ridge
                 where = info.extra.get("path") or info.source
-                raise BadInput(f"{where}: the {m} embeddings cannot be whitened ({e}); an index needs "
-                               "embeddings that vary") from None
+                raise BadInput(f"{where}: the statistics of the {m} embeddings cannot be computed ({e})") from None
             stats += [(m, name, np.asarray(value, dtype=np.float64)) for name, value in finished.items()]
         _insert_stats(store, stats)
         for m in MODALITIES:
@@ -392,6 +392,25 @@ def build_index(
         index_keys={m: key for m in MODALITIES}, seconds=seconds, skipped=len(skipped),
         skipped_report=(out / "skipped.tsv") if skipped else None, replaced=replaced,
     )
+
+
+def _renorm_extremes(v: np.ndarray, norms: np.ndarray) -> None:
+    """Recompute in float64 the norms float32 gets wrong: tiny vectors (their squares are subnormal
+    or underflow to 0: a 1e-21-scaled vector came out with |v| off by 2e-4) and huge ones (their
+    squares overflow). All-zero and non-finite rows keep their 0 / inf / NaN for ``check_rows``."""
+    odd = ~(np.isfinite(norms) & (norms > _TINY_NORM))
+    if odd.any():
+        rows = np.flatnonzero(odd)
+        x = v[rows].astype(np.float64)
+        scale = np.abs(x).max(axis=1, initial=0.0)
+        ok = np.isfinite(scale) & (scale > 0)
+        safe = np.where(ok, scale, 1.0)
+        exact = safe * np.sqrt(((x / safe[:, None]) ** 2).sum(axis=1))  # scaled: no under/overflow
+        norms[rows] = np.where(ok, exact, norms[rows]).astype(norms.dtype)
+
+
+#: Below this float32 norm, components are small enough that their squares lose precision.
+_TINY_NORM = 1e-15
 
 
 def _write_batch(writers: dict[str, NpyWriter], vectors: dict[str, np.ndarray], store: Store,

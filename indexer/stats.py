@@ -62,7 +62,8 @@ class _Moments:
         self.n += x.shape[0]
         y = x.astype(self.gemm_dtype, copy=False) - self.shift.astype(self.gemm_dtype)
         self.s1 += y.sum(axis=0, dtype=np.float64)
-        self.s2 += (y.T @ y).astype(np.float64, copy=False)
+        with np.errstate(over="ignore"):  # huge vectors: whitening() names the non-finite result
+            self.s2 += (y.T @ y).astype(np.float64, copy=False)
 
     def cov(self) -> np.ndarray:
         assert self.shift is not None and self.n >= 2
@@ -245,6 +246,9 @@ def whitening(cov: np.ndarray, ridge: float = 1e-6) -> tuple[np.ndarray, float]:
     if ridge < 0 or not math.isfinite(ridge):
         raise InvalidParameter(f"Invalid whitening ridge={ridge}: must be a finite number >= 0")
     cov = np.asarray(cov, dtype=np.float64)
+    if not np.isfinite(cov).all():
+        raise InvalidParameter("Covariance is not finite: the vectors are too large (their squares "
+                               "overflow float32)")
     lam, Q = np.linalg.eigh((cov + cov.T) / 2)
     lam = np.clip(lam, 0.0, None)
     lam_r = lam + ridge * lam.mean()

@@ -217,7 +217,8 @@ def test_dimension_and_row_mismatch(tmp_path):
 def test_identical_vectors_are_named_as_such(tmp_path):
     image, text = clustered_pairs(100, 8)
     image[:] = image[0]
-    with pytest.raises(BadInput, match=r"arrays: the image embeddings cannot be whitened \(Covariance is zero"):
+    with pytest.raises(BadInput, match=r"arrays: the statistics of the image embeddings cannot be computed "
+                                       r"\(Covariance is zero"):
         build_index(ArraySource(image, text), tmp_path / "a")
     assert list(tmp_path.iterdir()) == []
 
@@ -333,3 +334,21 @@ def test_an_open_pool_notices_a_rebuild_and_a_new_one_sees_it(tmp_path):
     assert fresh.n == 400 and fresh.manifest["n"] == 400
     assert list(fresh.reader().query("SELECT count(*) AS c FROM samples")) == [{"c": 400}]
     assert queries.run_sql(fresh, "SELECT count(*) AS c FROM samples").to_pylist() == [{"c": 400}]
+
+
+@pytest.mark.parametrize("scale", [1e-21, 1e-30, 1e15])
+def test_tiny_and_huge_raw_vectors_are_normalised_exactly(tmp_path, scale):
+    """float32 norms of 1e-21-scaled vectors were off by 2e-4 (subnormal squares)."""
+    image, text = clustered_pairs(200, 16)
+    build_index(ArraySource(image * np.float32(scale), text), tmp_path / "i")
+    pool = open_index(tmp_path / "i")
+    emb = np.asarray(pool.embeddings("image"), dtype=np.float64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-6)
+    want = np.linalg.norm(image.astype(np.float64), axis=1) * scale
+    np.testing.assert_allclose(pool.raw_norms("image"), want, rtol=1e-6)
+
+
+def test_vectors_too_large_for_float32_statistics_are_named(tmp_path):
+    image, text = clustered_pairs(200, 16)
+    with pytest.raises(BadInput, match=r"image embeddings cannot be computed \(Covariance is not finite"):
+        build_index(ArraySource(image * np.float32(1e20), text), tmp_path / "j")  # was a LinAlgError
