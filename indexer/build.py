@@ -148,11 +148,11 @@ def _swap(tmp: Path, out: Path) -> bool:
     """Move the finished build at ``tmp`` to ``out``, replacing an older index there (True then).
 
     The older index is moved aside under its exclusive lock (``indexer.lock``): not while a
-    ``score`` works in it."""
+    ``score`` works in it; one that began during the build is waited for."""
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with lock.replacing(out):
+        with lock.replacing(out, wait=True):  # a score that began during the build finishes first
             os.rename(out, old)
     try:
         os.rename(tmp, out)

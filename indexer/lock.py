@@ -53,15 +53,20 @@ def _flock(fd: int, how: int) -> bool:
 
 
 @contextmanager
-def _held(root: Path, exclusive: bool, busy: str) -> Iterator[None]:
-    """Hold the lock on ``root``'s lock file (shared or exclusive), or raise ``IndexBusy(busy)``."""
+def _held(root: Path, exclusive: bool, busy: str, wait: str | None = None) -> Iterator[None]:
+    """Hold the lock on ``root``'s lock file (shared or exclusive). When another process holds a
+    conflicting one: raise ``IndexBusy(busy)``, or with ``wait`` log that message and block."""
     fd = _open(root)
     if fd is None:
         yield
         return
+    how = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     try:
-        if not _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
-            raise IndexBusy(busy)
+        if not _flock(fd, how):
+            if wait is None:
+                raise IndexBusy(busy)
+            log.warning(wait)
+            fcntl.flock(fd, how)
         yield
     finally:
         os.close(fd)
@@ -77,11 +82,22 @@ def using(root: str | Path, job: str):
                                     "again when the build has finished")
 
 
-def replacing(root: str | Path):
+def replacing(root: str | Path, wait: bool = False):
     """Hold the exclusive lock on the index at ``root`` (if it exists) while it is replaced.
 
+    Args:
+        wait: block until a running ``score`` has finished (a finished build about to swap)
+            instead of raising.
+
     Raises:
-        IndexBusy: another process is working in the index (a running ``score``).
+        IndexBusy: another process is working in the index (a running ``score``), without ``wait``.
     """
+    waiting = (f"Index {str(root)!r} is in use by a running score; the new index is complete and "
+               "replaces it when that score has finished (Ctrl-C keeps the old one)") if wait else None
     return _held(Path(root), True, f"Index {str(root)!r} is in use by another process (a running score); "
-                                   "wait for it to finish, stop it, or build to another --out")
+                                   "wait for it to finish, stop it, or build to another --out", waiting)
+
+
+def sole(folder: str | Path, busy: str):
+    """Hold the exclusive lock of ``folder`` (e.g. one score run's chunk folder) or raise ``IndexBusy(busy)``."""
+    return _held(Path(folder), True, busy)

@@ -118,16 +118,17 @@ class PoolIndex:
         return bool(self.manifest["raw_known"])
 
     # -- data -----------------------------------------------------------------------------
-    def store(self, read_only: bool = True) -> Store:
+    def store(self, read_only: bool = True, wait: float = 0.0) -> Store:
         """A new ``Store`` over the catalog (a context manager that closes it).
 
         A writable one first closes this object's kept reader (see ``reader``): DuckDB opens a file
-        with one configuration per process.
+        with one configuration per process. ``wait``: seconds to retry while another process holds
+        the catalog (``Store``).
         """
         self.check_current()
         if not read_only:
             self.close()
-        return Store(self.paths.catalog, read_only=read_only, must_exist=True)
+        return Store(self.paths.catalog, read_only=read_only, must_exist=True, wait=wait)
 
     def reader(self) -> Store:
         """A read-only ``Store`` kept open until ``close()`` (do not close it yourself).

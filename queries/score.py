@@ -50,6 +50,9 @@ DEFAULT_K = 256
 DEFAULT_TAIL = SCORE_TAIL
 #: Queries per resumable chunk.
 DEFAULT_BATCH = 65536
+#: Seconds ``score`` waits for another process (a long ``sql``, a notebook's kept reader) to let go
+#: of the catalog before it writes, at the start and for the final write.
+CATALOG_WAIT = 120.0
 
 KL_METRICS = ("kl", "klr")
 CLOSED_FORM_METRICS = ("dc", "dw", "rawnorm", "conformity", "conformity_est", "loglik")
@@ -377,7 +380,7 @@ def _store_scores(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], repo
     """Replace ``scores`` atomically and record the run; returns the run id."""
     new = pa.table({"vec_id": np.arange(pool.n, dtype=np.int64),
                     **{c: _to_arrow(cols[c]) for c in SCORE_COLUMNS if c in cols}})
-    with pool.store(read_only=False) as store:
+    with pool.store(read_only=False, wait=CATALOG_WAIT) as store:
         store.migrate()
         con = store.con
         old = set()
@@ -496,7 +499,8 @@ def score(
     """
     started = time.perf_counter()
     pool = as_pool(pool_or_path)
-    with lock.using(pool.root, "score"):  # a rebuild must not swap the index out from under us
+    with contextlib.ExitStack() as held:
+        held.enter_context(lock.using(pool.root, "score"))  # a rebuild must not swap the index from under us
         if not exact and k is None and tail_sample is None and _flat_only(pool):
             # A Flat search already spends N dot products per query: the exact softmax costs no more
             # (the estimator would cost N + m) and is the truth.
@@ -509,6 +513,8 @@ def score(
         from indexer.device import resolve_device
 
         resolve_device(device)  # an unknown or unavailable device fails now, not after the search
+        with pool.store(read_only=False, wait=CATALOG_WAIT):  # a reader that never lets go: fail now
+            pass
         progress = progress or null_progress
         columns = [c for c in SCORE_COLUMNS
                    if c == "clipscore" and "clipscore" in p.metrics
@@ -519,6 +525,9 @@ def score(
         work = pool.paths.work_dir(_work_name(pool, p))
         if p.kl:
             work.mkdir(parents=True, exist_ok=True)
+            held.enter_context(lock.sole(work, f"A score with the same options is already running in "
+                                               f"{str(pool.root)!r} (its chunks are in {work}); wait for "
+                                               "it to finish"))
             log.info("scoring KL (%s) of %d samples, %s; chunks in %s", "exact" if p.exact else
                      f"k={p.k}, m={p.m}", pool.n, "+".join(p.sides), work)
             for s in p.sides:

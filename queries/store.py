@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import threading
+import time
 import weakref
 from functools import lru_cache
 from importlib.resources import files
@@ -85,13 +86,16 @@ def _close_replaced(key: str, current: tuple[int, int] | None) -> None:
 class Store:
     """A DuckDB catalog. Use as a context manager; ``run`` executes a named SQL file.
 
+    ``wait``: seconds to keep retrying while another process holds the file (DuckDB lets one
+    process write, or several read); then ``IndexBusy``.
+
     >>> with Store(":memory:") as s:
     ...     s.migrate()
     ...     s.schema_version()
     1
     """
 
-    def __init__(self, path: str | Path, read_only: bool = False, must_exist: bool = False):
+    def __init__(self, path: str | Path, read_only: bool = False, must_exist: bool = False, wait: float = 0.0):
         self.path = str(path)
         if must_exist and self.path != ":memory:" and not Path(self.path).is_file():
             raise IndexNotFound(f"No catalog at {self.path}")
@@ -101,11 +105,26 @@ class Store:
             self._key = os.path.abspath(self.path)
             self._file = _file_identity(self._key)
             _close_replaced(self._key, self._file)
+        deadline, said = time.monotonic() + wait, False
+        while True:  # another process holding the file: retry for up to ``wait`` seconds
+            try:
+                self.con = self._connect()
+                break
+            except IndexBusy as e:
+                if time.monotonic() >= deadline:
+                    raise
+                if not said:
+                    logger.warning("%s; waiting up to %.0f s", e, wait)
+                    said = True
+                time.sleep(0.25)
+        if self._key is not None:
+            with _REGISTRY_LOCK:
+                _OPEN.setdefault(self._key, []).append(weakref.ref(self))
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        read_only = self.read_only
         try:
-            self.con = duckdb.connect(self.path, read_only=read_only)
-            if self._key is not None:
-                with _REGISTRY_LOCK:
-                    _OPEN.setdefault(self._key, []).append(weakref.ref(self))
+            return duckdb.connect(self.path, read_only=read_only)
         except duckdb.IOException as e:
             first = str(e).splitlines()[0]
             if "lock" in first.lower():

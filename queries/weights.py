@@ -35,6 +35,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from indexer import lock
 from indexer.errors import BadInput, InvalidParameter
 from indexer.pool import as_pool
 from indexer.validate import check_seed
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 DEFAULT_LOGIT_SCALE = 10.0
 #: Rows of embeddings converted to float64 at a time.
 DEFAULT_CHUNK = 65536
+#: Seconds ``weights`` waits for another process to let go of the catalog before it writes.
+CATALOG_WAIT = 30.0
 SAMPLE_MODES = ("draw", "top")
 #: Output suffixes of ``weights --out`` and ``sample --out``.
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
@@ -403,7 +406,7 @@ def store_weights(index, w: Weights) -> None:
         "weight": w.weight, "normalized_weight": w.normalized_weight,
     })
     try:
-        with pool.store(read_only=False) as s:
+        with lock.using(pool.root, "weights"), pool.store(read_only=False, wait=CATALOG_WAIT) as s:
             con = s.con
             con.execute(load_sql("weights_create"))
             con.execute("BEGIN TRANSACTION")

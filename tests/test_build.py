@@ -125,9 +125,11 @@ def test_rebuild_replaces_and_interrupted_build_keeps_old_index(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 
-def test_rebuild_refuses_while_the_index_is_in_use(tmp_path, monkeypatch):
-    """A running score holds a shared lock (indexer.lock.using); a rebuild refuses before it starts,
-    and also at the swap when the score began during the build, leaving the old index in place."""
+def test_rebuild_refuses_while_the_index_is_in_use(tmp_path, monkeypatch, caplog):
+    """A running score holds a shared lock (indexer.lock.using): a rebuild refuses before it starts;
+    a score that began during the build is waited for at the swap (both succeed)."""
+    import threading
+
     import indexer.build as build_module
     from indexer import lock
     from indexer.errors import IndexBusy
@@ -137,20 +139,26 @@ def test_rebuild_refuses_while_the_index_is_in_use(tmp_path, monkeypatch):
     with lock.using(out, "score"):
         with pytest.raises(IndexBusy, match="in use by another process"):
             build_index(make(n=500, seed=1)[0], out)
-    held = []
     real = build_module._insert_stats
+    seen = []
 
     def score_starts_meanwhile(*a, **k):
-        held.append(lock.using(out, "score"))
-        held[-1].__enter__()
+        held = lock.using(out, "score")
+        held.__enter__()
+
+        def score_finishes():
+            seen.append(open_index(out).n)  # the old index, still in place while the score runs
+            held.__exit__(None, None, None)
+
+        threading.Timer(0.5, score_finishes).start()
         return real(*a, **k)
 
     monkeypatch.setattr(build_module, "_insert_stats", score_starts_meanwhile)
-    with pytest.raises(IndexBusy):
-        build_index(make(n=500, seed=1)[0], out)
-    assert open_index(out).n == 300
+    with caplog.at_level("WARNING", logger="indexer.lock"):
+        assert build_index(make(n=500, seed=1)[0], out).replaced
+    assert "replaces it when that score has finished" in caplog.text
+    assert seen == [300] and open_index(out).n == 500
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
-    held[0].__exit__(None, None, None)
     with pytest.raises(IndexBusy, match="being replaced"), lock.replacing(out), lock.using(out, "score"):
         pass
 
@@ -352,3 +360,30 @@ def test_vectors_too_large_for_float32_statistics_are_named(tmp_path):
     image, text = clustered_pairs(200, 16)
     with pytest.raises(BadInput, match=r"image embeddings cannot be computed \(Covariance is not finite"):
         build_index(ArraySource(image * np.float32(1e20), text), tmp_path / "j")  # was a LinAlgError
+
+
+def test_a_writer_waits_for_a_short_reader_in_another_process(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from indexer.errors import IndexBusy
+    from queries.store import Store
+
+    out = tmp_path / "idx"
+    build_index(make(n=300)[0], out)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=True); "
+         "print('ready', flush=True); time.sleep(1.5)", str(out / "catalog.duckdb")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "ready"
+        with pytest.raises(IndexBusy):
+            Store(out / "catalog.duckdb", read_only=False)
+        t0 = time.monotonic()
+        with Store(out / "catalog.duckdb", read_only=False, wait=30) as s:  # a score's final write
+            assert s.has_table("samples")
+        assert 0.2 < time.monotonic() - t0 < 30
+    finally:
+        reader.kill()
+        reader.wait()

@@ -126,7 +126,7 @@ def test_resume_after_interruption(index, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         score(index, **params)
     [work] = (index / "work").iterdir()
-    assert sorted(p.name for p in work.iterdir()) == ["text-000000000000.parquet", "text-000000000300.parquet"]
+    assert sorted(p.name for p in work.glob("*.parquet")) == ["text-000000000000.parquet", "text-000000000300.parquet"]
     assert not table(index, "SELECT * FROM information_schema.tables WHERE table_name = 'scores'")
 
     calls.clear()
@@ -153,7 +153,7 @@ def test_a_run_says_when_interrupted_runs_with_other_options_keep_chunks(index, 
         score(index, seed=2, **params)
     [kept] = (index / "work").iterdir()  # seed 1's chunk, not seed 2's
     assert "1 interrupted score run(s) with other options keep their finished chunks" in caplog.text
-    assert len(list(kept.iterdir())) == 1
+    assert len(list(kept.glob("*.parquet"))) == 1
 
 
 def test_exact_mode_and_columns_carried_over(index):
@@ -304,3 +304,23 @@ def test_flat_index_defaults_to_the_exact_softmax(tmp_path):
     np.testing.assert_allclose(cols["kl_text"], kl, rtol=1e-9)
     forced = score(pool, metrics=["kl"], side="text", k=16, tail_sample=32)
     assert not forced.exact and forced.k == 16
+
+
+def test_a_second_score_with_the_same_options_refuses_while_the_first_runs(index, monkeypatch):
+    """Both used one chunk folder; the first to finish deleted it under the other (a traceback)."""
+    from indexer.errors import IndexBusy
+
+    params = dict(k=16, tail_sample=64, batch_size=300, metrics=["kl"])
+    real = estimate.kl_from_lists
+    refused = []
+
+    def second_run_meanwhile(*args, **kw):
+        if not refused:
+            with pytest.raises(IndexBusy, match="A score with the same options is already running") as e:
+                score(index, **params)
+            refused.append(str(e.value))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(estimate, "kl_from_lists", second_run_meanwhile)
+    report = score(index, **params)
+    assert refused and report.chunks_computed == 8 and not (index / "work").exists()  # 4 per side
