@@ -422,6 +422,9 @@ def tail_sums(
     t_sum_s = np.zeros(q)
     t_m = np.full(q, m, dtype=np.int64)
     tail_ids = np.asarray(tail_ids, dtype=np.int64)
+    if m and exclude is not None:  # candidate id -> its position in R, or -1 (a lookup, not a search)
+        where_in_r = np.full(n + 1, -1, dtype=np.int32)  # slot n: the -1 of empty neighbour slots
+        where_in_r[tail_ids] = np.arange(m, dtype=np.int32)
     if m:
         dev = resolve_device(device)
         np_dtype = np.float32 if dtype == torch.float32 else np.float64
@@ -437,13 +440,13 @@ def tail_sums(
             sh = torch.maximum(top, sc.max(dim=1).values.to(f64))
             e = torch.exp(sc - sh.to(dtype)[:, None])
             if exclude is not None:  # R ∩ K: the query's own neighbours are its head, not its tail
-                ids = np.asarray(exclude[s : s + chunk], dtype=np.int64)
-                pos = np.minimum(np.searchsorted(tail_ids, ids), m - 1)
-                rows, cols = np.nonzero((ids >= 0) & (tail_ids[pos] == ids))
+                pos = where_in_r[exclude[s : s + chunk]]  # id -1 reads slot n: -1
+                rows, cols = np.nonzero(pos >= 0)
                 if len(rows):
-                    hit = (torch.from_numpy(rows).to(e.device), torch.from_numpy(pos[rows, cols]).to(e.device))
+                    hit = (torch.from_numpy(rows).to(e.device),
+                           torch.from_numpy(pos[rows, cols].astype(np.int64)).to(e.device))
                     e[hit] = 0
-                t_m[s : s + chunk] -= np.bincount(rows, minlength=len(ids))
+                t_m[s : s + chunk] -= np.bincount(rows, minlength=len(pos))
             # per-row sums of m terms in [0, 1] in the GEMM dtype (torch sums pairwise: relative
             # error ~1e-7 in float32, far below the sampling error), stored as float64
             t_sum[s : s + chunk] = e.sum(dim=1).to(f64).cpu().numpy()
