@@ -15,6 +15,10 @@ from indexer.layout import FLAT_KEY, FORMAT_VERSION, MODALITIES, IndexPaths, che
 from queries.store import Store
 
 
+#: Seconds a reader waits for another process's write (a score or weights storing its table).
+READ_WAIT = 30.0
+
+
 class PoolIndex:
     """A built index. Cheap to open; arrays and FAISS indexes load on first use.
 
@@ -118,16 +122,19 @@ class PoolIndex:
         return bool(self.manifest["raw_known"])
 
     # -- data -----------------------------------------------------------------------------
-    def store(self, read_only: bool = True, wait: float = 0.0) -> Store:
+    def store(self, read_only: bool = True, wait: float | None = None) -> Store:
         """A new ``Store`` over the catalog (a context manager that closes it).
 
         A writable one first closes this object's kept reader (see ``reader``): DuckDB opens a file
         with one configuration per process. ``wait``: seconds to retry while another process holds
-        the catalog (``Store``).
+        the catalog (``Store``); default ``READ_WAIT`` for a reader (a writer's commit is short),
+        0 for a writer.
         """
         self.check_current()
         if not read_only:
             self.close()
+        if wait is None:
+            wait = READ_WAIT if read_only else 0.0
         return Store(self.paths.catalog, read_only=read_only, must_exist=True, wait=wait)
 
     def reader(self) -> Store:
@@ -139,7 +146,7 @@ class PoolIndex:
         """
         self.check_current()
         if self._reader is None:
-            self._reader = Store(self.paths.catalog, read_only=True, must_exist=True)
+            self._reader = Store(self.paths.catalog, read_only=True, must_exist=True, wait=READ_WAIT)
         return self._reader
 
     def close(self) -> None:

@@ -293,12 +293,15 @@ def test_a_damaged_index_is_named_not_a_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("other_reads", [False, True])
-def test_a_catalog_another_process_holds_is_reported_busy(tmp_path, other_reads):
+def test_a_catalog_another_process_holds_is_reported_busy(tmp_path, other_reads, monkeypatch):
     import subprocess
     import sys
 
+    import indexer.pool
     from indexer.errors import IndexBusy
     from queries.store import Store
+
+    monkeypatch.setattr(indexer.pool, "READ_WAIT", 0.5)  # a reader waits this long for a writer
 
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out)
@@ -387,3 +390,24 @@ def test_a_writer_waits_for_a_short_reader_in_another_process(tmp_path):
     finally:
         reader.kill()
         reader.wait()
+
+
+def test_a_reader_waits_for_a_short_writer_in_another_process(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "idx"
+    build_index(make(n=300)[0], out)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+         "print('ready', flush=True); time.sleep(1.5)", str(out / "catalog.duckdb")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        assert open_index(out).n == 300  # a score's final write: `sql` / `query` wait for it
+        assert 0.2 < time.monotonic() - t0 < 30
+    finally:
+        writer.kill()
+        writer.wait()
