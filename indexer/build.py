@@ -119,8 +119,8 @@ def _clean_stale(out: Path) -> None:
 
 #: What a build writes into an index directory (and ``score`` / the locks add); anything else in
 #: an index at ``--out`` is the user's, and a rebuild refuses to delete it.
-_INDEX_FILES = re.compile(r"^(catalog\.duckdb(\.wal)?|(image|text)(\.faiss|_emb\.npy|_rawnorm\.npy)"
-                          r"|skipped\.tsv|work|\.lock)$")
+_INDEX_FILES = re.compile(r"^(catalog\.duckdb(\.wal|\.tmp)?|(image|text)(\.faiss|_emb\.npy|_rawnorm\.npy)"
+                          r"|skipped\.tsv|work|\.lock|\.lock-swap)$")  # .tmp: DuckDB's spill folder
 
 
 def _check_replaceable(out: Path) -> None:

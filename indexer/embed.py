@@ -347,8 +347,8 @@ def _to_8bit(img):
     """A high-bit-depth grey image (16-bit, 32-bit int, float) scaled into 0..255.
 
     PIL's ``convert("RGB")`` clips such values at 255 (a 16-bit image becomes white) or to 0 (floats
-    in 0..1 become black). Integers are scaled by their type's range: 16-bit PNGs by 1/257, 32-bit
-    ints holding 16-bit data likewise; floats in 0..1 by 255; other floats by their min-max range.
+    in 0..1 become black). 16-bit images are scaled by 1/257; 32-bit ints by the range their values
+    suggest (0..255, 0..65535, else 0..max); floats in 0..1 by 255, other floats by their min-max.
     """
     from PIL import Image
 
@@ -357,7 +357,9 @@ def _to_8bit(img):
     a = np.asarray(img, dtype=np.float64)
     if img.mode == "F":
         lo, hi = (0.0, 1.0) if a.size and a.min() >= 0 and a.max() <= 1 else (float(a.min()), float(a.max()))
-    else:
+    elif img.mode.startswith("I;16"):  # the type's own range: a dark 16-bit image stays dark
+        lo, hi = 0.0, 65535.0
+    else:  # "I": 32-bit ints, often 16-bit data; guess the range from the values
         top = float(a.max()) if a.size else 0.0
         lo, hi = 0.0, (255.0 if top <= 255 else 65535.0 if top <= 65535 else top)
     scaled = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)

@@ -29,13 +29,16 @@ except ImportError:  # not POSIX
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+#: Held exclusively by a build that waits at its swap for running jobs: new jobs see it and refuse,
+#: so a stream of new ``score`` / ``weights`` runs cannot keep the waiting build out forever.
+PENDING_NAME = ".lock-swap"
 
 
-def _open(root: Path) -> int | None:
+def _open(root: Path, name: str = LOCK_NAME) -> int | None:
     if fcntl is None or not root.is_dir():
         return None
     try:
-        return os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(root / name, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         log.debug("no lock on %s: %s", root, e)
         return None
@@ -52,24 +55,43 @@ def _flock(fd: int, how: int) -> bool:
     return True
 
 
+def _swap_pending(root: Path) -> bool:
+    fd = _open(root, PENDING_NAME)
+    if fd is None:
+        return False
+    try:
+        return not _flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def _held(root: Path, exclusive: bool, busy: str, wait: str | None = None) -> Iterator[None]:
     """Hold the lock on ``root``'s lock file (shared or exclusive). When another process holds a
-    conflicting one: raise ``IndexBusy(busy)``, or with ``wait`` log that message and block."""
+    conflicting one: raise ``IndexBusy(busy)``, or with ``wait`` log that message and block (then
+    holding the pending-swap lock meanwhile, which new shared holders respect)."""
     fd = _open(root)
     if fd is None:
         yield
         return
     how = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    pending = None
     try:
         if not _flock(fd, how):
             if wait is None:
                 raise IndexBusy(busy)
             log.warning(wait)
+            pending = _open(root, PENDING_NAME)
+            if pending is not None:
+                fcntl.flock(pending, fcntl.LOCK_EX)
             fcntl.flock(fd, how)
+        elif not exclusive and _swap_pending(root):  # a finished build waits to swap: let it
+            raise IndexBusy(busy)
         yield
     finally:
         os.close(fd)
+        if pending is not None:
+            os.close(pending)
 
 
 def using(root: str | Path, job: str):

@@ -51,12 +51,15 @@ class PoolIndex:
         self._emb: dict[str, np.ndarray] = {}
         self._reader: Store | None = None
 
-    def _dir_identity(self) -> tuple[int, int] | None:
+    def _dir_identity(self) -> tuple | None:
+        """What tells one build of the directory from the next: the directory's inode and the inode
+        and write time of its image embeddings (written once per build). The directory's inode
+        alone is not enough: ext4 hands a new build the inode of one two builds earlier."""
         try:
-            st = os.stat(self.root)
+            d, e = os.stat(self.root), os.stat(self.paths.embeddings("image"))
         except OSError:
             return None
-        return st.st_dev, st.st_ino
+        return d.st_dev, d.st_ino, e.st_ino, e.st_mtime_ns
 
     def check_current(self) -> None:
         """Raise ``IndexReplaced`` when the directory was rebuilt (or removed) since this object

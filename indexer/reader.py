@@ -280,6 +280,8 @@ def unify_metadata_schemas(schemas: Sequence[tuple[Path, pa.Schema]]) -> pa.Sche
     Raises:
         BadInput: two shards give a column incompatible types.
     """
+    canonical: dict[str, str] = {}  # lower-cased name -> first spelling (DuckDB ignores case)
+    schemas = [(path, _plain_schema(schema, canonical)) for path, schema in schemas]
     unified = schemas[0][1]
     for path, schema in schemas[1:]:
         try:
@@ -312,14 +314,28 @@ def unify_metadata_schemas(schemas: Sequence[tuple[Path, pa.Schema]]) -> pa.Sche
     return unified
 
 
+def _plain_schema(schema: pa.Schema, canonical: dict[str, str]) -> pa.Schema:
+    """``schema`` with dictionary-encoded fields as their value type (pandas categoricals unify
+    with plain strings that way) and names spelled as first seen, case-insensitively."""
+    fields = []
+    for f in schema:
+        name = canonical.setdefault(f.name.lower(), f.name)
+        typ = f.type.value_type if pa.types.is_dictionary(f.type) else f.type
+        fields.append(pa.field(name, typ, f.nullable))
+    return pa.schema(fields)
+
+
 def conform_to_schema(table: pa.Table, schema: pa.Schema, origin: str) -> pa.Table:
-    """``table`` with ``schema``'s columns, in its order: missing ones NULL, the others cast."""
+    """``table`` with ``schema``'s columns, in its order: missing ones NULL, the others cast.
+    Column names match case-insensitively (``unify_metadata_schemas`` keeps the first spelling)."""
+    by_lower = {name.lower(): name for name in table.column_names}
     arrays = []
     for field in schema:
-        if field.name not in table.column_names:
+        name = by_lower.get(field.name.lower())
+        if name is None:
             arrays.append(pa.nulls(table.num_rows, field.type))
             continue
-        column = table.column(field.name)
+        column = table.column(name)
         if column.type != field.type:
             try:
                 column = column.cast(field.type)

@@ -76,7 +76,8 @@ def _close_replaced(key: str, current: tuple[int, int] | None) -> None:
     """Close this process's connections to an older file at ``key`` (a catalog since rebuilt)."""
     with _REGISTRY_LOCK:
         refs = _OPEN.setdefault(key, [])
-        stale = [s for s in (r() for r in refs) if s is not None and current is not None and s._file != current]
+        stale = [s for s in (r() for r in refs)
+                 if s is not None and current is not None and s._file is not None and s._file != current]
         refs[:] = [r for r in refs if r() is not None and r() not in stale]
     for s in stale:
         logger.info("closing a connection to %s: the catalog was replaced since it was opened", key)
@@ -118,6 +119,7 @@ class Store:
                     said = True
                 time.sleep(0.25)
         if self._key is not None:
+            self._file = _file_identity(self._key)  # the file DuckDB opened (it may have created it)
             with _REGISTRY_LOCK:
                 _OPEN.setdefault(self._key, []).append(weakref.ref(self))
 

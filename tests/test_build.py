@@ -411,3 +411,66 @@ def test_a_reader_waits_for_a_short_writer_in_another_process(tmp_path):
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_every_earlier_build_is_noticed_even_when_inodes_are_reused(tmp_path):
+    """ext4 gave a new build's directory the inode of the one two builds earlier."""
+    from indexer.errors import IndexReplaced
+
+    out = tmp_path / "idx"
+    pools = []
+    for i in range(6):
+        build_index(make(n=300, seed=i)[0], out)
+        for old in pools:
+            with pytest.raises(IndexReplaced):
+                old.check_current()
+        pools.append(open_index(out))
+    pools[-1].check_current()
+
+
+def test_a_second_store_on_a_new_catalog_keeps_the_first_open(tmp_path):
+    from queries.store import Store
+
+    first = Store(tmp_path / "c.duckdb")  # creates the file
+    second = Store(tmp_path / "c.duckdb")
+    assert first.con.execute("SELECT 1").fetchall() == [(1,)]  # was: "Connection already closed"
+    second.close()
+    first.close()
+
+
+def test_duckdbs_spill_folder_does_not_block_a_rebuild(tmp_path):
+    out = tmp_path / "idx"
+    build_index(make(n=300)[0], out)
+    (out / "catalog.duckdb.tmp").mkdir()  # left by a query killed while spilling to disk
+    assert build_index(make(n=400, seed=1)[0], out).replaced
+
+
+def test_a_build_waiting_to_swap_turns_new_jobs_away(tmp_path):
+    """New shared holders kept a build queued at the swap waiting for ever (flock lets them in)."""
+    import threading
+    import time
+
+    from indexer import lock
+    from indexer.errors import IndexBusy
+
+    out = tmp_path / "idx"
+    build_index(make(n=300)[0], out)
+    first = lock.using(out, "score")
+    first.__enter__()
+    swapped = threading.Event()
+
+    def build_swaps():
+        with lock.replacing(out, wait=True):
+            swapped.set()
+
+    t = threading.Thread(target=build_swaps)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not lock._swap_pending(out) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(IndexBusy, match="being replaced"), lock.using(out, "weights"):
+        pass
+    assert not swapped.is_set()
+    first.__exit__(None, None, None)
+    t.join(10)
+    assert swapped.is_set()

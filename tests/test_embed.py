@@ -414,6 +414,8 @@ def test_images_are_read_upright_and_at_8_bits():
     eight = _load_image(_identity, _png(Image.fromarray(np.rint(grad * 255).astype(np.uint8))))
     sixteen = _load_image(_identity, _png(Image.fromarray(np.rint(grad * 65535).astype(np.uint16))))
     assert np.abs(sixteen.astype(int) - eight.astype(int)).max() <= 1  # was: all 255 (white)
+    dark = _load_image(_identity, _png(Image.fromarray(np.full((8, 8), 200, dtype=np.uint16))))
+    assert dark.max() <= 1  # 200 of 65535 is nearly black, not 200 of 255
     as_float = _load_image(_identity, _tiff(Image.fromarray(grad.astype(np.float32), mode="F")))
     assert np.abs(as_float.astype(int) - eight.astype(int)).max() <= 1  # was: all 0 (black)
     # EXIF orientation 6 (rotate 90 degrees clockwise to view): a 64 x 32 photo is seen as 32 x 64

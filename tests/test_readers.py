@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -272,6 +273,22 @@ def test_datacomp_shards_with_different_columns_are_unified(tmp_path, rng):
     assert meta.column("original_width").to_pylist()[:n0] == [float(w) for w in t0.column("original_width").to_pylist()]
     assert meta.column("aesthetic").to_pylist() == [None] * n0 + list(range(n1))
     assert meta.column("note").to_pylist() == [None] * n0 + [f"n{i}" for i in range(n1)]
+
+
+def test_datacomp_dictionary_columns_and_name_case_unify(tmp_path, rng):
+    """pandas categoricals (dictionary<string>) next to plain strings, and 'Note' next to 'note',
+    were one column before the schemas were unified; they stay one column."""
+    make_datacomp(tmp_path / "dc", rng)
+    first, second = sorted((tmp_path / "dc").glob("*.parquet"))
+    t0, t1 = pq.read_table(first), pq.read_table(second)
+    t0 = t0.set_column(t0.column_names.index("text"), "text", pc.dictionary_encode(t0.column("text")))
+    pq.write_table(t0.append_column("Note", pa.array(["a"] * t0.num_rows)), first)
+    pq.write_table(t1.append_column("note", pa.array(["b"] * t1.num_rows)), second)
+    _, meta, _, _ = collect(DataCompSource(tmp_path / "dc"), 10)
+    assert meta.column("caption").type == pa.string()
+    assert meta.column("caption").to_pylist()[: t0.num_rows] == t0.column("text").to_pylist()
+    assert "note" not in meta.column_names
+    assert meta.column("Note").to_pylist() == ["a"] * t0.num_rows + ["b"] * t1.num_rows
 
 
 def test_datacomp_incompatible_column_types_name_both_files(tmp_path, rng):
