@@ -116,8 +116,9 @@ def replacing(root: str | Path, wait: bool = False):
     """
     waiting = (f"Index {str(root)!r} is in use by a running score; the new index is complete and "
                "replaces it when that score has finished (Ctrl-C keeps the old one)") if wait else None
-    return _held(Path(root), True, f"Index {str(root)!r} is in use by another process (a running score or weights); "
-                                   "wait for it to finish, stop it, or build to another --out", waiting)
+    busy = (f"Index {str(root)!r} is in use by another process (a running score or weights); wait for "
+            "it to finish, stop it, or build to another --out")
+    return _held(Path(root), True, busy, waiting)
 
 
 def sole(folder: str | Path, busy: str):
