@@ -55,14 +55,19 @@ def _flock(fd: int, how: int) -> bool:
     return True
 
 
-def _swap_pending(root: Path) -> bool:
-    fd = _open(root, PENDING_NAME)
+def _taken(root: Path, name: str = LOCK_NAME) -> bool:
+    """Whether another process holds ``root``'s lock file ``name`` exclusively (a probe)."""
+    fd = _open(root, name)
     if fd is None:
         return False
     try:
         return not _flock(fd, fcntl.LOCK_SH)
     finally:
         os.close(fd)
+
+
+def _swap_pending(root: Path) -> bool:
+    return _taken(root, PENDING_NAME)
 
 
 @contextmanager
@@ -124,3 +129,8 @@ def replacing(root: str | Path, wait: bool = False):
 def sole(folder: str | Path, busy: str):
     """Hold the exclusive lock of ``folder`` (e.g. one score run's chunk folder) or raise ``IndexBusy(busy)``."""
     return _held(Path(folder), True, busy)
+
+
+def in_use(folder: str | Path) -> bool:
+    """Whether another process holds ``folder``'s lock (``sole``): e.g. a score working in it."""
+    return _taken(Path(folder))

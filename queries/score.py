@@ -577,7 +577,7 @@ def score(
 
 def _note_unfinished(folder: Path) -> None:
     """Say that interrupted runs with other options still keep their chunks (and space) in ``folder``."""
-    runs = [p for p in folder.glob("score-*") if p.is_dir()]
+    runs = [p for p in folder.glob("score-*") if p.is_dir() and not lock.in_use(p)]  # not running ones
     if runs:
         size = sum(f.stat().st_size for p in runs for f in p.rglob("*") if f.is_file())
         log.warning("%d interrupted score run(s) with other options keep their finished chunks in %s "

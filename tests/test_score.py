@@ -154,6 +154,12 @@ def test_a_run_says_when_interrupted_runs_with_other_options_keep_chunks(index, 
     [kept] = (index / "work").iterdir()  # seed 1's chunk, not seed 2's
     assert "1 interrupted score run(s) with other options keep their finished chunks" in caplog.text
     assert len(list(kept.glob("*.parquet"))) == 1
+    caplog.clear()
+    from indexer import lock
+
+    with lock.sole(kept, "busy"), caplog.at_level("WARNING", logger="queries.score"):  # a run working there
+        score(index, seed=3, **params)
+    assert "interrupted" not in caplog.text
 
 
 def test_exact_mode_and_columns_carried_over(index):
