@@ -1,5 +1,10 @@
 """The builder: arrays in, a complete index directory out; bad input; write-aside-then-swap."""
 
+import contextlib
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -9,6 +14,21 @@ from indexer.build import build_index
 from indexer.errors import BadInput, InvalidParameter
 from indexer.pool import open_index
 from indexer.sources import ArraySource
+
+
+@contextlib.contextmanager
+def catalog_held(catalog, read_only: bool, seconds: float):
+    """Another process that holds ``catalog`` open (for reading or writing) for ``seconds``."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=sys.argv[2] "
+         "== 'r'); print('ready', flush=True); time.sleep(float(sys.argv[3]))", str(catalog),
+         "r" if read_only else "w", str(seconds)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def make(n=600, d=16, seed=0, **kw):
@@ -294,9 +314,6 @@ def test_a_damaged_index_is_named_not_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("other_reads", [False, True])
 def test_a_catalog_another_process_holds_is_reported_busy(tmp_path, other_reads, monkeypatch):
-    import subprocess
-    import sys
-
     import indexer.pool
     from indexer.errors import IndexBusy
     from queries.store import Store
@@ -305,12 +322,7 @@ def test_a_catalog_another_process_holds_is_reported_busy(tmp_path, other_reads,
 
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=sys.argv[2] "
-         "== 'r'); print('ready', flush=True); time.sleep(60)", str(out / "catalog.duckdb"),
-         "r" if other_reads else "w"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "ready"
+    with catalog_held(out / "catalog.duckdb", other_reads, 60) as holder:
         if other_reads:  # a notebook's kept reader blocks writers only; the message says how to free it
             assert open_index(out).n == 300
             with pytest.raises(IndexBusy, match=rf"open in another process \(PID {holder.pid}\).*pool.close"):
@@ -318,9 +330,6 @@ def test_a_catalog_another_process_holds_is_reported_busy(tmp_path, other_reads,
         else:
             with pytest.raises(IndexBusy, match=rf"open for writing in another process \(PID {holder.pid}\)"):
                 open_index(out)
-    finally:
-        holder.kill()
-        holder.wait()
     assert open_index(out).n == 300
 
 
@@ -366,51 +375,27 @@ def test_vectors_too_large_for_float32_statistics_are_named(tmp_path):
 
 
 def test_a_writer_waits_for_a_short_reader_in_another_process(tmp_path):
-    import subprocess
-    import sys
-    import time
-
     from indexer.errors import IndexBusy
     from queries.store import Store
 
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out)
-    reader = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=True); "
-         "print('ready', flush=True); time.sleep(1.5)", str(out / "catalog.duckdb")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert reader.stdout.readline().strip() == "ready"
+    with catalog_held(out / "catalog.duckdb", True, 1.5):
         with pytest.raises(IndexBusy):
             Store(out / "catalog.duckdb", read_only=False)
         t0 = time.monotonic()
         with Store(out / "catalog.duckdb", read_only=False, wait=30) as s:  # a score's final write
             assert s.has_table("samples")
         assert 0.2 < time.monotonic() - t0 < 30
-    finally:
-        reader.kill()
-        reader.wait()
 
 
 def test_a_reader_waits_for_a_short_writer_in_another_process(tmp_path):
-    import subprocess
-    import sys
-    import time
-
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out)
-    writer = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
-         "print('ready', flush=True); time.sleep(1.5)", str(out / "catalog.duckdb")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert writer.stdout.readline().strip() == "ready"
+    with catalog_held(out / "catalog.duckdb", False, 1.5):
         t0 = time.monotonic()
         assert open_index(out).n == 300  # a score's final write: `sql` / `query` wait for it
         assert 0.2 < time.monotonic() - t0 < 30
-    finally:
-        writer.kill()
-        writer.wait()
 
 
 def test_every_earlier_build_is_noticed_even_when_inodes_are_reused(tmp_path):
@@ -448,7 +433,6 @@ def test_duckdbs_spill_folder_does_not_block_a_rebuild(tmp_path):
 def test_a_build_waiting_to_swap_turns_new_jobs_away(tmp_path):
     """New shared holders kept a build queued at the swap waiting for ever (flock lets them in)."""
     import threading
-    import time
 
     from indexer import lock
     from indexer.errors import IndexBusy
