@@ -515,64 +515,70 @@ def score(
         resolve_device(device)  # an unknown or unavailable device fails now, not after the search
         with pool.store(read_only=False, wait=CATALOG_WAIT):  # a reader that never lets go: fail now
             pass
-        progress = progress or null_progress
-        columns = [c for c in SCORE_COLUMNS
-                   if c == "clipscore" and "clipscore" in p.metrics
-                   or c.rsplit("_", 1)[0] in p.metrics and c.rsplit("_", 1)[1] in p.sides]
-        report = ScoreReport(run_id=0, path=pool.root, columns=columns, n=pool.n, exact=p.exact, sides=p.sides,
-                             k=p.k, m=p.m, logit_scale=p.a, logit_bias=p.b, seed=p.seed)
-        cols: dict[str, np.ndarray] = {}
-        work = pool.paths.work_dir(_work_name(pool, p))
-        if p.kl:
-            work.mkdir(parents=True, exist_ok=True)
-            held.enter_context(lock.sole(work, f"A score with the same options is already running in "
-                                               f"{str(pool.root)!r} (its chunks are in {work}); wait for "
-                                               "it to finish"))
-            log.info("scoring KL (%s) of %d samples, %s; chunks in %s", "exact" if p.exact else
-                     f"k={p.k}, m={p.m}", pool.n, "+".join(p.sides), work)
-            for s in p.sides:
-                t0 = time.perf_counter()
-                _kl_side(pool, s, p, work, report, progress, device)
-                cols.update(_read_side(work, s, pool.n))
-                report.seconds[f"kl_{s}"] = time.perf_counter() - t0
-                log.info("KL %s side: %.1f s", s, report.seconds[f"kl_{s}"])
-            if report.chunks_reused:
-                log.info("resumed: %d chunks reused from %s", report.chunks_reused, work)
+        return _run(pool, p, held, progress or null_progress, device, started)
 
-        t0 = time.perf_counter()
-        closed = [m for m in CLOSED_FORM_METRICS if m in p.metrics]
-        if closed:
-            from queries.closed_form import closed_form_scores
 
-            for s in p.sides:
-                cols.update(closed_form_scores(pool, s, a=p.a, metrics=set(closed), progress=progress,
-                                               precision="float32"))
-        if "clipscore" in p.metrics:
-            from queries.closed_form import clipscore_scores
-
-            cols["clipscore"] = clipscore_scores(pool, progress=progress)
-        if closed or "clipscore" in p.metrics:
-            report.seconds["closed_form"] = time.perf_counter() - t0
-
-        if p.check:
+def _run(pool: PoolIndex, p: _Params, held: contextlib.ExitStack, progress: Progress, device: str,
+         started: float) -> ScoreReport:
+    """``score`` after its checks, under the index's shared lock; ``held`` keeps the run's
+    chunk-folder lock until the folder is cleaned up."""
+    columns = [c for c in SCORE_COLUMNS
+               if c == "clipscore" and "clipscore" in p.metrics
+               or c.rsplit("_", 1)[0] in p.metrics and c.rsplit("_", 1)[1] in p.sides]
+    report = ScoreReport(run_id=0, path=pool.root, columns=columns, n=pool.n, exact=p.exact, sides=p.sides,
+                         k=p.k, m=p.m, logit_scale=p.a, logit_bias=p.b, seed=p.seed)
+    cols: dict[str, np.ndarray] = {}
+    work = pool.paths.work_dir(_work_name(pool, p))
+    if p.kl:
+        work.mkdir(parents=True, exist_ok=True)
+        held.enter_context(lock.sole(work, f"A score with the same options is already running in "
+                                           f"{str(pool.root)!r} (its chunks are in {work}); wait for "
+                                           "it to finish"))
+        log.info("scoring KL (%s) of %d samples, %s; chunks in %s", "exact" if p.exact else
+                 f"k={p.k}, m={p.m}", pool.n, "+".join(p.sides), work)
+        for s in p.sides:
             t0 = time.perf_counter()
-            report.checks = _check(pool, p, cols, progress, device)
-            report.seconds["check"] = time.perf_counter() - t0
+            _kl_side(pool, s, p, work, report, progress, device)
+            cols.update(_read_side(work, s, pool.n))
+            report.seconds[f"kl_{s}"] = time.perf_counter() - t0
+            log.info("KL %s side: %.1f s", s, report.seconds[f"kl_{s}"])
+        if report.chunks_reused:
+            log.info("resumed: %d chunks reused from %s", report.chunks_reused, work)
 
-        cols = {c: v for c, v in cols.items() if c in columns}
+    t0 = time.perf_counter()
+    closed = [m for m in CLOSED_FORM_METRICS if m in p.metrics]
+    if closed:
+        from queries.closed_form import closed_form_scores
+
+        for s in p.sides:
+            cols.update(closed_form_scores(pool, s, a=p.a, metrics=set(closed), progress=progress,
+                                           precision="float32"))
+    if "clipscore" in p.metrics:
+        from queries.closed_form import clipscore_scores
+
+        cols["clipscore"] = clipscore_scores(pool, progress=progress)
+    if closed or "clipscore" in p.metrics:
+        report.seconds["closed_form"] = time.perf_counter() - t0
+
+    if p.check:
         t0 = time.perf_counter()
-        report.run_id = _store_scores(pool, p, cols, report, started)
-        report.seconds["store"] = time.perf_counter() - t0
-        report.seconds["total"] = time.perf_counter() - started
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-            try:
-                work.parent.rmdir()  # the index's work/ folder, when nothing else is in it
-            except OSError:
-                _note_unfinished(work.parent)
-        log.info("scored %d samples: %s in %.1f s (run %d)", pool.n, ", ".join(columns),
-                 report.seconds["total"], report.run_id)
-        return report
+        report.checks = _check(pool, p, cols, progress, device)
+        report.seconds["check"] = time.perf_counter() - t0
+
+    cols = {c: v for c, v in cols.items() if c in columns}
+    t0 = time.perf_counter()
+    report.run_id = _store_scores(pool, p, cols, report, started)
+    report.seconds["store"] = time.perf_counter() - t0
+    report.seconds["total"] = time.perf_counter() - started
+    if work.exists():
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            work.parent.rmdir()  # the index's work/ folder, when nothing else is in it
+        except OSError:
+            _note_unfinished(work.parent)
+    log.info("scored %d samples: %s in %.1f s (run %d)", pool.n, ", ".join(columns),
+             report.seconds["total"], report.run_id)
+    return report
 
 
 def _note_unfinished(folder: Path) -> None:
