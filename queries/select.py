@@ -33,6 +33,8 @@ import pyarrow as pa
 
 from indexer.errors import BadInput, InvalidParameter
 from queries.sqlrun import (
+    OUTSIDE_HINT,
+    OUTSIDE_REFUSED,
     _arrow,
     _first_line,
     _query_failed,
@@ -43,6 +45,7 @@ from queries.sqlrun import (
     read_only_store,
     table_columns,
 )
+from queries.store import load_sql
 
 #: Output suffixes ``select`` writes.
 SUBSET_SUFFIXES = (".npy", ".parquet", ".txt")
@@ -135,15 +138,22 @@ def _base_relation(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
     return con.sql(f"SELECT * FROM samples JOIN scores USING ({', '.join(keys)})")
 
 
-def _filter(rel: duckdb.DuckDBPyRelation, where: str) -> duckdb.DuckDBPyRelation:
+def _evaluate_once(rel: duckdb.DuckDBPyRelation, where: str | None, q: str) -> None:
+    """Filter ``rel`` by ``where`` and store the rows that pass (uid, vec_id and the score column
+    ``q`` as ``score``) in the temporary table ``_select_passed``: the condition runs exactly once
+    (``random() < 0.5`` gave three different row sets to three counts), and everything after reads
+    that table."""
     try:
-        out = rel.filter(where)
-        out.aggregate("count(*)").fetchall()  # binds and runs it: unknown columns fail here
-        return out
+        if where is not None:
+            rel = rel.filter(where)
+        rel.project(f"uid, vec_id, {q} AS score").query("_select_source", load_sql("select_passed_create"))
     except duckdb.ParserException as e:
         raise InvalidParameter(f"--where {where!r} is not a single SQL condition: {_first_line(e)}") from None
     except duckdb.Error as e:
-        raise InvalidParameter(f"--where {where!r} failed: {_first_line(e)}") from None
+        msg = _first_line(e)
+        hint = OUTSIDE_HINT if OUTSIDE_REFUSED in msg else ""
+        raise InvalidParameter(f"--where {where!r} failed: {msg}{hint}" if where is not None
+                               else f"select failed: {msg}{hint}") from None
 
 
 def select(
@@ -196,22 +206,14 @@ def select(
             total = rel.aggregate("count(*)").fetchall()[0][0]
         except duckdb.Error as e:
             raise _query_failed(e, "select", store) from None
-        if where is not None:
-            rel = _filter(rel, where)
+        _evaluate_once(rel, where, q)
         try:
-            passed = rel.aggregate("count(*)").fetchall()[0][0]
-            rel = rel.filter(f"{q} IS NOT NULL AND NOT isnan({q}::DOUBLE)")
-            candidates = rel.aggregate("count(*)").fetchall()[0][0]
+            passed, candidates = store.run("select_counts").fetchall()[0]
             kept = kept_count(fraction, candidates)
-            order = f"{q} {'ASC' if lowest else 'DESC'}, uid ASC"
-            table = _arrow(
-                rel.order(order).limit(kept).project(
-                    f"row_number() OVER (ORDER BY {order}) AS rank, uid, vec_id, {q}"
-                ).order("rank")
-            ) if kept else pa.table({"rank": pa.array([], pa.int64()), "uid": pa.array([], pa.string()),
-                                     "vec_id": pa.array([], pa.int64()), col: pa.array([], pa.float64())})
+            table = _arrow(con.sql(load_sql("select_kept"), params={"kept": kept, "lowest": bool(lowest)}))
         except duckdb.Error as e:
             raise _query_failed(e, "select", store) from None
+        table = table.rename_columns(["rank", "uid", "vec_id", col])
     if not kept and out_path is not None:
         why = f"no sample passed --where {where!r}" if where is not None and not passed else \
             f"no sample has a value of {col!r}"

@@ -119,13 +119,21 @@ def _first_line(e: Exception) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+#: DuckDB's words when a read-only connection (``queries.store.READ_ONLY_CONFIG``) refuses a file.
+OUTSIDE_REFUSED = "disabled by configuration"
+OUTSIDE_HINT = (" (SQL here reaches the index's catalog tables only: files outside the index cannot be "
+                "read, written, attached or loaded)")
+
+
 def _query_failed(e: duckdb.Error, what: str, store: Store | None = None) -> ClipIndexError:
     """Turn a DuckDB error into a domain error that names the query."""
     msg = _first_line(e)
     if "read-only mode" in msg or "read only mode" in msg:
         return NotReadOnly(f"{what} tried to modify the catalog, which is opened read-only: {msg}")
     hint = ""
-    if store is not None and "scores" in msg and not store.has_table("scores"):
+    if OUTSIDE_REFUSED in msg:
+        hint = OUTSIDE_HINT
+    elif store is not None and "scores" in msg and not store.has_table("scores"):
         hint = " (this index has no scores table yet: run `python cli.py score INDEX_DIR` first)"
     elif store is not None and "weights" in msg and not store.has_table("weights"):
         hint = " (this index has no weights table yet: run `python cli.py weights INDEX_DIR --prompt TEXT` first)"

@@ -84,11 +84,23 @@ def _close_replaced(key: str, current: tuple[int, int] | None) -> None:
         s.con.close()
 
 
+#: The configuration of every read-only catalog connection (the ones user SQL reaches: ``sql``,
+#: ``query``, ``select --where``). ``enable_external_access`` off: no file outside the catalog can be
+#: read or written (read_text / read_csv / read_parquet / glob, ATTACH, COPY, INSTALL / LOAD of
+#: extensions, secrets); ``lock_configuration``: no ``SET`` can turn it back on. Given at open time,
+#: so the catalog file itself opens. DuckDB shares one database per file in a process and refuses a
+#: second connection with another configuration, so every read-only ``Store`` uses this one.
+READ_ONLY_CONFIG = {"enable_external_access": False, "lock_configuration": True}
+
+
 class Store:
     """A DuckDB catalog. Use as a context manager; ``run`` executes a named SQL file.
 
     ``wait``: seconds to keep retrying while another process holds the file (DuckDB lets one
     process write, or several read); then ``IndexBusy``.
+
+    A read-only store is also sandboxed (``READ_ONLY_CONFIG``): its SQL reaches the catalog's own
+    tables and nothing else on the machine.
 
     >>> with Store(":memory:") as s:
     ...     s.migrate()
@@ -126,7 +138,7 @@ class Store:
     def _connect(self) -> duckdb.DuckDBPyConnection:
         read_only = self.read_only
         try:
-            return duckdb.connect(self.path, read_only=read_only)
+            return duckdb.connect(self.path, read_only=read_only, config=READ_ONLY_CONFIG if read_only else {})
         except duckdb.IOException as e:
             first = str(e).splitlines()[0]
             if "lock" in first.lower():

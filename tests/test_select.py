@@ -1,6 +1,7 @@
 """KL-guided selection and the DataComp subset writer (queries/select.py, `select`)."""
 
 import math
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -160,3 +161,25 @@ def test_datacomp_subset_format():
     assert arr.tolist() == [(1, 2), (1, 2**64 - 1), (2**64 - 1, 0)]
     with pytest.raises(BadInput, match="'xyz' is not 32 hex digits"):
         datacomp_subset(["xyz"])
+
+
+def test_where_is_evaluated_once_so_the_counts_agree(arrays_index):
+    """``--where "random() < 0.5"`` ran three times (passed, candidates, the ranked rows): the CLI
+    printed "2,457 passed", "-37 samples have no kl_text value", "Kept 1,247 of 2,494"."""
+    idx, *_ = arrays_index
+    for fraction in (1.0, 0.5, 1.0, 0.5, 1.0):
+        # partial_score is NULL in every fifth row: passed - candidates counts exactly those rows
+        sel = select(idx, "partial_score", fraction, where="random() < 0.5")
+        vec_ids = sel.table.column("vec_id").to_pylist()
+        assert 0 < sel.candidates <= sel.passed_where < N
+        assert sel.kept == kept_count(fraction, sel.candidates) == sel.table.num_rows
+        assert all(v % 5 for v in vec_ids) and len(set(vec_ids)) == len(vec_ids)
+        # fraction 1 keeps every candidate: the rows ranked are the rows counted
+        if fraction == 1.0:
+            assert sel.kept == sel.candidates
+    r = CliRunner().invoke(cli.cli, ["select", str(idx), "--by", "kl_text", "--top-fraction", "1",
+                                     "--where", "random() < 0.5"])
+    assert r.exit_code == 0, r.output
+    passed = int(re.search(r"^([\d,]+) of 400 samples passed", r.output, re.M).group(1).replace(",", ""))
+    kept, of = (int(x.replace(",", "")) for x in re.search(r"Kept ([\d,]+) of ([\d,]+)", r.output).groups())
+    assert kept == of == passed and "have no" not in r.output, r.output  # kl_text has no NULL
