@@ -134,9 +134,12 @@ class NpyWriter:
             self._f.close()
 
     def abort(self) -> None:
-        """Close and delete the file."""
+        """Close and delete the file (buffered data that cannot be written, on a full disk, is dropped)."""
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass
         try:
             os.unlink(self.path)
         except FileNotFoundError:

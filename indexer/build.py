@@ -25,9 +25,11 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from indexer import __version__, lock
+from indexer import __version__, integrity, lock, swap
 from indexer.arrays import NpyWriter, copy_cast
-from indexer.errors import BadInput, InvalidParameter
+from indexer.diskspace import disk_full, is_disk_full
+from indexer.errors import BadInput, ClipIndexError, InvalidParameter
+from indexer.faults import fault_point
 from indexer.layout import FORMAT_VERSION, MODALITIES, IndexPaths
 from indexer.progress import Progress, null_progress
 from indexer.source import Batch, Source, SourceInfo
@@ -88,39 +90,10 @@ class LimitedSource:
             yield b
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _clean_stale(out: Path) -> None:
-    """Remove build directories left by builds of ``out`` whose process no longer exists."""
-    pat = re.compile(rf"^\.{re.escape(out.name)}\.(building|old)-(\d+)-[0-9a-f]+$")
-    if not out.parent.is_dir():
-        return
-    for p in out.parent.iterdir():
-        m = pat.match(p.name)
-        if m and not _pid_alive(int(m.group(2))):
-            log.info("removing stale build directory %s", p)
-            _remove(p)
-
-
 #: What a build writes into an index directory (and ``score`` / the locks add); anything else in
 #: an index at ``--out`` is the user's, and a rebuild refuses to delete it.
 _INDEX_FILES = re.compile(r"^(catalog\.duckdb(\.wal|\.tmp)?|(image|text)(\.faiss|_emb\.npy|_rawnorm\.npy)"
-                          r"|skipped\.tsv|work|\.lock|\.lock-swap)$")  # .tmp: DuckDB's spill folder
+                          r"|skipped\.tsv|work|\.lock|\.lock-swap|\.build)$")  # .tmp: DuckDB's spill folder
 
 
 def _check_replaceable(out: Path) -> None:
@@ -142,27 +115,6 @@ def _check_replaceable(out: Path) -> None:
         )
     with lock.replacing(out):  # fail now, not after the build, when a score is running in it
         pass
-
-
-def _swap(tmp: Path, out: Path) -> bool:
-    """Move the finished build at ``tmp`` to ``out``, replacing an older index there (True then).
-
-    The older index is moved aside under its exclusive lock (``indexer.lock``): not while a
-    ``score`` works in it; one that began during the build is waited for."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with lock.replacing(out, wait=True):  # a score that began during the build finishes first
-            os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        _remove(old)
-    return old is not None
 
 
 def build_index(
@@ -228,8 +180,9 @@ def build_index(
     out = Path(out)
     if out.is_symlink():  # build beside the link's target (its disk), and replace the target
         out = out.resolve()
+    swap.recover(out)  # a build killed mid-swap: its index back in place first, or garbage removed
     _check_replaceable(out)
-    _clean_stale(out)
+    swap.clean_building(out)
     info = source.info
     if dtype == "auto":
         dtype = "float16" if info.dtype == "float16" else "float32"
@@ -245,13 +198,16 @@ def build_index(
     if not (info.logit_scale > 0 and np.isfinite(info.logit_scale)):
         raise InvalidParameter(f"logit scale must be a positive number, got {info.logit_scale}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.building-{token}"
     paths = IndexPaths(tmp)
     seconds: dict[str, float] = {}
     writers: dict[str, NpyWriter] = {}
+    had_index = out.exists()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        (tmp / swap.BUILD_ID).write_text(token + "\n", encoding="ascii")  # proves a completed swap
         t_start = time.perf_counter()
         n_max, dim = info.n, info.dim
         writers = {m: NpyWriter(paths.embeddings(m), n_max, dim, dtype) for m in MODALITIES}
@@ -301,6 +257,7 @@ def build_index(
             for f in pending:
                 f.result()
         seconds["read"] = time.perf_counter() - t0
+        fault_point("build.after_embeddings")
         skipped = list(getattr(source, "skipped", []) or [])
         n = pos
         if n < 2:
@@ -334,7 +291,7 @@ def build_index(
         key = index_key or choose.choose_index_key(n, dim, max_memory)
         probe = nprobe if nprobe is not None else choose.default_nprobe(key, n)
         t0 = time.perf_counter()
-        params = {}
+        params, ntotal = {}, {}
         for m in MODALITIES:
             if key == faiss_index.FLAT_KEY:
                 # An exact index is the embedding matrix itself: no second copy is written; it is
@@ -351,9 +308,11 @@ def build_index(
             if probe:  # 0 for indexes without probes (Flat, HNSW)
                 faiss_index.set_nprobe(index, probe)
             params[m] = faiss_index.index_params(index)
+            ntotal[m] = int(index.ntotal)
             faiss_index.save_index(index, paths.faiss(m))
             del index
         seconds["faiss"] = time.perf_counter() - t0
+        fault_point("build.after_faiss")
 
         t0 = time.perf_counter()
         extra = dict(info.extra)
@@ -375,23 +334,55 @@ def build_index(
                 "version": __version__, "extra": json.dumps(extra),
             },
         )
+        del emb
+        files = integrity.record(tmp, {(m, k): v for m, k, v in stats}, ntotal)
+        store.con.register("_files", pa.Table.from_pylist(files))
+        store.run("data_files_insert")
+        store.con.unregister("_files")
         store.con.execute("CHECKPOINT")
         store.close()
-        del emb
         seconds["catalog"] = time.perf_counter() - t0
+        fault_point("build.before_swap")
         t0 = time.perf_counter()
-        replaced = _swap(tmp, out)
+        replaced = swap.swap(tmp, out, token)
         seconds["swap"] = time.perf_counter() - t0
-    except BaseException:
+    except BaseException as e:
+        full = not isinstance(e, ClipIndexError) and is_disk_full(e, tmp if tmp.exists() else out.parent)
+        if full:
+            needed = _needed_bytes(info, dtype, index_key, max_memory, tmp)
         for w in writers.values():
             w.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            kept = (f"the previous index at {str(out)!r} is unchanged" if had_index and out.exists()
+                    else "nothing was written")
+            raise disk_full(out.parent, f"the new index for {str(out)!r}", needed, kept) from None
         raise
     return BuildReport(
         path=out, source=info.source, synthetic=bool(info.synthetic), n=n, dim=dim,
         index_keys={m: key for m in MODALITIES}, seconds=seconds, skipped=len(skipped),
         skipped_report=(out / "skipped.tsv") if skipped else None, replaced=replaced,
     )
+
+
+def _needed_bytes(info: SourceInfo, dtype: str, index_key: str | None, max_memory: int, tmp: Path) -> int:
+    """About how many bytes a build of ``info`` writes: embeddings, raw norms, FAISS files and the
+    catalog (at least what it had reached when the build failed)."""
+    from indexer import choose
+
+    n, dim = info.n, info.dim
+    total = 2 * n * dim * (2 if dtype == "float16" else 4) + (2 * 4 * n if info.raw_known else 0)
+    try:
+        key = index_key or choose.choose_index_key(n, dim, max_memory)
+        if key != "Flat":
+            total += 2 * choose.estimate_bytes(key, n, dim)
+    except ClipIndexError:
+        pass
+    try:
+        catalog = (tmp / "catalog.duckdb").stat().st_size
+    except OSError:
+        catalog = 0
+    return total + max(catalog, 64 * n)
 
 
 def _renorm_extremes(v: np.ndarray, norms: np.ndarray) -> None:

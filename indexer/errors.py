@@ -46,3 +46,16 @@ class IndexBusy(ClipIndexError):
 
 class IndexReplaced(ClipIndexError):
     """The index directory was rebuilt (or removed) after this object opened it."""
+
+
+class DiskFull(ClipIndexError):
+    """The filesystem ran out of space (or quota) while writing: the message names the path and
+    the space needed; what was there before is intact."""
+
+
+class MissingStatistic(BrokenIndex, KeyError):
+    """A per-modality statistic is missing from the catalog (also a ``KeyError``, which callers
+    with a fallback catch)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message
+        return str(self.args[0]) if self.args else ""

@@ -3,20 +3,42 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 
-from indexer.errors import BrokenIndex, FormatVersionMismatch, IndexNotFound, IndexReplaced
+from indexer import integrity
+from indexer.errors import (BrokenIndex, FormatVersionMismatch, IndexNotFound, IndexReplaced,
+                            MissingStatistic)
 from indexer.layout import FLAT_KEY, FORMAT_VERSION, MODALITIES, IndexPaths, check_modality
+from indexer.swap import recover
 from queries.store import Store
+
+log = logging.getLogger(__name__)
 
 
 #: Seconds a reader waits for another process's write (a score or weights storing its table).
 READ_WAIT = 30.0
+#: Tables every index has from its build.
+REQUIRED_TABLES = ("manifest", "samples", "modality_stats")
+#: Manifest columns that must hold a value, and the Python types they may have.
+_MANIFEST_TYPES = {
+    "format_version": (int,), "source": (str,), "synthetic": (bool,), "dim": (int,),
+    "logit_scale": (int, float), "n": (int,), "raw_known": (bool,), "embedding_dtype": (str,),
+    "image_index": (str,), "text_index": (str,),
+}
+_NOTED: set[str] = set()  # indexes this process has printed the "no checksums" note for
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class PoolIndex:
@@ -31,6 +53,11 @@ class PoolIndex:
         self.root = Path(path)
         self.paths = IndexPaths(self.root)
         self.mmap = mmap
+        #: What opening the index noticed (an index put back after a killed build, no checksums).
+        self.notes: list[str] = []
+        restored = recover(self.root)  # a build killed between its two renames moved it aside
+        if restored:
+            self.notes.append(restored)
         if not self.root.is_dir():
             raise IndexNotFound(f"Index directory {str(self.root)!r} does not exist")
         if not self.paths.catalog.is_file():
@@ -46,9 +73,19 @@ class PoolIndex:
                 f"Index {str(self.root)!r} has format version {fv}; this tool reads version "
                 f"{FORMAT_VERSION}. Rebuild it with `cli.py build-index`."
             )
+        self._check_manifest()
         self._check_files()
+        integrity.check_cheap(self.root, self.file_records, self.n, self.dim, self.manifest["embedding_dtype"])
+        if not self.file_records:
+            note = f"Index {str(self.root)!r} {integrity.NO_RECORD}"
+            self.notes.append(note)
+            if str(self.root.resolve()) not in _NOTED:
+                _NOTED.add(str(self.root.resolve()))
+                log.warning(note)
         self._faiss: dict[str, Any] = {}
         self._emb: dict[str, np.ndarray] = {}
+        self._unit_checked: set[str] = set()
+        self._raw: dict[str, np.ndarray] = {}
         self._reader: Store | None = None
 
     def _dir_identity(self) -> tuple | None:
@@ -86,17 +123,68 @@ class PoolIndex:
                               "`cli.py build-index`")
 
     def _read_manifest(self) -> dict:
-        with self.store(read_only=True) as s:
-            if not s.has_table("manifest"):
-                raise IndexNotFound(f"Catalog {str(self.paths.catalog)!r} has no manifest table")
-            rows = list(s.query("SELECT * FROM manifest"))
+        """The manifest row; also reads the sample count and the ``data_files`` records (one
+        connection). A damaged catalog, a missing table or sample rows: ``BrokenIndex``."""
+        cat = str(self.paths.catalog)
+        try:
+            with self.store(read_only=True) as s:
+                tables = {r["table_name"] for r in s.query("SELECT table_name FROM information_schema.tables")}
+                if "manifest" not in tables:
+                    raise IndexNotFound(f"Catalog {cat!r} has no manifest table")
+                missing = [t for t in REQUIRED_TABLES if t not in tables]
+                if missing:
+                    raise BrokenIndex(f"Catalog {cat!r} has no {', '.join(missing)} table"
+                                      f"{'s' if len(missing) > 1 else ''}: it is damaged; rebuild the index")
+                rows = list(s.query("SELECT * FROM manifest"))
+                counts = s.con.execute("SELECT count(*), count(DISTINCT vec_id), min(vec_id), max(vec_id) "
+                                       "FROM samples").fetchall()[0]
+                records = list(s.query("SELECT * FROM data_files")) if "data_files" in tables else []
+        except duckdb.Error as e:  # a damaged block, a dropped column
+            raise BrokenIndex(f"Catalog {cat!r} cannot be read: {_first_line(e)}; rebuild the index") from None
         if len(rows) != 1:
-            raise IndexNotFound(f"Catalog {str(self.paths.catalog)!r} has {len(rows)} manifest rows")
+            raise IndexNotFound(f"Catalog {cat!r} has {len(rows)} manifest rows")
         m = rows[0]
         for key in ("index_params", "extra"):
             if isinstance(m.get(key), str):
-                m[key] = json.loads(m[key])
+                try:
+                    m[key] = json.loads(m[key])
+                except ValueError:
+                    raise BrokenIndex(f"Catalog {cat!r}: manifest value {key} is not valid JSON ({m[key][:60]!r}); "
+                                      "rebuild the index") from None
+        self._sample_counts = counts
+        self.file_records = integrity.load_records(records)
         return m
+
+    def _check_manifest(self) -> None:
+        """Types and ranges of the manifest's values, and the ``samples`` rows against ``n``."""
+        cat, m = str(self.paths.catalog), self.manifest
+
+        def bad(key, why):
+            raise BrokenIndex(f"Catalog {cat!r}: manifest value {key} = {str(m.get(key))[:60]!r} {why}; the "
+                              "catalog is damaged, rebuild the index")
+
+        for key, types in _MANIFEST_TYPES.items():
+            v = m.get(key)
+            if v is None or not isinstance(v, types) or (bool not in types and isinstance(v, bool)):
+                bad(key, f"is not a {types[0].__name__}")
+        if m["n"] < 2 or m["dim"] < 1:
+            bad("n" if m["n"] < 2 else "dim", "is out of range")
+        if not (math.isfinite(m["logit_scale"]) and m["logit_scale"] > 0):
+            bad("logit_scale", "is not a positive number")
+        if m["embedding_dtype"] not in ("float16", "float32"):
+            bad("embedding_dtype", "is not float16 or float32")
+        params = m.get("index_params")
+        if params is not None and not (isinstance(params, dict) and all(
+                isinstance(params.get(mod), dict) and isinstance(params[mod].get("key", ""), str)
+                for mod in MODALITIES if mod in params)):
+            bad("index_params", "is not an object of per-modality objects")
+        if m.get("extra") is not None and not isinstance(m["extra"], dict):
+            bad("extra", "is not an object")
+        rows, distinct, lo, hi = self._sample_counts
+        if not (rows == distinct == m["n"] and lo == 0 and hi == m["n"] - 1):
+            raise BrokenIndex(f"Catalog {cat!r}: table samples has {rows:,} rows ({distinct:,} distinct vec_ids "
+                              f"from {lo} to {hi}); the manifest says n = {m['n']:,} (vec_id 0 to {m['n'] - 1}): "
+                              "rows are missing or damaged; rebuild the index")
 
     # -- manifest shortcuts ---------------------------------------------------------------
     @property
@@ -164,8 +252,14 @@ class PoolIndex:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def embeddings(self, modality: str) -> np.ndarray:
-        """Normalised embeddings of one modality, shape (n, dim), memory-mapped read-only."""
+    def embeddings(self, modality: str, checked: bool = True) -> np.ndarray:
+        """Normalised embeddings of one modality, shape (n, dim), memory-mapped read-only.
+
+        Args:
+            checked: first check (once per object) that every row is a unit vector, in one pass
+                over the file; a row that is not (NaN, 1e30: a damaged file) raises ``BrokenIndex``.
+                False for callers that read a few rows only: they check those (``unit_rows``).
+        """
         check_modality(modality)
         self.check_current()
         if modality not in self._emb:
@@ -179,13 +273,39 @@ class PoolIndex:
                 raise BrokenIndex(f"Index {str(self.root)!r}: {path.name} has shape {emb.shape}, the "
                                   f"manifest says ({self.n}, {self.dim}); rebuild the index")
             self._emb[modality] = emb
+        if checked and modality not in self._unit_checked:
+            integrity.check_unit(self._emb[modality], f"Index {str(self.root)!r}: {self.paths.embeddings(modality).name}")
+            self._unit_checked.add(modality)
         return self._emb[modality]
 
+    def unit_rows(self, modality: str, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of the embeddings in float64, each checked to be a unit vector."""
+        rows = np.asarray(self.embeddings(modality, checked=False)[ids], dtype=np.float64)
+        integrity.check_unit(rows, f"Index {str(self.root)!r}: {self.paths.embeddings(modality).name}",
+                             offset_ids=np.asarray(ids))
+        return rows
+
     def raw_norms(self, modality: str) -> np.ndarray | None:
-        """||u|| of the raw embeddings, or None when the source gave normalised vectors only."""
+        """||u|| of the raw embeddings, or None when the source gave normalised vectors only.
+
+        Checked on first use: its checksum from the build (when recorded), n finite positive values."""
+        check_modality(modality)
         self.check_current()
         p = self.paths.rawnorms(modality)
-        return np.load(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        if modality not in self._raw:
+            integrity.check_crc(p, self.file_records)
+            try:
+                a = np.load(p)
+            except (OSError, ValueError) as e:
+                raise BrokenIndex(f"Index {str(self.root)!r}: cannot read {p.name} ({_first_line(e)}); rebuild "
+                                  "the index") from None
+            if a.shape != (self.n,) or not bool(np.all(np.isfinite(a) & (a > 0))):
+                raise BrokenIndex(f"Index {str(self.root)!r}: {p.name} is damaged (shape {a.shape}, or values "
+                                  "that are not finite positive norms); rebuild the index")
+            self._raw[modality] = a
+        return self._raw[modality]
 
     def faiss(self, modality: str):
         """The FAISS index of one modality (ids = vec_id), loaded on first use.
@@ -202,22 +322,48 @@ class PoolIndex:
             if not path.exists() and params.get("key") == faiss_index.FLAT_KEY:
                 self._faiss[modality] = faiss_index.flat_index(self.embeddings(modality))
             else:
+                if not self.mmap:  # a memory map reads only what searches touch: no checksum then
+                    integrity.check_crc(path, self.file_records)
                 try:
-                    self._faiss[modality] = faiss_index.load_index(path, mmap=self.mmap)
+                    index = faiss_index.load_index(path, mmap=self.mmap)
                 except RuntimeError as e:  # FAISS's own message for a truncated or foreign file
                     first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                     raise BrokenIndex(f"Index {str(self.root)!r}: cannot read {path.name} ({first}); "
                                       "rebuild the index with `cli.py build-index`") from None
+                if index.ntotal != self.n or index.d != self.dim:
+                    raise BrokenIndex(f"Index {str(self.root)!r}: {path.name} holds {index.ntotal:,} vectors of "
+                                      f"dimension {index.d}; the manifest says {self.n:,} of {self.dim}: rebuild "
+                                      "the index")
+                self._faiss[modality] = index
         return self._faiss[modality]
 
     @cached_property
     def _stats(self) -> dict[tuple[str, str], np.ndarray]:
+        cat = str(self.paths.catalog)
         out = {}
-        with self.store(read_only=True) as s:
-            for row in s.query("SELECT modality, name, shape, value FROM modality_stats"):
+        try:
+            with self.store(read_only=True) as s:
+                rows = list(s.query("SELECT modality, name, shape, value FROM modality_stats"))
+        except duckdb.Error as e:
+            raise BrokenIndex(f"Catalog {cat!r}: cannot read modality_stats ({_first_line(e)}); rebuild the "
+                              "index") from None
+        for row in rows:
+            try:
                 out[(row["modality"], row["name"])] = np.asarray(row["value"], dtype=np.float64).reshape(
                     tuple(row["shape"])
                 )
+            except (TypeError, ValueError):
+                raise BrokenIndex(f"Catalog {cat!r}: statistic {row['name']!r} of {row['modality']} is damaged "
+                                  f"(shape {row['shape']}); rebuild the index") from None
+        rec = self.file_records.get("modality_stats")
+        if rec is not None:
+            want = (rec.get("summary") or {}).get("rows")
+            if want is not None and len(out) != want:
+                raise BrokenIndex(f"Catalog {cat!r}: modality_stats has {len(out)} statistics, the build wrote "
+                                  f"{want}: some are missing; rebuild the index")
+            if integrity.stats_crc(out) != rec["crc32"]:
+                raise BrokenIndex(f"Catalog {cat!r}: the values in modality_stats differ from the build's "
+                                  "(checksum): the catalog is damaged; rebuild the index")
         return out
 
     def stat(self, modality: str, name: str) -> np.ndarray:
@@ -227,7 +373,8 @@ class PoolIndex:
         try:
             return self._stats[(modality, name)]
         except KeyError:
-            raise KeyError(f"Index {str(self.root)!r} has no statistic {name!r} for {modality}") from None
+            raise MissingStatistic(f"Catalog {str(self.paths.catalog)!r} has no statistic {name!r} for {modality}: "
+                                   "the index is damaged or was built by an older version; rebuild it") from None
 
 
 def open_index(path: str | Path, mmap: bool = False) -> PoolIndex:

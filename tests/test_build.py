@@ -299,9 +299,19 @@ def test_a_damaged_index_is_named_not_a_traceback(tmp_path):
     with pytest.raises(BrokenIndex, match=r"incomplete: image_emb.npy, text.faiss are missing"):
         open_index(out)
     build_index(make(n=300)[0], out, index_key="IVF8,Flat")
+    sizes = {}
     for name in ("image.faiss", "text_emb.npy"):  # truncated: found on first use, named
         data = (out / name).read_bytes()
         (out / name).write_bytes(data[: len(data) // 2])
+        sizes[name] = (len(data) // 2, len(data))
+    cut, full = sizes["image.faiss"]
+    with pytest.raises(BrokenIndex, match=rf"image.faiss' has {cut:,} bytes; it had {full:,} when the index was built"):
+        open_index(out)  # the sizes recorded at build time: found on open
+    import duckdb
+
+    con = duckdb.connect(str(out / "catalog.duckdb"))
+    con.execute("DELETE FROM data_files")  # as an index built before files were recorded
+    con.close()
     pool = open_index(out)
     with pytest.raises(BrokenIndex, match=r"cannot read image.faiss"):
         pool.faiss("image")

@@ -1,0 +1,33 @@
+"""Fault injection for tests and ``bench/probe.py``: kill the process at a named point.
+
+Set ``CLIP_DENSITY_INDEX_FAULT`` to a point's name (or several, comma-separated) and the process
+sends itself SIGKILL when it reaches that point, as a power loss or ``kill -9`` would, with no
+cleanup of any kind. Unset (always, outside tests), ``fault_point`` costs one dictionary lookup.
+
+Points (``POINTS``) are named ``stage.moment``; ``build.*`` and ``swap.*`` are in the builder
+(``indexer.build``, ``indexer.swap``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "CLIP_DENSITY_INDEX_FAULT"
+
+#: Every named point, in the order a build reaches them.
+POINTS = (
+    "build.after_embeddings",     # embeddings and samples written, no statistics / FAISS yet
+    "build.after_faiss",          # FAISS files written, manifest not yet
+    "build.before_swap",          # the new index is complete beside DIR
+    "swap.after_old_renamed",     # DIR moved aside to .DIR.old-*, the new one not yet in place
+    "swap.after_new_renamed",     # the new index is DIR, the old one not yet removed
+    "swap.removing_old",          # part of the old index removed
+)
+
+
+def fault_point(name: str) -> None:
+    """Kill this process with SIGKILL when ``CLIP_DENSITY_INDEX_FAULT`` names ``name``."""
+    wanted = os.environ.get(ENV)
+    if wanted and name in wanted.split(","):
+        os.kill(os.getpid(), signal.SIGKILL)

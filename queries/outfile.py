@@ -1,0 +1,97 @@
+"""Writing a command's ``--out`` file: never over an existing file without ``force``, atomically
+(a temporary file beside it, fsynced, renamed over it), and a full disk as one line.
+
+Used by ``sql`` / ``query`` (``queries.sqlrun.write_result``), ``select``, ``weights`` and ``sample``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+from indexer.diskspace import disk_full, is_disk_full
+from indexer.errors import InvalidParameter
+from indexer.swap import pid_alive
+
+
+def check_out(path: str | Path, force: bool) -> Path:
+    """Refuse to overwrite ``path`` unless ``force``; create its parent directories.
+
+    Raises:
+        InvalidParameter: ``path`` exists and ``force`` is False, or it is a directory.
+        DiskFull: its parent directories cannot be created for lack of space.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidParameter(f"Output {str(path)!r} is a directory; give a file name")
+    if path.exists() and not force:
+        raise InvalidParameter(f"Output {str(path)!r} already exists; pass --force to overwrite it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(path.parent, f"the folder of {str(path)!r}") from None
+        raise
+    return path
+
+
+def _temp_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _clean_stale_temps(path: Path) -> None:
+    """Remove ``.NAME.tmp-PID`` files beside ``path`` left by writes whose process was killed."""
+    pat = re.compile(rf"^\.{re.escape(path.name)}\.tmp-(\d+)$")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for e in entries:
+        m = pat.match(e.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            try:
+                os.unlink(e.path)
+            except OSError:
+                pass
+
+
+def atomic_write(path: Path, write: Callable[[Path], object], what: str | None = None,
+                 size: int | None = None) -> None:
+    """Call ``write(tmp_path)``, fsync it, then rename it onto ``path``: ``path`` is either its
+    old self or the whole new file, whatever happens.
+
+    Args:
+        what: what is written, for messages (default: the path).
+        size: the bytes the file will take, when known in advance (for the message of a full disk;
+            otherwise it names what had been written when the disk filled).
+
+    Raises:
+        DiskFull: the filesystem is full: the message names ``path`` and the space needed; an
+            existing ``path`` is unchanged.
+    """
+    path = Path(path)
+    _clean_stale_temps(path)
+    tmp = _temp_for(path)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except Exception as e:
+        if not is_disk_full(e, path.parent):
+            raise
+        try:
+            written = tmp.stat().st_size
+        except OSError:
+            written = 0
+        kept = f"{str(path)!r} is unchanged" if path.exists() else f"{str(path)!r} was not written"
+        raise disk_full(path, what or str(path), needed=size or written or None, kept=kept,
+                        at_least=size is None) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
