@@ -36,7 +36,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -49,6 +48,7 @@ import pyarrow as pa
 
 from indexer.errors import ClipIndexError, InvalidParameter, NotReadOnly, UnknownQuery
 from indexer.pool import as_pool
+from queries.outfile import atomic_write, check_out  # noqa: F401 (select, weights import them from here)
 from queries.store import Store
 
 #: Output formats of ``write_result``.
@@ -551,36 +551,6 @@ def format_for(path: str | Path | None, fmt: str | None) -> str:
     return fmt
 
 
-def check_out(path: str | Path, force: bool) -> Path:
-    """Refuse to overwrite ``path`` unless ``force``; create its parent directories.
-
-    Raises:
-        InvalidParameter: ``path`` exists and ``force`` is False, or it is a directory.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise InvalidParameter(f"Output {str(path)!r} is a directory; give a file name")
-    if path.exists() and not force:
-        raise InvalidParameter(f"Output {str(path)!r} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _temp_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
-    tmp = _temp_for(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
@@ -679,6 +649,6 @@ def write_result(table: pa.Table, fmt: str, out: str | Path | None = None, force
 
         atomic_write(path, lambda p: pq.write_table(table, p))
         return None
-    text = {"csv": to_csv, "jsonl": to_jsonl}.get(fmt, lambda t: render_table(t, 0))(table)
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    data = {"csv": to_csv, "jsonl": to_jsonl}.get(fmt, lambda t: render_table(t, 0))(table).encode("utf-8")
+    atomic_write(path, lambda p: p.write_bytes(data), size=len(data))
     return None

@@ -151,6 +151,10 @@ class Store:
                                 "Python session whose PoolIndex keeps a reader open (pool.close() there "
                                 "releases it)") from None
             raise BrokenIndex(f"Cannot open the catalog {self.path}: {first}") from None
+        except duckdb.Error as e:  # a damaged file: DuckDB's block checksums, a bad header
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BrokenIndex(f"Cannot open the catalog {self.path}: it is damaged ({first}); rebuild the "
+                              "index with `cli.py build-index`") from None
 
     def __enter__(self) -> "Store":
         return self
