@@ -130,8 +130,42 @@ def normalize_uids(values: pa.Array | pa.ChunkedArray, origin: str, row_offset: 
     return uids
 
 
+def _first_invalid_utf8(values: pa.ChunkedArray | pa.Array) -> int | None:
+    """Row of the first binary value that is not valid UTF-8, or None."""
+    for row, value in enumerate(values.to_pylist()):
+        if isinstance(value, bytes):
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                return row
+    return None
+
+
+def caption_text(values: pa.ChunkedArray | pa.Array, origin: str, column: str,
+                 row_offset: int = 0) -> pa.ChunkedArray | pa.Array:
+    """A caption column as ``pa.string()``.
+
+    Raises:
+        BadInput: a binary value is not valid UTF-8 (the message names the file, column and row),
+            or the column's type cannot be read as text (a list, a struct, ...).
+    """
+    if values.type == pa.string():
+        return values
+    try:
+        return values.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type) \
+                or pa.types.is_fixed_size_binary(values.type):
+            row = _first_invalid_utf8(values)
+            where = f" row {row_offset + row}" if row is not None else ""
+            raise BadInput(f"{origin}{where}: column {column!r} holds bytes that are not valid UTF-8 "
+                           "text; captions must be UTF-8") from None
+        raise BadInput(f"{origin}: column {column!r} of type {values.type} cannot be read as caption "
+                       f"text ({str(exc).splitlines()[0]})") from None
+
+
 def arrange_meta(table: pa.Table, uid: pa.Array, caption_column: str,
-                 drop: Sequence[str] = ()) -> pa.Table:
+                 drop: Sequence[str] = (), origin: str = "the metadata") -> pa.Table:
     """Metadata table with ``uid`` and ``caption`` first, then every other source column.
 
     Args:
@@ -139,14 +173,16 @@ def arrange_meta(table: pa.Table, uid: pa.Array, caption_column: str,
         uid: the uid of every row (32 lowercase hex digits).
         caption_column: the column of ``table`` holding the caption; it becomes ``caption``.
         drop: columns of ``table`` not to keep (e.g. the column that became ``uid``).
+        origin: the file the rows come from (for messages).
 
     Returns:
         The arranged table. A remaining source column named ``uid``, ``caption`` or ``vec_id`` (a
         name the index uses itself) is kept as ``uid_source`` / ``caption_source`` / ``vec_id_source``.
+
+    Raises:
+        BadInput: the caption column is not text (``caption_text``).
     """
-    caption = table.column(caption_column)
-    if caption.type != pa.string():
-        caption = caption.cast(pa.string())
+    caption = caption_text(table.column(caption_column), origin, caption_column)
     names, arrays = ["uid", "caption"], [uid, caption]
     for name in table.column_names:
         if name == caption_column or name in drop:
@@ -261,12 +297,26 @@ def _check_embedding_ref(ref: _ArrayRef) -> None:
 
 
 def _parquet_footer(path: Path) -> tuple[int, pa.Schema]:
-    """Row count and Arrow schema from a parquet footer."""
+    """Row count and Arrow schema from a parquet footer.
+
+    Raises:
+        BadInput: not a parquet file, or two columns whose names differ only in case (``uid`` and
+            ``UID``): the catalog's column names ignore case, so one would hide the other.
+    """
     try:
         pf = pq.ParquetFile(path)
-        return pf.metadata.num_rows, pf.schema_arrow
+        num_rows, schema = pf.metadata.num_rows, pf.schema_arrow
     except (OSError, pa.ArrowException) as exc:
         raise BadInput(f"Cannot read {path}: not a valid parquet file ({exc})") from exc
+    seen: dict[str, int] = {}
+    for i, name in enumerate(schema.names):
+        j = seen.setdefault(name.lower(), i)
+        if j != i:
+            first = schema.names[j]
+            same = "the same name" if first == name else "names that differ only in case"
+            raise BadInput(f"{path} has two columns {first!r} and {name!r} ({same}); column names "
+                           "are case-insensitive in the catalog: rename or drop one")
+    return num_rows, schema
 
 
 def unify_metadata_schemas(schemas: Sequence[tuple[Path, pa.Schema]]) -> pa.Schema:
@@ -516,7 +566,7 @@ class DataCompSource:
 
         def meta_of(shard: _Shard, table: pa.Table) -> pa.Table:
             uid = normalize_uids(table.column("uid"), str(shard.meta_path))
-            return arrange_meta(table, uid, "text", drop=("uid",))
+            return arrange_meta(table, uid, "text", drop=("uid",), origin=str(shard.meta_path))
 
         yield from _stream(self._shards, batch_size, self._schema, meta_of)
 
@@ -632,7 +682,7 @@ class ClipRetrievalSource:
             origin = str(shard.meta_path)
             if self.uid_column is not None:
                 uid = normalize_uids(table.column(self.uid_column), origin)
-                return arrange_meta(table, uid, self.caption_column, drop=(self.uid_column,))
+                return arrange_meta(table, uid, self.caption_column, drop=(self.uid_column,), origin=origin)
             keys: list = [None] * table.num_rows
             for col in ("url", "image_path"):  # later columns take precedence
                 if col in table.column_names:
@@ -641,6 +691,6 @@ class ClipRetrievalSource:
                             keys[row] = str(value)
             uid = pa.array([derive(key if key is not None else f"{shard.index}:{row}")
                             for row, key in enumerate(keys)], pa.string())
-            return arrange_meta(table, uid, self.caption_column)
+            return arrange_meta(table, uid, self.caption_column, origin=origin)
 
         yield from _stream(self._shards, batch_size, self._schema, meta_of)

@@ -469,3 +469,56 @@ def test_uid_helpers():
     assert out.to_pylist() == ["ab" * 16, "0f" * 16]
     with pytest.raises(BadInput, match=r"f\.parquet row 11: uid None"):
         normalize_uids(pa.array(["ab" * 16, None]), "f.parquet", row_offset=10)
+
+
+@pytest.mark.parametrize("column,other", [("uid", "UID"), ("text", "Text"), ("url", "URL")])
+@pytest.mark.parametrize("shard", [0, 1])
+def test_datacomp_columns_differing_only_in_case_name_the_file(tmp_path, rng, column, other, shard):
+    """``uid`` next to ``UID`` in one file was a KeyError traceback (or a vague schema message)."""
+    make_datacomp(tmp_path / "dc", rng)
+    parquet = sorted((tmp_path / "dc").glob("*.parquet"))[shard]
+    t = pq.read_table(parquet)
+    pq.write_table(t.append_column(other, t.column(column)), parquet)
+    with pytest.raises(BadInput, match=rf"^{re.escape(str(parquet))} has two columns '{column}' and "
+                                       rf"'{other}' \(names that differ only in case\)"):
+        collect(DataCompSource(tmp_path / "dc"), 10)
+
+
+def test_datacomp_caption_bytes_that_are_not_utf8_name_file_column_and_row(tmp_path, rng):
+    """A binary ``text`` column with invalid UTF-8 was an ArrowInvalid traceback mid-build."""
+    make_datacomp(tmp_path / "dc", rng)
+    for parquet in sorted((tmp_path / "dc").glob("*.parquet")):  # binary in every shard
+        t = pq.read_table(parquet)
+        values = [s.encode() for s in t.column("text").to_pylist()]
+        if parquet.stem.endswith("1"):
+            values[7] = b"caption \xff\xfe broken"
+        pq.write_table(t.set_column(t.column_names.index("text"), "text", pa.array(values, pa.binary())), parquet)
+    bad = sorted((tmp_path / "dc").glob("*.parquet"))[1]
+    with pytest.raises(BadInput, match=rf"^{re.escape(str(bad))} row 7: column 'text' holds bytes that are not "
+                                       "valid UTF-8"):
+        collect(DataCompSource(tmp_path / "dc"), 10)
+
+
+def test_datacomp_valid_utf8_bytes_are_read_as_captions(tmp_path, rng):
+    expected = make_datacomp(tmp_path / "dc", rng)
+    for parquet in sorted((tmp_path / "dc").glob("*.parquet")):
+        t = pq.read_table(parquet)
+        values = [s.encode() for s in t.column("text").to_pylist()]
+        pq.write_table(t.set_column(t.column_names.index("text"), "text", pa.array(values, pa.binary())), parquet)
+    _, meta, _, _ = collect(DataCompSource(tmp_path / "dc"), 10)
+    assert meta.column("caption").to_pylist() == expected["text"]
+
+
+def test_build_index_cli_reports_hostile_datacomp_inputs_in_one_line(tmp_path, rng):
+    from click.testing import CliRunner
+
+    import cli
+
+    make_datacomp(tmp_path / "dc", rng)
+    parquet = sorted((tmp_path / "dc").glob("*.parquet"))[0]
+    t = pq.read_table(parquet)
+    pq.write_table(t.append_column("UID", t.column("uid")), parquet)
+    r = CliRunner().invoke(cli.cli, ["build-index", "--source", "datacomp", "--input", str(tmp_path / "dc"),
+                                     "--out", str(tmp_path / "idx")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"Error: {parquet} has two columns 'uid' and 'UID'" in r.output, r.output
