@@ -266,7 +266,8 @@ class PoolIndex:
             path = self.paths.embeddings(modality)
             try:
                 emb = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:  # truncated or overwritten: mmap length, bad header
+            except (OSError, ValueError, EOFError) as e:  # truncated or overwritten: mmap length, bad header;
+                # EOFError: an empty file (click turned it into a bare "Aborted!")
                 raise BrokenIndex(f"Index {str(self.root)!r}: cannot read {path.name} ({e}); rebuild the "
                                   "index with `cli.py build-index`") from None
             if emb.ndim != 2 or emb.shape != (self.n, self.dim):
@@ -298,7 +299,7 @@ class PoolIndex:
             integrity.check_crc(p, self.file_records)
             try:
                 a = np.load(p)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
                 raise BrokenIndex(f"Index {str(self.root)!r}: cannot read {p.name} ({_first_line(e)}); rebuild "
                                   "the index") from None
             if a.shape != (self.n,) or not bool(np.all(np.isfinite(a) & (a > 0))):
