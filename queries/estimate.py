@@ -42,7 +42,7 @@ import pyarrow as pa
 import torch
 
 from indexer.errors import InvalidParameter
-from queries.exact import check_scale, resolve_device, sample_ids, to_tensor
+from queries.exact import candidate_sum, check_scale, resolve_device, sample_ids, to_tensor
 from queries.store import load_sql
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,6 @@ def draw_tail(n: int, m: int, seed: int) -> np.ndarray:
         InvalidParameter: ``m`` is negative or larger than ``n``.
     """
     return sample_ids(n, m, seed)
-
-
-def candidate_sum(candidates: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """``sum_j v_j`` over all candidates in float64, read chunk by chunk (memmap friendly)."""
-    total = np.zeros(candidates.shape[1], dtype=np.float64)
-    for s in range(0, len(candidates), chunk):
-        total += np.asarray(candidates[s : s + chunk], dtype=np.float64).sum(axis=0)
-    return total
 
 
 # -- 1. neighbour lists --------------------------------------------------------------------------

@@ -99,63 +99,208 @@ def exact_kl(
     chunk_q: int | None = None,
     chunk_n: int | None = None,
     device: str = "auto",
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | str = torch.float64,
     progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact D_KL and D_KLR of every query against all candidates (SPEC 2).
 
+    The row half of :func:`exact_moments` (one side); :func:`exact_kl_both` gives both sides from
+    one pass.
+
     Args:
         queries: (q, d) normalised query embeddings.
-        candidates: (N, d) normalised candidate embeddings; may be a float16/float32 memmap. It is
-            read once per call, chunk by chunk.
+        candidates: (N, d) normalised candidate embeddings; may be a float16/float32 memmap.
         a: logit scale (about 100 for CLIP).
         b: SigLIP logit bias; when given, the "tau_b" formulas are used.
-        chunk_q: queries per score block (default 1024 on CPU, 4096 on GPU).
-        chunk_n: candidates per score block (default 16384 on CPU, 65536 on GPU).
+        chunk_q, chunk_n: queries x candidates per score block (default ``CPU_CHUNKS`` /
+            ``GPU_CHUNKS``).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-        dtype: ``torch.float64`` (default, for correctness) or ``torch.float32`` (faster; the
-            running max-shift keeps every exponential <= 1, sums still accumulate in float64).
-        progress: hook advanced by the number of candidates processed.
+        dtype: precision of the scores (``PRECISIONS``; float64 by default here, the reference).
+        progress: hook advanced by the number of queries done.
 
     Returns:
         ``(kl, klr)``: float64 arrays of shape (q,).
     """
+    check_scale(a, b, len(candidates))
+    rows, _ = exact_moments(queries, candidates, a, rows=True, cols=False, chunk_q=chunk_q, chunk_n=chunk_n,
+                            device=device, precision=dtype, progress=progress)
+    mean_s = a * (np.asarray(queries, np.float64) @ candidate_sum(candidates)) / max(len(candidates), 1)
+    return rows.kl(mean_s, len(candidates), b)
+
+
+def exact_kl_both(
+    texts: np.ndarray,
+    images: np.ndarray,
+    a: float,
+    b: float | None = None,
+    *,
+    device: str = "auto",
+    precision: torch.dtype | str = "float32",
+    chunk_q: int | None = None,
+    chunk_n: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Exact KL / KLR of both sides from one pass over ``S = a T I'`` (texts x images).
+
+    The text side needs S's row reductions (a caption against every image), the image side its
+    column reductions (an image against every caption): one GEMM per block serves both.
+
+    Returns:
+        ``{"text": (kl, klr), "image": (kl, klr)}``, float64 arrays of shape (n,).
+    """
+    check_scale(a, b, min(len(texts), len(images)))
+    rows, cols = exact_moments(texts, images, a, rows=True, cols=True, chunk_q=chunk_q, chunk_n=chunk_n,
+                               device=device, precision=precision, progress=progress)
+    t_sum, i_sum = candidate_sum(texts), candidate_sum(images)
+    mean_text = a * (np.asarray(texts, np.float64) @ i_sum) / len(images)
+    mean_image = a * (np.asarray(images, np.float64) @ t_sum) / len(texts)
+    return {"text": rows.kl(mean_text, len(images), b), "image": cols.kl(mean_image, len(texts), b)}
+
+
+#: Score precisions. The GEMM runs in this dtype; exponentials and block sums in float32 (float64
+#: for "float64"); partials merge in float64. float16 / bfloat16 are for GPUs (on this project's
+#: reference CPU torch's bfloat16 GEMM ran 5x slower than float32: BENCHMARKS.md).
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+              "bfloat16": torch.bfloat16}
+#: Candidate blocks are staged on the device once (converted to the GEMM dtype) when they take at
+#: most this many bytes; larger pools are converted block by block on every pass.
+STAGE_BYTES = 4 << 30
+
+
+def _precision(p: torch.dtype | str) -> torch.dtype:
+    if isinstance(p, torch.dtype) and p in PRECISIONS.values():
+        return p
+    if isinstance(p, str) and p in PRECISIONS:
+        return PRECISIONS[p]
+    raise InvalidParameter(f"precision must be one of {', '.join(PRECISIONS)}, got {p!r}")
+
+
+class Moments:
+    """Per-query softmax partials that merge associatively: ``max``, ``s0 = sum e^(s - max)`` and
+    ``s1 = sum e^(s - max) s``, float64 arrays. ``lse = max + log s0``, ``E_p[s] = s1 / s0``."""
+
+    def __init__(self, n: int):
+        self.max = np.full(n, -np.inf)
+        self.s0 = np.zeros(n)
+        self.s1 = np.zeros(n)
+
+    @classmethod
+    def of(cls, mx: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> "Moments":
+        m = cls(0)
+        m.max, m.s0, m.s1 = (np.asarray(x, np.float64) for x in (mx, s0, s1))
+        return m
+
+    def merge(self, sl, mx: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> None:
+        """Fold a block's partials (relative to their own ``mx``) into rows ``sl``."""
+        old = self.max[sl]
+        new = np.maximum(old, mx)
+        keep, add = np.exp(old - new), np.exp(mx - new)  # e^-inf = 0 on the first block
+        self.s0[sl] = self.s0[sl] * keep + s0 * add
+        self.s1[sl] = self.s1[sl] * keep + s1 * add
+        self.max[sl] = new
+
+    def merge_all(self, other: "Moments") -> None:
+        self.merge(slice(None), other.max, other.s0, other.s1)
+
+    def kl(self, mean_s: np.ndarray, n: int, b: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """SPEC 2 over ``n`` candidates, with ``mean_s`` the exact mean score of each query."""
+        return kl_from_moments(self.max + np.log(self.s0), self.s1 / self.s0, mean_s, n, b)
+
+
+def exact_moments(
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    a: float,
+    *,
+    rows: bool = True,
+    cols: bool = False,
+    chunk_q: int | None = None,
+    chunk_n: int | None = None,
+    device: str = "auto",
+    precision: torch.dtype | str = "float32",
+    progress: Progress | None = None,
+) -> tuple[Moments | None, Moments | None]:
+    """The softmax partials of ``S = a Q C'`` along its rows (each query over all candidates) and /
+    or its columns (each candidate over these queries), in one blocked pass.
+
+    Per block of S the row partials take one exponential ``e = exp(S - rowmax)``; the column
+    partials reuse it, weighted by ``w_i = exp(rowmax_i - c)`` with ``c`` the block's maximum: two
+    matrix-vector products ``w' e`` and ``w' (e * S)``. A column whose block sum falls below
+    ``exp(-log(max float) / 2)`` of ``c`` (all its scores far below the block's best, where float32
+    would lose them) is recomputed with its own maximum. Column partials over a subset of the
+    queries merge with ``Moments.merge_all``: a pool scored in resumable query chunks merges the
+    chunks' column partials.
+
+    Returns:
+        ``(row_moments or None, column_moments or None)``.
+    """
     q, n = len(queries), len(candidates)
-    check_scale(a, b, n)
-    if dtype not in (torch.float64, torch.float32):
-        raise InvalidParameter(f"dtype must be torch.float64 or torch.float32, got {dtype!r}")
+    dtype = _precision(precision)
     dev = resolve_device(device)
     dq, dn = GPU_CHUNKS if dev.type == "cuda" else CPU_CHUNKS
     chunk_q, chunk_n = int(chunk_q or dq), int(chunk_n or dn)
     if chunk_q < 1 or chunk_n < 1:
         raise InvalidParameter(f"chunk sizes must be >= 1, got chunk_q={chunk_q}, chunk_n={chunk_n}")
-    if q == 0:
-        return np.zeros(0), np.zeros(0)
+    row_m = Moments(q) if rows else None
+    col_m = Moments(n) if cols else None
+    if q == 0 or n == 0:
+        return row_m, col_m
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # exponentials and sums
+    # e^x for x below ``floor`` is taken as e^floor: relative to a row's largest term it is
+    # < 1e-34 (float32), far below the rounding of the sums; exponentials that underflow run ~7x
+    # slower on x86 (measured), so clamping first is the faster path.
+    floor = -0.9 * math.log(torch.finfo(work).max)
+    tiny = math.exp(-math.log(torch.finfo(work).max) / 2)
+    staged = None
+    if n * candidates.shape[1] * torch.finfo(dtype).bits // 8 <= STAGE_BYTES:
+        staged = [to_tensor(candidates[c0 : c0 + chunk_n], dev, dtype) for c0 in range(0, n, chunk_n)]
+    with (progress or null_progress)("exact KL", q) as advance:
+        for q0 in range(0, q, chunk_q):
+            qa = (to_tensor(queries[q0 : q0 + chunk_q], dev, torch.float64) * a).to(dtype)
+            for bi, c0 in enumerate(range(0, n, chunk_n)):
+                cand = staged[bi] if staged is not None else to_tensor(candidates[c0 : c0 + chunk_n], dev, dtype)
+                s = _scores(qa, cand, work)
+                rmax = s.amax(dim=1)
+                e = torch.sub(s, rmax[:, None]).clamp_(min=floor).exp_()
+                es = e * s
+                if rows:
+                    row_m.merge(slice(q0, q0 + chunk_q), _np(rmax), _np(e.sum(dim=1)), _np(es.sum(dim=1)))
+                if cols:
+                    c = rmax.max()
+                    w = torch.exp(rmax - c)
+                    c0s, c1s, cmax = w @ e, w @ es, c.expand(s.shape[1]).clone()
+                    low = c0s < tiny
+                    if bool(low.any()):  # columns far below the block's best: their own shift
+                        sub = s[:, low]
+                        m2 = sub.amax(dim=0)
+                        e2 = torch.sub(sub, m2[None, :]).clamp_(min=floor).exp_()
+                        c0s[low], c1s[low], cmax[low] = e2.sum(dim=0), (e2 * sub).sum(dim=0), m2
+                    col_m.merge(slice(c0, c0 + chunk_n), _np(cmax), _np(c0s), _np(c1s))
+            advance(min(chunk_q, q - q0))
+    return row_m, col_m
 
-    f64 = torch.float64
-    qa = to_tensor(queries, dev, dtype) * a  # s = (a q) . c
-    run_max = torch.full((q,), -math.inf, dtype=f64, device=dev)
-    s0 = torch.zeros(q, dtype=f64, device=dev)  # sum e^{s - max}
-    s1 = torch.zeros(q, dtype=f64, device=dev)  # sum e^{s - max} s
-    ssum = torch.zeros(q, dtype=f64, device=dev)  # sum s
-    with (progress or null_progress)("exact KL", n) as advance:
-        for c0 in range(0, n, chunk_n):
-            cand = to_tensor(candidates[c0 : c0 + chunk_n], dev, dtype)
-            for q0 in range(0, q, chunk_q):
-                sl = slice(q0, q0 + chunk_q)
-                s = qa[sl] @ cand.T  # (cq, cn) scores
-                new_max = torch.maximum(run_max[sl], s.max(dim=1).values.to(f64))
-                rescale = torch.exp(run_max[sl] - new_max)  # 0 on the first chunk (e^-inf)
-                e = torch.exp(s - new_max.to(dtype)[:, None])
-                s0[sl] = s0[sl] * rescale + e.sum(dim=1, dtype=f64)
-                s1[sl] = s1[sl] * rescale + (e.mul_(s)).sum(dim=1, dtype=f64)
-                ssum[sl] += s.sum(dim=1, dtype=f64)
-                run_max[sl] = new_max
-            advance(len(cand))
-    lse = (run_max + torch.log(s0)).cpu().numpy()
-    mean_p_s = (s1 / s0).cpu().numpy()
-    mean_s = (ssum / n).cpu().numpy()
-    return kl_from_moments(lse, mean_p_s, mean_s, n, b)
+
+def _scores(qa: torch.Tensor, cand: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """``qa @ cand.T`` with the result in ``work`` precision (float32 out of a float16 GEMM where
+    the device supports it)."""
+    if qa.dtype in (torch.float16, torch.bfloat16) and qa.is_cuda:
+        try:
+            return torch.mm(qa, cand.T, out_dtype=work)
+        except (RuntimeError, TypeError):
+            pass
+    return (qa @ cand.T).to(work)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.float64).cpu().numpy()
+
+
+def candidate_sum(candidates: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """``sum_j v_j`` over all candidates in float64, read chunk by chunk (memmap friendly)."""
+    total = np.zeros(candidates.shape[1], dtype=np.float64)
+    for s in range(0, len(candidates), chunk):
+        total += np.asarray(candidates[s : s + chunk], dtype=np.float64).sum(axis=0)
+    return total
 
 
 def sample_ids(n: int, m: int, seed: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import torch
 from scipy.special import logsumexp
 
 from indexer.errors import InvalidParameter
-from queries.exact import exact_kl, sample_ids, sampled_softmax_kl
+from queries.exact import Moments, exact_kl, exact_kl_both, exact_moments, sample_ids, sampled_softmax_kl
 
 
 def unit(x):
@@ -79,8 +79,8 @@ def test_progress_and_empty_queries(data):
         seen.append(total)
         yield lambda k: seen.append(k)
 
-    exact_kl(q, c, 100.0, chunk_n=500, progress=progress)
-    assert seen == [1001, 500, 500, 1]
+    exact_kl(q, c, 100.0, chunk_q=10, chunk_n=500, progress=progress)
+    assert seen == [37, 10, 10, 10, 7]  # queries done
     kl, klr = exact_kl(q[:0], c, 100.0)
     assert kl.shape == klr.shape == (0,)
 
@@ -103,3 +103,58 @@ def test_sampled_softmax_is_exact_over_the_sample(data):
         np.testing.assert_allclose(klr, ref_klr, rtol=1e-10)
     with pytest.raises(InvalidParameter, match="1002"):
         sampled_softmax_kl(q, c, 100.0, 1002)
+
+
+@pytest.mark.parametrize("b", [None, -10.0])
+@pytest.mark.parametrize("chunks", [(7, 101), (64, 2000), (1, 333)])
+def test_both_sides_from_one_pass_match_numpy(b, chunks):
+    r = np.random.default_rng(4)
+    texts, images = unit(r.standard_normal((300, 16))), unit(r.standard_normal((300, 16)))
+    out = exact_kl_both(texts, images, 50.0, b, precision="float64", chunk_q=chunks[0], chunk_n=chunks[1])
+    for side, q, c in (("text", texts, images), ("image", images, texts)):
+        ref_kl, ref_klr = reference(q, c, 50.0, b)
+        np.testing.assert_allclose(out[side][0], ref_kl, rtol=1e-10)
+        np.testing.assert_allclose(out[side][1], ref_klr, rtol=1e-10)
+
+
+def test_columns_far_below_the_block_maximum_keep_their_mass():
+    # a = 5000: one text matches one image perfectly (s = 5000) while other columns of the same
+    # block score thousands lower; float32 e^(s - blockmax) underflows there, so those columns
+    # must be recomputed with their own maximum.
+    r = np.random.default_rng(5)
+    images = unit(r.standard_normal((200, 8)))
+    texts = unit(r.standard_normal((200, 8)))
+    texts[0] = images[0]
+    for precision, rtol in (("float64", 1e-9), ("float32", 1e-4)):
+        out = exact_kl_both(texts, images, 5000.0, precision=precision, chunk_q=64, chunk_n=64)
+        ref_kl, ref_klr = reference(images, texts, 5000.0)
+        assert np.isfinite(out["image"][0]).all()
+        np.testing.assert_allclose(out["image"][1], ref_klr, rtol=rtol)
+        np.testing.assert_allclose(out["image"][0], ref_kl, rtol=rtol, atol=1e-3)
+
+
+def test_column_partials_of_query_chunks_merge_to_the_whole():
+    r = np.random.default_rng(6)
+    q, c = unit(r.standard_normal((90, 12))), unit(r.standard_normal((70, 12)))
+    _, whole = exact_moments(q, c, 80.0, rows=False, cols=True, precision="float64")
+    merged = Moments(70)
+    for s in (slice(0, 13), slice(13, 60), slice(60, 90)):
+        merged.merge_all(exact_moments(q[s], c, 80.0, rows=False, cols=True, precision="float64")[1])
+    mean = np.zeros(70)
+    np.testing.assert_allclose(merged.kl(mean, 90), whole.kl(mean, 90), rtol=1e-12)
+
+
+def test_float32_fused_pass_error_is_small():
+    r = np.random.default_rng(7)
+    texts, images = unit(r.standard_normal((400, 32))), unit(r.standard_normal((400, 32)))
+    texts = unit(texts + 0.8 * images)  # CLIP-like: matched pairs closer
+    out = exact_kl_both(texts, images, 100.0, precision="float32", chunk_q=128, chunk_n=256)
+    for side, q, c in (("text", texts, images), ("image", images, texts)):
+        ref_kl, ref_klr = reference(q, c, 100.0)
+        assert np.abs(out[side][0] - ref_kl).max() < 1e-4
+        assert np.abs(out[side][1] - ref_klr).max() < 1e-4
+
+
+def test_unknown_precision():
+    with pytest.raises(InvalidParameter, match="precision"):
+        exact_kl_both(np.eye(3), np.eye(3), 10.0, precision="int8")
