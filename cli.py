@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from indexer.errors import ClipIndexError
+from indexer.synthetic import GEOMETRIES
 
 SOURCES = ("synthetic", "open_clip", "datacomp", "clip-retrieval")
 #: Seeds are what numpy's generators and DuckDB's BIGINT columns take.
@@ -46,9 +47,33 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except ClipIndexError as e:
             raise click.ClickException(str(e)) from None
+        except click.exceptions.ClickException:
+            raise
+        except Exception as e:  # a last net under the library's own checks: a full disk, a damaged catalog
+            clear = _low_level_error(e, ctx)
+            if clear is None:
+                raise
+            raise clear from None
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+
+
+def _low_level_error(e: Exception, ctx: click.Context) -> click.ClickException | None:
+    """A full disk or a catalog DuckDB finds damaged, wherever it surfaced, as one line; None for
+    anything else (its traceback is a bug to report)."""
+    from indexer.diskspace import is_disk_full
+
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    command = ctx.invoked_subcommand or "the command"
+    if is_disk_full(e):
+        return click.ClickException(f"No space left on the device: {command} stopped ({first}); free some space "
+                                    "and run it again")
+    if type(e).__module__.split(".")[0] in ("duckdb", "_duckdb") and "corrupt" in text.lower():
+        return click.ClickException(f"The index's catalog is damaged: {command} stopped ({first}); rebuild the "
+                                    "index with `cli.py build-index`")
+    return None
 
 
 class MemoryType(click.ParamType):
@@ -177,8 +202,10 @@ def _terminate(signum, frame) -> None:
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed (synthetic world, FAISS training).")
 @click.option("--dim", type=click.IntRange(min=2), default=512, show_default=True,
               help="Embedding dimension of the synthetic world.")
-@click.option("--geometry", type=click.Choice(["calibrated", "flat", "clustered"]), default="calibrated",
-              show_default=True, help="Synthetic world geometry.")
+@click.option("--geometry", type=click.Choice(GEOMETRIES), default="calibrated",
+              show_default=True, help="Synthetic world geometry: calibrated (CLIP ViT-B/32-like), flat, "
+              "clustered, or a heavy-tailed world on the calibrated geometry: mixture (per-sample noise "
+              "levels), duplicates (near-duplicate images), templates (generic captions), hubs, heavy (all four).")
 @click.option("--index-factory", default=None,
               help="FAISS factory string (e.g. Flat, IVF1024,Flat, IVF4096,PQ64); overrides the choice.")
 @click.option("--max-memory", type=MemoryType(), default="8G", show_default=True,
@@ -255,16 +282,32 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, model, pretra
 @cli.command("info")
 @index_dir_argument
 @click.option("--json", "as_json", is_flag=True, help="Print the whole summary as JSON.")
-def info_cmd(index_dir, as_json):
+@click.option("--verify", is_flag=True,
+              help="Also check every data file against its build: checksums, unit norms, statistics "
+                   "(reads every file; exit 1 when one fails).")
+def info_cmd(index_dir, as_json, verify):
     """Print an index's manifest, table counts and statistics summary.
 
     \b
     Example:
       python cli.py info index
+      python cli.py info index --verify
     """
-    from indexer.info import index_info
+    from indexer.info import index_info, verify_index
 
+    if verify:
+        checks = verify_index(index_dir)
+        failed = [c for c in checks if c["result"] != "ok"]
+        if as_json and failed:
+            click.echo(json.dumps({"verify": checks}, indent=2))
+        elif not as_json:
+            _echo_kv("Verify", {c["file"]: f"{c['result']}: {c['detail']}" for c in checks})
+        if failed:
+            raise click.ClickException(f"{len(failed)} of {len(checks)} checks of {index_dir} failed: "
+                                       + "; ".join(c["detail"] for c in failed))
     info = index_info(index_dir)
+    if verify:
+        info["verify"] = checks
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return

@@ -6,8 +6,19 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.integrity import verify
 from indexer.layout import MODALITIES
 from indexer.pool import open_index
+
+
+def verify_index(path: str | Path) -> list[dict]:
+    """Check every data file of the index at ``path`` against its build (``indexer.integrity.verify``):
+    full checksums, unit norms, column sums, statistics. One dict (file, result, detail) per check."""
+    pool = open_index(path)
+    try:
+        return [{"file": f, "result": r, "detail": d} for f, r, d in verify(pool)]
+    finally:
+        pool.close()
 
 
 def index_info(path: str | Path) -> dict:
@@ -36,4 +47,4 @@ def index_info(path: str | Path) -> dict:
     files = {p.name: p.stat().st_size for p in sorted(pool.root.iterdir())
              if p.is_file() and not p.name.startswith(".")}  # not the lock file
     return {"path": str(pool.root), "manifest": pool.manifest, "tables": counts, "files": files,
-            "stats": stats, "last_score_run": runs[0] if runs else None}
+            "stats": stats, "last_score_run": runs[0] if runs else None, "notes": pool.notes}

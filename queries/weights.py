@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from indexer import lock
-from indexer.errors import BadInput, InvalidParameter
+from indexer.errors import BadInput, DiskFull, InvalidParameter
 from indexer.pool import as_pool
 from indexer.validate import check_seed
 from queries.sqlrun import _arrow, _first_line, check_out, format_for, write_result
@@ -392,7 +392,12 @@ def weights(
     if store:
         store_weights(pool, w)
     if out is not None:
-        write_weights(pool, w, out, force=force)
+        try:
+            write_weights(pool, w, out, force=force)
+        except DiskFull as e:  # say what did happen: the table is written
+            if not w.stored:
+                raise
+            raise DiskFull(f"{e}; the weights themselves were stored (table weights of {str(pool.root)!r})") from None
     return w
 
 
@@ -420,8 +425,15 @@ def store_weights(index, w: Weights) -> None:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-            con.execute("CHECKPOINT")
+            w.stored = True  # committed: in the catalog's write-ahead log, durable
+            try:
+                con.execute("CHECKPOINT")
+            except duckdb.Error as e:  # e.g. a full disk: the WAL keeps the change, replayed on open
+                log.warning("the weights are stored, but the catalog %s could not be checkpointed (%s); they stay "
+                            "in its write-ahead log until a later write succeeds", pool.paths.catalog, _first_line(e))
     except duckdb.Error as e:
+        if w.stored:
+            return
         raise _catalog_error(pool, e) from None
     w.stored = True
 
@@ -511,8 +523,8 @@ def top_by_faiss(index, vector: np.ndarray, n: int, nprobe: int | None = None,
                  min(2 * probe, int(nlist)))
         probe = min(2 * probe, int(nlist))
     ids = np.unique(ids)  # sorted: memory-map friendly
-    emb = pool.embeddings("image")
-    cos = np.asarray(emb[ids], dtype=np.float64) @ np.asarray(vector, dtype=np.float64)
+    # only these rows are read, and checked (a damaged row is refused; no pass over the whole file)
+    cos = pool.unit_rows("image", ids) @ np.asarray(vector, dtype=np.float64)
     order = np.lexsort((ids, -cos))[:n]
     return ids[order], cos[order]
 
