@@ -34,11 +34,25 @@ The world
   (the "double ellipsoid").
 * ``geometry="flat"`` weakens the concept structure (more noise), ``"clustered"`` strengthens it;
   only ``"calibrated"`` (the default) is calibrated.
+* Heavy-tailed worlds (``Tails``, ``TAIL_PRESETS``): the calibrated geometry plus one of the ways
+  web-scale pools depart from it, so that per-sample KL and the softmax's effective support are
+  heavy-tailed. ``"mixture"``: each image's and caption's noise level is drawn from a scale mixture
+  (log-normal), so some samples are very generic and some very specific. ``"duplicates"``: a share
+  of the images come in clusters of near-identical images (power-law cluster sizes, up to a few
+  hundred) with captions written anew for each. ``"templates"``: a share of the captions are generic
+  ("image", "a photo", ...), with one fixed text embedding per string that matches many images
+  weakly. ``"hubs"``: a few images and captions are pulled toward the centre of the other
+  modality's cloud (Pareto strengths), so they are close to many queries. ``"heavy"``: all four at
+  once, each milder. Their extra draws come from their own streams (``[seed, 2, block]`` per block,
+  ``[seed, 3]`` for the world), so the main stream, and the three worlds above, are unchanged.
 
 Determinism: sample ``i`` depends only on ``(seed, i)`` (and, for its vectors, on ``dim`` and
 ``geometry``): samples are generated in fixed blocks of ``BLOCK_SIZE`` rows from
 ``np.random.default_rng([seed, 1, block])`` and sliced, so any batch size yields the same rows.
-Captions, concepts and uids do not depend on ``dim`` or ``geometry``.
+Captions, concepts and uids do not depend on ``dim``, nor on ``geometry`` except in the
+``duplicates`` / ``heavy`` worlds (a duplicate's concepts are its cluster's, its caption is drawn
+for them) and the ``templates`` / ``heavy`` worlds (generic captions; ``concepts`` keeps what the
+image shows).
 """
 
 from __future__ import annotations
@@ -58,7 +72,7 @@ WORLD_VERSION = 1  # bump when generation changes, so manifests can tell worlds 
 BLOCK_SIZE = 4096  # rows per generator block; fixed, so rows do not depend on the batch size
 MODEL_NAME = "synthetic-clip-world"
 LOGIT_SCALE = 100.0
-GEOMETRIES = ("calibrated", "flat", "clustered")
+GEOMETRIES = ("calibrated", "flat", "clustered", "mixture", "duplicates", "templates", "hubs", "heavy")
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary (literal). Category -> (kind, cohesion, words). The first word of a thing category
@@ -260,6 +274,63 @@ GEOMETRY_PRESETS: dict[str, Geometry] = {
                           w_template=0.02, alignment=0.8, gap_cos=0.3, category_scale=1.0,
                           weight_jitter=0.15, spectrum_power=1.0),
 }
+
+
+@dataclass(frozen=True)
+class Tails:
+    """Heavy-tailed departures layered on a base geometry; all zero is the base world, bit for bit.
+
+    Attributes:
+        noise_sigma: log-normal sigma of a per-sample, per-modality multiplier (median 1) of the
+            noise: large multipliers give generic vectors (flat softmax, KL near 0), small ones
+            specific vectors (peaked softmax, KL near log N).
+        noise_corr: correlation of the log multipliers of a sample's image and its caption.
+        dup_fraction: share of each block's samples that sit in near-duplicate image clusters (the
+            first sample of a cluster is its source; the others copy its concepts and instance
+            detail, and their images are the source image re-encoded: cosine ~0.98 to it).
+        dup_alpha: cluster sizes s follow ``P(s) ~ s ** -dup_alpha`` on ``[2, dup_max]``.
+        dup_max: the largest cluster.
+        dup_jitter: std of a duplicate's perturbation, relative to the image noise.
+        template_fraction: share of captions replaced by a generic caption (``GENERIC_CAPTIONS``,
+            Zipf-weighted), whose text embedding is one fixed vector per string: the text cloud's
+            common direction plus the frequency-weighted centre of the concept directions, so it
+            matches many images weakly and its own image no better than others.
+        hub_fraction: share of images, and of captions, that are hubs.
+        hub_strength: median squared weight of a hub's pull toward the centre of the other
+            modality's cloud (the unscaled vector has squared norm ~1); strengths are Pareto with
+            shape ``hub_shape``, capped at ``4 * hub_strength``.
+        hub_shape: Pareto shape of the hub strengths.
+    """
+
+    noise_sigma: float = 0.0
+    noise_corr: float = 0.0
+    dup_fraction: float = 0.0
+    dup_alpha: float = 2.0
+    dup_max: int = 256
+    dup_jitter: float = 0.25
+    template_fraction: float = 0.0
+    hub_fraction: float = 0.0
+    hub_strength: float = 0.0
+    hub_shape: float = 1.5
+
+    def active(self) -> bool:
+        return bool(self.noise_sigma or self.dup_fraction or self.template_fraction or self.hub_fraction)
+
+
+# Heavy-tailed worlds: (base geometry, tails). The base worlds have no entry (no tails).
+TAIL_PRESETS: dict[str, tuple[str, Tails]] = {
+    "mixture": ("calibrated", Tails(noise_sigma=1.0, noise_corr=0.5)),
+    "duplicates": ("calibrated", Tails(dup_fraction=0.3, dup_alpha=1.5)),
+    "templates": ("calibrated", Tails(template_fraction=0.1)),
+    "hubs": ("calibrated", Tails(hub_fraction=0.01, hub_strength=0.005)),
+    "heavy": ("calibrated", Tails(noise_sigma=0.7, noise_corr=0.5, dup_fraction=0.15, dup_alpha=1.5,
+                                  template_fraction=0.05, hub_fraction=0.005, hub_strength=0.005)),
+}
+# Generic captions of the templates worlds (no concept word; most frequent first).
+GENERIC_CAPTIONS = ("image", "a photo", "photo", "untitled", "picture", "stock photo", "an image",
+                    "thumbnail", "a picture of something", "no description available", "img",
+                    "photo of a thing")
+GENERIC_PULL = 0.02  # share of a generic caption's squared norm along the image cloud's centre
 # Concept weight in a sample's mixture, by kind (the subject dominates, attributes are faint).
 KIND_WEIGHT = np.array([1.0, 0.6, 0.45])
 ZIPF_EXPONENT = 1.0
@@ -279,7 +350,9 @@ class SyntheticWorld:
         seed: non-negative integer; the whole world (concept ranks, directions, samples) follows it.
         dim: embedding dimension (the calibration is for dims of a few hundred; >= 8 accepted).
         geometry: "calibrated" (default, CLIP ViT-B/32-like numbers), "flat" (weak concept
-            clusters, more noise) or "clustered" (strong concept clusters).
+            clusters, more noise), "clustered" (strong concept clusters), or a heavy-tailed world
+            on the calibrated geometry: "mixture", "duplicates", "templates", "hubs", "heavy"
+            (``TAIL_PRESETS``, ``Tails``).
 
     Attributes:
         concepts: the vocabulary, in a fixed literal order.
@@ -296,13 +369,14 @@ class SyntheticWorld:
             raise InvalidParameter(f"synthetic world seed must be a non-negative integer, got {seed!r}")
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 8:
             raise InvalidParameter(f"synthetic world dim must be an integer >= 8, got {dim!r}")
-        if geometry not in GEOMETRY_PRESETS:
+        if geometry not in GEOMETRIES:
             raise InvalidParameter(
                 f"unknown synthetic geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
         self.seed = int(seed)
         self.dim = int(dim)
         self.geometry = geometry
-        self._g = GEOMETRY_PRESETS[geometry]
+        base, self._tails = TAIL_PRESETS.get(geometry, (geometry, Tails()))
+        self._g = GEOMETRY_PRESETS[base]
 
         self.concepts: list[str] = []
         self.categories: list[str] = []
@@ -358,6 +432,28 @@ class SyntheticWorld:
         self._templates = (np.sqrt(self._g.w_template) * templates).astype(f32)
         self._instance_basis = (np.sqrt(self._g.w_instance / rank) * basis).astype(f32)
         self._block_cache: dict[int, tuple[pa.Table, np.ndarray, np.ndarray]] = {}
+        if self._tails.active():
+            self._init_tails(dirs, means)
+
+    def _init_tails(self, dirs: dict[str, np.ndarray], means: dict[str, np.ndarray]) -> None:
+        """World-level parts of the heavy-tailed worlds (own stream ``[seed, 3]``)."""
+        rng = np.random.default_rng([self.seed, 3])
+        D, f32 = self.dim, np.float32
+        # Centre of each modality's cloud: common direction + frequency-weighted concept centre.
+        centre = {m: _unit_rows(self.frequencies @ dirs[m]) for m in dirs}
+        cloud = {m: _unit_rows(np.sqrt(self._w_mean(m)) * means[m] + np.sqrt(self._g.w_concept) * centre[m])
+                 for m in dirs}
+        # A hub of modality m is pulled toward the other modality's cloud.
+        self._hub_dir = {"image": cloud["text"].astype(f32), "text": cloud["image"].astype(f32)}
+        # Generic captions: the common text direction, a weak pull toward the image cloud (they
+        # match every image a little better than a random caption does) and a direction of their own.
+        own = _unit_rows(rng.standard_normal((len(GENERIC_CAPTIONS), D)))
+        w_own = max(1.0 - self._w_mean("text") - GENERIC_PULL, 0.0)
+        gen = (np.sqrt(self._w_mean("text")) * means["text"] + np.sqrt(GENERIC_PULL) * cloud["image"]
+               + np.sqrt(w_own) * own)
+        self._generic = (_unit_rows(gen) * RAW_SCALE["text"][0]).astype(f32)
+        p = 1.0 / np.arange(1, len(GENERIC_CAPTIONS) + 1)
+        self._generic_p = p / p.sum()
 
     # ----------------------------------------------------------------------------------------
     def _w_mean(self, modality: str) -> float:
@@ -374,6 +470,7 @@ class SyntheticWorld:
             "dim": self.dim,
             "geometry": self.geometry,
             "geometry_params": asdict(self._g),
+            **({"tails": asdict(self._tails)} if self._tails.active() else {}),
             "n_concepts": len(self.concepts),
             "zipf_exponent": ZIPF_EXPONENT,
             "concepts_per_sample": {"counts": list(CONCEPTS_PER_SAMPLE[0]),
@@ -505,12 +602,39 @@ class SyntheticWorld:
         choices = rng.integers(0, 1 << 30, size=(B, 6))
         jitter = rng.lognormal(0.0, self._g.weight_jitter, size=(2, B, 3))
         scale = {m: RAW_SCALE[m][0] * rng.lognormal(0.0, RAW_SCALE[m][1], size=B) for m in ("image", "text")}
+        # Heavy-tailed worlds: their own stream, so the main one (and the base worlds) are unchanged.
+        t = self._tails
+        trng = np.random.default_rng([self.seed, 2, block]) if t.active() else None
+        src = None  # each row's duplicate-cluster source (itself when not a duplicate)
+        if t.dup_fraction:
+            src = self._duplicate_sources(trng, B)
+            slots = slots[src]
+            jitter[0] = jitter[0][src]  # a duplicate image shows its source's concepts, as strongly
 
         # 2. Captions (a Python loop over strings only).
         captions, concept_lists, tpl = self._captions(slots, choices)
+        generic = kind = None
+        if t.template_fraction:
+            generic = np.flatnonzero(trng.random(B) < t.template_fraction)
+            kind = trng.choice(len(GENERIC_CAPTIONS), size=len(generic), p=self._generic_p)
+            for i, k in zip(generic.tolist(), kind.tolist()):
+                captions[i] = GENERIC_CAPTIONS[k]
+        noise_mult = None
+        if t.noise_sigma:
+            shared = np.sqrt(t.noise_corr) * trng.standard_normal(B)
+            own = np.sqrt(1.0 - t.noise_corr) * trng.standard_normal((2, B))
+            noise_mult = np.exp(t.noise_sigma * (shared + own)).astype(np.float32)
+        hubs = {}
+        if t.hub_fraction:
+            for m in ("image", "text"):
+                rows = np.flatnonzero(trng.random(B) < t.hub_fraction)
+                strength = t.hub_strength * (trng.pareto(t.hub_shape, len(rows)) + 1.0) / 2.0 ** (1.0 / t.hub_shape)
+                hubs[m] = (rows, np.sqrt(np.minimum(strength, 4.0 * t.hub_strength)).astype(np.float32))
 
         # 3. Vectors (vectorised). The instance part z is shared by image and caption.
         z = rng.standard_normal((B, self._instance_basis.shape[0]), dtype=np.float32) @ self._instance_basis
+        if src is not None:
+            z = z[src]
         kw = np.where(slots >= 0, KIND_WEIGHT[self.kinds[slots]], 0.0)
         out = {}
         for mi, m in enumerate(("image", "text")):
@@ -521,13 +645,29 @@ class SyntheticWorld:
                     / np.sqrt(np.einsum("bd,bd->b", mix, mix)))[:, None]
             x = rng.standard_normal((B, D), dtype=np.float32)
             x *= self._noise_std[m]
+            if noise_mult is not None:
+                x *= noise_mult[mi][:, None]
             x += mix
             x += z
             x += self._mean_part[m]
             if m == "text":
                 x += self._templates[tpl]
+            if m in hubs:
+                rows, pull = hubs[m]
+                x[rows] += pull[:, None] * self._hub_dir[m]
             x *= scale[m].astype(np.float32)[:, None]
             out[m] = x
+        if src is not None:
+            # A duplicate's image is its source's, re-encoded: rescaled a little, slightly perturbed.
+            dup = np.flatnonzero(src != np.arange(B))
+            s = src[dup]
+            pert = trng.standard_normal((len(dup), D), dtype=np.float32)
+            pert *= self._noise_std["image"] * np.float32(t.dup_jitter)
+            ratio = trng.lognormal(0.0, 0.02, size=len(dup)).astype(np.float32)
+            out["image"][dup] = (out["image"][s] * ratio[:, None]
+                                 + pert * scale["image"][s].astype(np.float32)[:, None])
+        if generic is not None:
+            out["text"][generic] = self._generic[kind]  # one fixed embedding per generic string
         first = block * B
         uids = [hashlib.md5(f"synthetic:{self.seed}:{i}".encode()).hexdigest()
                 for i in range(first, first + B)]
@@ -538,6 +678,28 @@ class SyntheticWorld:
             "synthetic": pa.array(np.ones(B, dtype=bool), pa.bool_()),
         })
         return meta, out["image"], out["text"]
+
+    def _duplicate_sources(self, rng: np.random.Generator, B: int) -> np.ndarray:
+        """Near-duplicate clusters of one block: each row's source row (itself outside clusters).
+
+        Cluster sizes are power-law on ``[2, dup_max]``; they fill ``dup_fraction`` of the block; the
+        rows of a cluster are random positions in the block.
+        """
+        t = self._tails
+        support = np.arange(2, t.dup_max + 1)
+        p = support.astype(np.float64) ** -t.dup_alpha
+        target = int(round(t.dup_fraction * B))
+        sizes = rng.choice(support, size=max(target // 2, 1), p=p / p.sum())
+        ends = np.cumsum(sizes)
+        sizes = sizes[: np.searchsorted(ends, target, side="right")]  # clusters that fit in full
+        perm = rng.permutation(B)
+        src = np.arange(B)
+        at = 0
+        for size in sizes.tolist():
+            members = perm[at:at + size]
+            src[members] = members[0]
+            at += size
+        return src
 
     def _captions(self, slots: np.ndarray, choices: np.ndarray) -> tuple[list[str], list[list[str]], np.ndarray]:
         """Caption strings, concept lists (in caption order) and template ids for one block."""
@@ -677,7 +839,8 @@ class SyntheticSource:
         n: number of samples (>= 1).
         seed: world seed.
         dim: embedding dimension.
-        geometry: "calibrated", "flat" or "clustered".
+        geometry: one of ``GEOMETRIES`` ("calibrated", "flat", "clustered", or a heavy-tailed world:
+            "mixture", "duplicates", "templates", "hubs", "heavy"; see ``TAIL_PRESETS``).
 
     Raises:
         InvalidParameter: for n < 1 or an invalid world parameter.

@@ -329,3 +329,165 @@ def test_invalid_ranges_are_rejected(world):
         list(SyntheticSource(n=5).batches(0))
     meta, image, text = world.sample(10, 0)
     assert len(meta) == 0 and image.shape == (0, 512) and text.shape == (0, 512)
+
+
+# ---------------------------------------------------------------------------------------------
+# Heavy-tailed worlds (issue 14, item 7): each is CLIP-like and heavy-tailed in its own way.
+# ---------------------------------------------------------------------------------------------
+HEAVY_WORLDS = ("mixture", "duplicates", "templates", "hubs", "heavy")
+NH = 3000  # samples per world in these tests
+
+
+def world_stats(geometry: str, _cache: dict = {}) -> dict:
+    """Samples of one world (seed 0) and its exact per-query KL on both sides, and hubness."""
+    if geometry not in _cache:
+        meta, image, text = SyntheticWorld(seed=0, geometry=geometry).sample(0, NH)
+        vi, vt = unit(image), unit(text)
+        st = {"meta": meta, "image": image, "text": text, "vi": vi, "vt": vt}
+        for side, q, c in (("text", vt, vi), ("image", vi, vt)):
+            st[f"kl_{side}"] = text_side_kl(q, c)[0]  # query side q over candidates c (SPEC 2)
+            top = np.argpartition(-(q @ c.T), 10, axis=1)[:, :10]
+            nk = np.bincount(top.ravel(), minlength=NH)  # k-occurrence: top-10 lists a candidate is in
+            st[f"nk_{side}"] = nk
+            st[f"hub_share_{side}"] = np.sort(nk)[::-1][: NH // 100].sum() / nk.sum()
+        _cache[geometry] = st
+    return _cache[geometry]
+
+
+def test_geometries_defined_once_and_offered_by_the_cli():
+    import cli
+    from indexer.synthetic import GEOMETRIES, TAIL_PRESETS
+
+    assert set(HEAVY_WORLDS) <= set(GEOMETRIES) and set(TAIL_PRESETS) == set(HEAVY_WORLDS)
+    option = next(p for p in cli.cli.commands["build-index"].params if p.name == "geometry")
+    assert tuple(option.type.choices) == GEOMETRIES
+
+
+def test_base_worlds_are_unchanged():
+    """The heavy-tailed options draw from their own streams: the base worlds keep their rows."""
+    expect = {  # first row's image, third row's text (first 3 coordinates), dim 64, seed 0
+        "calibrated": ([-1.3170373, 0.19131377, 0.05211169], [-0.68822742, 1.27313912, 0.4301542]),
+        "flat": ([-0.72738183, 0.29900986, 0.04826329], [-1.12130153, 1.03671825, 0.35396069]),
+        "clustered": ([-1.3900646, -0.07007786, -0.29697797], [0.62685984, 1.46372163, 0.53195047]),
+    }
+    for g, (im, tx) in expect.items():
+        w = SyntheticWorld(seed=0, dim=64, geometry=g)
+        meta, image, text = w.sample(0, 3)
+        assert meta.column("caption").to_pylist() == [
+            "a wide shot of a classroom", "a palm, a doctor and a dog", "a blurry photo of three tents"]
+        np.testing.assert_allclose(image[0, :3], im, rtol=1e-5, err_msg=g)
+        np.testing.assert_allclose(text[2, :3], tx, rtol=1e-5, err_msg=g)
+        assert "tails" not in w.params()
+
+
+@pytest.mark.parametrize("geometry", HEAVY_WORLDS)
+def test_heavy_world_is_deterministic_valid_and_clip_like(geometry):
+    st = world_stats(geometry)
+    # deterministic: a fresh world gives the same rows, also for a range that straddles a block
+    m2, i2, t2 = SyntheticWorld(seed=0, geometry=geometry).sample(BLOCK_SIZE - 5, 10)
+    fresh = SyntheticWorld(seed=0, geometry=geometry).sample(0, BLOCK_SIZE + 5)
+    assert m2.equals(fresh[0].slice(BLOCK_SIZE - 5, 10))
+    np.testing.assert_array_equal(i2, fresh[1][BLOCK_SIZE - 5:])
+    np.testing.assert_array_equal(t2, fresh[2][BLOCK_SIZE - 5:])
+    np.testing.assert_array_equal(fresh[1][:NH], st["image"])
+    np.testing.assert_array_equal(fresh[2][:NH], st["text"])
+    assert not np.allclose(SyntheticWorld(seed=1, geometry=geometry).sample(0, 50)[1], st["image"][:50])
+    # stored (normalised) vectors: finite, unit norm
+    for raw in (st["image"], st["text"]):
+        assert raw.dtype == np.float32 and np.all(np.isfinite(raw))
+        v = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+        np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    # CLIP-like: matched pairs clearly above random pairs, on average and for most samples
+    matched = np.einsum("ij,ij->i", st["vi"], st["vt"])
+    random_pairs = mean_offdiag_cos(st["vi"], st["vt"])
+    assert matched.mean() - random_pairs >= 0.1, (matched.mean(), random_pairs)
+    assert (matched > np.einsum("ij,ij->i", st["vi"], np.roll(st["vt"], 1, axis=0))).mean() > 0.8
+    params = SyntheticWorld(seed=0, dim=32, geometry=geometry).params()
+    assert params["geometry"] == geometry and json.loads(json.dumps(params))["tails"]
+
+
+def near_duplicate_share(vi: np.ndarray, threshold: float = 0.95) -> float:
+    """Share of images with another image of cosine above ``threshold``."""
+    s = vi @ vi.T
+    np.fill_diagonal(s, -1.0)
+    return float((s.max(1) > threshold).mean())
+
+
+def test_mixture_world_has_spread_noise_levels_and_kl():
+    """Per-sample noise scales from a log-normal mixture: matched cosines spread out (generic and
+    specific pairs), and so does the per-query KL on both sides."""
+    cal, mix = world_stats("calibrated"), world_stats("mixture")
+    m_cal = np.einsum("ij,ij->i", cal["vi"], cal["vt"])
+    m_mix = np.einsum("ij,ij->i", mix["vi"], mix["vt"])
+    assert m_mix.std() > 2.0 * m_cal.std(), (m_mix.std(), m_cal.std())
+    for side in ("text", "image"):
+        assert mix[f"kl_{side}"].std() > 1.12 * cal[f"kl_{side}"].std(), side
+        # both tails move: more generic queries (low KL) and more specific ones (high KL)
+        assert np.percentile(mix[f"kl_{side}"], 5) < np.percentile(cal[f"kl_{side}"], 5) - 0.2, side
+
+
+def test_duplicates_world_has_clusters_of_near_identical_images_with_own_captions():
+    cal, dup = world_stats("calibrated"), world_stats("duplicates")
+    assert near_duplicate_share(cal["vi"]) < 0.01
+    assert near_duplicate_share(dup["vi"]) > 0.2
+    s = dup["vi"] @ dup["vi"].T
+    np.fill_diagonal(s, -1.0)
+    big = np.argmax((s > 0.95).sum(1))  # the image with the most near duplicates: its cluster
+    cluster = np.flatnonzero(s[big] > 0.95).tolist() + [int(big)]
+    assert len(cluster) >= 20, len(cluster)
+    captions = dup["meta"].column("caption").to_pylist()
+    concepts = dup["meta"].column("concepts").to_pylist()
+    assert len({captions[i] for i in cluster}) > 1  # captions written anew for each duplicate
+    assert all(concepts[i] == concepts[cluster[0]] for i in cluster)  # same content
+    # a caption shares its softmax with its image's duplicates: a long low tail of kl_text
+    assert np.percentile(dup["kl_text"], 5) < np.percentile(cal["kl_text"], 5) - 0.5
+    assert dup["kl_text"].std() > 1.12 * cal["kl_text"].std()
+
+
+def test_templates_world_has_generic_captions_that_match_many_images_weakly():
+    from indexer.synthetic import GENERIC_CAPTIONS
+
+    cal, tpl = world_stats("calibrated"), world_stats("templates")
+    captions = np.array(tpl["meta"].column("caption").to_pylist())
+    generic = np.isin(captions, GENERIC_CAPTIONS)
+    assert 0.08 < generic.mean() < 0.12, generic.mean()
+    world = SyntheticWorld(seed=0)
+    assert all(world.concepts_in(c) == [] for c in GENERIC_CAPTIONS)
+    for c in set(captions[generic]):  # one fixed embedding per generic string
+        rows = tpl["text"][captions == c]
+        assert np.all(rows == rows[0])
+    # weakly close to every image: above a random caption, and their own image is no special match
+    cos = tpl["vt"][generic] @ tpl["vi"].T
+    assert cos.mean() > mean_offdiag_cos(tpl["vi"], tpl["vt"]) + 0.03
+    own = np.einsum("ij,ij->i", tpl["vt"][generic], tpl["vi"][generic])
+    assert abs(own.mean() - cos.mean()) < 0.02
+    # a generic caption's softmax over the images is broad; images feel the generic captions too
+    assert np.median(tpl["kl_text"][generic]) < np.percentile(cal["kl_text"], 5)
+    assert np.percentile(tpl["kl_image"], 5) < np.percentile(cal["kl_image"], 5) - 0.4
+
+
+def test_hubs_world_has_candidates_in_many_top_lists():
+    """Hubness: the k-occurrence (how many queries' top-10 a candidate is in) is far more skewed."""
+    from scipy.stats import skew
+
+    cal, hub = world_stats("calibrated"), world_stats("hubs")
+    for side in ("text", "image"):
+        assert skew(hub[f"nk_{side}"]) > 1.5 * skew(cal[f"nk_{side}"]), side
+        assert hub[f"nk_{side}"].max() > 1.5 * cal[f"nk_{side}"].max(), side
+    assert hub["hub_share_text"] > cal["hub_share_text"] + 0.02
+
+
+def test_heavy_world_combines_all_four():
+    from scipy.stats import skew
+
+    from indexer.synthetic import GENERIC_CAPTIONS
+
+    cal, hv = world_stats("calibrated"), world_stats("heavy")
+    m_cal = np.einsum("ij,ij->i", cal["vi"], cal["vt"])
+    m_hv = np.einsum("ij,ij->i", hv["vi"], hv["vt"])
+    assert m_hv.std() > 1.5 * m_cal.std()
+    assert near_duplicate_share(hv["vi"]) > 0.08
+    generic = np.isin(hv["meta"].column("caption").to_pylist(), GENERIC_CAPTIONS).mean()
+    assert 0.03 < generic < 0.07, generic
+    assert skew(hv["nk_text"]) > 1.5 * skew(cal["nk_text"])
+    assert hv["kl_image"].std() > 1.12 * cal["kl_image"].std()
