@@ -1,6 +1,7 @@
 """Accuracy vs cost of the KL estimators (issue 5, item 1).
 
-For one synthetic world (n, geometry) and one side (``text``: queries are captions, candidates the
+For one synthetic world (n, geometry; every world of ``bench.common.WORLDS``, the heavy-tailed ones
+included, belongs in each accuracy table) and one side (``text``: queries are captions, candidates the
 images; SPEC 11 ``kl_text`` / ``klr_text``), on the same Q random queries:
 
 * truth: ``queries.exact.exact_kl`` (float64, all n candidates);
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import A, log, save_json, world
+from bench.common import WORLDS, A, log, save_json, world
 
 KS = (16, 64, 256, 1024)
 MS = (0, 1024, 2048, 4096, 16384)
@@ -87,6 +88,8 @@ def run(n: int, geometry: str, out: Path, *, q: int = 1000, quick: bool = False,
     from queries import estimate
     from queries.exact import exact_kl, sampled_softmax_kl
 
+    if geometry not in WORLDS:
+        raise ValueError(f"unknown synthetic world {geometry!r}; choose one of {', '.join(WORLDS)}")
     t_all = time.perf_counter()
     log(f"accuracy n={n} geometry={geometry} side={side}: generating")
     _, image, text = world(n, geometry)
