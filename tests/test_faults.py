@@ -267,7 +267,8 @@ def test_flipped_bytes_in_a_faiss_file_are_refused_not_scored(tmp_path):
     build_index(make(600), out, index_key="IVF4,Flat")
     size = (out / "image.faiss").stat().st_size
     flip(out / "image.faiss", size // 2, 64)
-    r = run_cli("score", out, "--metrics", "kl", "-q")
+    np.save(tmp_path / "p.npy", np.ones(16, dtype=np.float32))
+    r = run_cli("sample", out, "--prompt-embedding", tmp_path / "p.npy", "-n", 5, "--mode", "top")
     one_line_error(r, "image.faiss", "checksum")
     with pytest.raises(BrokenIndex, match=r"image.faiss' does not match its checksum"):
         open_index(out).faiss("image")
