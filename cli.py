@@ -325,12 +325,19 @@ def info_cmd(index_dir, as_json, verify):
 
 @cli.command("score")
 @index_dir_argument
-@click.option("--exact", is_flag=True,
-              help="KL columns from the full softmax over the whole pool (ground truth; N dot products per query).")
+@click.option("--estimator", type=click.Choice(["auto", "exact", "mimps", "paper"]), default="auto",
+              show_default=True,
+              help="KL estimator. exact: the full softmax over the whole pool, both sides from one pass; "
+                   "mimps: FAISS top-k + a shared uniform tail sample (SPEC 3.1); paper: the paper's "
+                   "softmax over a uniform sample of --paper-sample of the pool; auto: the one that ranks "
+                   "like the truth fastest (today: exact), mimps when --k / --tail-sample / --nprobe are given.")
+@click.option("--exact", is_flag=True, help="The same as --estimator exact.")
 @click.option("--k", "k", type=click.IntRange(min=1), default=None,
-              help="Top-k candidates per query from FAISS (default 256).")
+              help="mimps: top-k candidates per query from FAISS (default 256).")
 @click.option("--tail-sample", "tail_sample", type=click.IntRange(min=0), default=None,
-              help="m: uniform tail sample size for the unbiased tail estimate (default 2048; 0 = top-k only, biased).")
+              help="mimps: m, the uniform tail sample size (default 2048; 0 = top-k only, biased).")
+@click.option("--paper-sample", type=click.FloatRange(min=0, min_open=True, max=1), default=0.002,
+              show_default=True, help="paper: the sample, as a fraction of the pool (drawn with replacement).")
 @click.option("--side", type=click.Choice(["both", "text", "image"]), default="both", show_default=True,
               help="text: each caption against all images; image: each image against all captions.")
 @click.option("--logit-scale", type=float, default=None, help="a (default: the index's, from its manifest).")
@@ -338,51 +345,68 @@ def info_cmd(index_dir, as_json, verify):
 @click.option("--metrics", default=None,
               help="Comma-separated subset of kl,klr,dc,dw,rawnorm,conformity,conformity_est,loglik,clipscore "
                    "(default all).")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the tail sample and of --check.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the samples (tail, paper, check rows).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Queries per resumable chunk (default 65536).")
-@click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit (default: the index's).")
+@click.option("--nprobe", type=click.IntRange(min=1), default=None, help="mimps: IVF lists to visit (default: the index's).")
 @click.option("--check", type=click.IntRange(min=2), default=None,
-              help="Also compute exact KL for N random samples and report Spearman, MAE, top-25% overlap.")
+              help="Held-out rows per side whose exact KL the run compares with its own (Spearman, top-25% "
+                   "overlap, MAE, with 95% intervals). Approximate runs always check (default 4000, a "
+                   "quarter of a small pool); exact runs only when asked.")
+@click.option("--target-spearman", type=click.FloatRange(0, 1), default=0.999, show_default=True,
+              help="Accuracy an approximate run's check must show; the run says whether it did.")
+@click.option("--target-overlap", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="Top-25% overlap an approximate run's check must show.")
+@click.option("--precision", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
+              help="Score precision of the exact work (default float32 on CPUs, float16 on CUDA GPUs).")
 @click.option("--device", default="auto", show_default=True, help="torch device for the dense parts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def score_cmd(index_dir, exact, k, tail_sample, side, logit_scale, logit_bias, metrics, seed, batch_size, nprobe,
-              check, device, as_json, quiet):
-    """Score every sample: KL / KLR (top-k + sampled tail, or --exact), D_C, D_W, raw norm,
-    conformity, whitened log-likelihood and CLIPScore, into the catalog's `scores` table.
+def score_cmd(index_dir, estimator, exact, k, tail_sample, paper_sample, side, logit_scale, logit_bias, metrics,
+              seed, batch_size, nprobe, check, target_spearman, target_overlap, precision, device, as_json, quiet):
+    """Score every sample: KL / KLR (both sides), D_C, D_W, raw norm, conformity, whitened
+    log-likelihood and CLIPScore, into the catalog's `scores` table.
 
-    An interrupted run resumes where it stopped when rerun with the same options.
+    An interrupted run resumes where it stopped when rerun with the same options. Every
+    approximate run (mimps, paper) measures its own accuracy on held-out exact rows and prints it.
 
     \b
     Examples:
-      python cli.py score index
-      python cli.py score index --check 2000          # accuracy against the exact softmax
-      python cli.py score index --exact --side text   # ground truth (quadratic; small pools)
-      python cli.py score index --k 64 --tail-sample 1024 --metrics kl,klr
+      python cli.py score index                        # auto: exact, both sides in one pass
+      python cli.py score index --estimator mimps      # SPEC 3.1, with its measured accuracy
+      python cli.py score index --estimator paper      # the paper's 0.2% sample, for comparison
+      python cli.py score index --side text --metrics kl,klr
     """
     _note_synthetic(index_dir)
     from queries.score import report_dict, score
 
-    if exact:
-        given = [f for f, v in (("--k", k), ("--tail-sample", tail_sample), ("--nprobe", nprobe)) if v is not None]
-        if given:
-            verb = "applies" if len(given) == 1 else "apply"
-            raise click.UsageError(f"{' / '.join(given)} only {verb} to the top-k estimator, not to --exact")
+    if exact and estimator not in ("auto", "exact"):
+        raise click.UsageError(f"--exact contradicts --estimator {estimator}")
+    chosen = "exact" if exact else estimator
+    given = [f for f, v in (("--k", k), ("--tail-sample", tail_sample), ("--nprobe", nprobe)) if v is not None]
+    if given and chosen in ("exact", "paper"):
+        verb = "applies" if len(given) == 1 else "apply"
+        raise click.UsageError(f"{' / '.join(given)} only {verb} to --estimator mimps, not to {chosen}")
     metric_list = None if metrics is None else [m.strip() for m in metrics.split(",") if m.strip()]
-    report = score(index_dir, exact=exact, k=k, tail_sample=tail_sample, side=side, logit_scale=logit_scale,
-                   logit_bias=logit_bias, metrics=metric_list, seed=seed, batch_size=batch_size, nprobe=nprobe,
-                   check=check, device=device, progress=_progress(quiet))
+    report = score(index_dir, estimator=chosen, k=k, tail_sample=tail_sample, side=side,
+                   logit_scale=logit_scale, logit_bias=logit_bias, metrics=metric_list, seed=seed,
+                   batch_size=batch_size, nprobe=nprobe, check=check, precision=precision,
+                   paper_sample=paper_sample, target_spearman=target_spearman, target_overlap=target_overlap,
+                   device=device, progress=_progress(quiet))
     if as_json:
         click.echo(json.dumps(report_dict(report), indent=2, default=str))
         return
-    how = "exact softmax" if report.exact else f"top-k {report.k} + tail sample {report.m}"
+    how = {"exact": f"exact softmax, {report.precision}", "mimps": f"mimps: top-k {report.k} + tail sample {report.m}",
+           "paper": f"paper: softmax over a {paper_sample:g} sample", None: "no KL"}[report.estimator]
     click.echo(f"Scored {report.n:,} samples of {report.path} ({how}, a = {report.logit_scale:g}) "
                f"in {report.total_seconds:.1f}s; run {report.run_id}")
+    if report.estimator and report.reason != "asked for":
+        click.echo(f"  estimator: {report.reason}")
     click.echo(f"  columns: {', '.join(report.columns)}")
     for s, d in report.dots_per_query.items():
         probes = report.nprobe.get(s)
-        searched = "every candidate" if report.exact else report.index_keys.get(s, "")
+        searched = {"exact": "every candidate", "paper": "a uniform sample"}.get(report.estimator,
+                                                                                report.index_keys.get(s, ""))
         searched += "" if probes is None else f" nprobe {probes}"
         cost = ("dot products per query not counted (a graph search's cost depends on the data)" if d is None
                 else f"{d:,.0f} dot products per query ({d / report.n:.2%} of exact)")
@@ -390,8 +414,13 @@ def score_cmd(index_dir, exact, k, tail_sample, side, logit_scale, logit_bias, m
     if report.chunks_reused:
         click.echo(f"  resumed: reused {report.chunks_reused} finished chunks")
     for c in report.checks:
-        click.echo(f"  check {c.column}: Spearman {c.spearman:.5f}, MAE {c.mae:.4f}, "
-                   f"top-25% overlap {c.top25_overlap:.2%} on {c.n:,} samples")
+        click.echo(f"  check {c.column} on {c.n:,} held-out rows: Spearman {c.spearman:.5f} "
+                   f"[{c.spearman_ci[0]:.5f}, {c.spearman_ci[1]:.5f}], top-25% overlap {c.top25_overlap:.2%} "
+                   f"[{c.top25_overlap_ci[0]:.2%}, {c.top25_overlap_ci[1]:.2%}], MAE {c.mae:.4f}")
+    if report.targets_met is not None and not report.exact:
+        sp, ov = report.targets
+        verdict = "met" if report.targets_met else "NOT met: use --estimator exact for exact-grade rankings"
+        click.echo(f"  accuracy targets (Spearman >= {sp:g}, top-25% overlap >= {ov:.0%}): {verdict}")
 
 
 # -- read side: sql, query, select, weights, sample (Python API in queries/) ---------------------

@@ -22,9 +22,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
@@ -63,6 +64,22 @@ SIDES = {"both": ("text", "image"), "text": ("text",), "image": ("image",)}
 SCORE_COLUMNS = tuple(f"{m}_{s}" for m in METRICS[:-1] for s in ("text", "image")) + ("clipscore",)
 #: Fraction of the checked samples compared by ``top25_overlap``.
 TOP_FRACTION = 0.25
+#: KL estimators (``--estimator``). ``auto`` picks one of ``AUTO_CHOICES`` per run (``_choose``).
+ESTIMATORS = ("auto", "exact", "mimps", "paper")
+#: Estimators ``auto`` may pick: those that aim at exact-grade rankings (SPEC 3.2 targets).
+AUTO_CHOICES = ("exact",)
+#: Held-out exact rows per side that every approximate run checks itself on (SPEC 3.2); fewer on
+#: small pools (``default_check``). 4,000 rows resolve the top-25% overlap to ~0.1 points.
+DEFAULT_CHECK = 4000
+#: Bootstrap resamples of the check rows for the 95% intervals.
+BOOTSTRAP = 200
+#: Accuracy targets of an approximate run's held-out check (``--target-spearman`` / ``--target-overlap``).
+TARGET_SPEARMAN = 0.999
+TARGET_OVERLAP = 0.99
+#: The paper's DataComp filter: a softmax over a uniform sample of this fraction of the pool.
+PAPER_SAMPLE = 0.002
+#: Largest logit scale accepted (CLIP's is ~100; e^(a * 2) must stay within float64 after the shift).
+MAX_LOGIT_SCALE = 1e4
 
 
 @dataclass
@@ -75,6 +92,13 @@ class CheckResult:
     mae: float
     max_abs_error: float
     top25_overlap: float
+    #: bootstrap 95% intervals (low, high) over the checked rows
+    spearman_ci: tuple[float, float] = (math.nan, math.nan)
+    top25_overlap_ci: tuple[float, float] = (math.nan, math.nan)
+    mae_ci: tuple[float, float] = (math.nan, math.nan)
+
+    def meets(self, spearman: float, overlap: float) -> bool:
+        return self.spearman >= spearman and self.top25_overlap >= overlap
 
 
 @dataclass
@@ -86,6 +110,9 @@ class ScoreReport:
     columns: list[str]
     n: int
     exact: bool
+    estimator: str | None  # exact | mimps | paper; None: no KL column
+    reason: str  # why this estimator (auto's choice, or "asked for")
+    precision: str | None  # score precision of exact work (exact, paper, the check)
     sides: tuple[str, ...]
     k: int | None
     m: int | None
@@ -100,6 +127,12 @@ class ScoreReport:
     chunks_computed: int = 0
     chunks_reused: int = 0
     checks: list[CheckResult] = field(default_factory=list)
+    targets: tuple[float, float] = (TARGET_SPEARMAN, TARGET_OVERLAP)  # (Spearman, top-25% overlap)
+
+    @property
+    def targets_met(self) -> bool | None:
+        """Whether every checked column met the targets; None without a check."""
+        return all(c.meets(*self.targets) for c in self.checks) if self.checks else None
 
     @property
     def total_seconds(self) -> float:
@@ -115,7 +148,9 @@ def other_modality(modality: str) -> str:
 
 @dataclass(frozen=True)
 class _Params:
-    exact: bool
+    estimator: str  # exact | mimps | paper (auto is resolved before)
+    reason: str
+    precision: str
     sides: tuple[str, ...]
     metrics: tuple[str, ...]
     k: int | None
@@ -126,34 +161,42 @@ class _Params:
     batch_size: int
     nprobe: int | None
     check: int | None
+    paper_sample: float
+    targets: tuple[float, float]
+
+    @property
+    def exact(self) -> bool:
+        return self.estimator == "exact"
 
     @property
     def kl(self) -> bool:
         return any(m in KL_METRICS for m in self.metrics)
 
 
-def _resolve(pool: PoolIndex, *, exact, k, tail_sample, side, logit_scale, logit_bias, metrics, seed,
-             batch_size, nprobe, check) -> _Params:
-    """Defaults from the index, and every value checked; raises ``InvalidParameter`` naming it."""
+def default_check(n: int) -> int:
+    """Held-out rows per side for an approximate run: ``DEFAULT_CHECK``, at most a quarter of a
+    small pool (and at least 2 rows, the fewest a Spearman needs)."""
+    return max(min(2, n), min(DEFAULT_CHECK, n // 4))
+
+
+def _resolve(pool: PoolIndex, *, estimator, k, tail_sample, side, logit_scale, logit_bias, metrics, seed,
+             batch_size, nprobe, check, precision, paper_sample, target_spearman, target_overlap,
+             device) -> _Params:
+    """Defaults from the index, and every value checked; raises ``InvalidParameter`` naming it.
+    ``estimator`` is already one of exact / mimps / paper (``_choose`` resolves auto)."""
+    from queries.exact import PRECISIONS
+
     n = pool.n
     if side not in SIDES:
         raise InvalidParameter(f"side must be one of {', '.join(SIDES)}; got {side!r}")
-    if metrics is None:
-        metrics = METRICS
-    elif isinstance(metrics, str):
-        metrics = [metrics]
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise InvalidParameter(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
-    if not metrics:
-        raise InvalidParameter("metrics is empty; choose from " + ", ".join(METRICS))
-    metrics = tuple(m for m in METRICS if m in set(metrics))
+    metrics = _metrics(metrics)
     a = pool.logit_scale if logit_scale is None else logit_scale
-    if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0):
-        raise InvalidParameter(f"logit_scale must be a positive number, got {a!r}")
+    if not (isinstance(a, (int, float)) and math.isfinite(a) and 0 < a <= MAX_LOGIT_SCALE):
+        raise InvalidParameter(f"logit_scale must be a positive number up to {MAX_LOGIT_SCALE:g} "
+                               f"(CLIP's is about 100), got {a!r}")
     b = pool.logit_bias if logit_bias is None else logit_bias
-    if b is not None and not math.isfinite(b):
-        raise InvalidParameter(f"logit_bias must be a finite number, got {b!r}")
+    if b is not None and not (math.isfinite(b) and abs(b) <= MAX_LOGIT_SCALE):
+        raise InvalidParameter(f"logit_bias must be a finite number within ±{MAX_LOGIT_SCALE:g}, got {b!r}")
     if b is not None and n < 2:
         raise InvalidParameter(f"SigLIP scores (logit_bias={b}) need at least 2 samples, the index has {n}")
     if k is not None and not 1 <= k <= n:
@@ -165,30 +208,61 @@ def _resolve(pool: PoolIndex, *, exact, k, tail_sample, side, logit_scale, logit
     seed = check_seed(seed)
     if nprobe is not None and nprobe < 1:
         raise InvalidParameter(f"nprobe must be at least 1, got {nprobe}")
-    if check is not None and not 1 <= check <= n:
-        raise InvalidParameter(f"check must be between 1 and N={n} (the pool size), got {check}")
-    if check is not None and not any(m in KL_METRICS for m in metrics):
+    if check is not None and not 2 <= check <= n:
+        raise InvalidParameter(f"check must be between 2 and N={n} (the pool size), got {check}")
+    kl = any(m in KL_METRICS for m in metrics)
+    if check is not None and not kl:
         raise InvalidParameter(f"check={check} compares kl/klr columns, but metrics {list(metrics)} has neither")
-    approx = not exact and any(m in KL_METRICS for m in metrics)
-    if approx:
+    if not (isinstance(paper_sample, (int, float)) and 0 < paper_sample <= 1):
+        raise InvalidParameter(f"paper_sample must be a fraction of the pool in (0, 1], got {paper_sample!r}")
+    for name, v in (("target_spearman", target_spearman), ("target_overlap", target_overlap)):
+        if not (isinstance(v, (int, float)) and 0 <= v <= 1):
+            raise InvalidParameter(f"{name} must be between 0 and 1, got {v!r}")
+    if precision is None:
+        from indexer.device import resolve_device
+
+        precision = "float16" if resolve_device(device).startswith("cuda") else "float32"
+    if precision not in PRECISIONS:
+        raise InvalidParameter(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    approx = kl and estimator != "exact"
+    if approx and estimator == "mimps":
         k = min(DEFAULT_K, n) if k is None else int(k)
         m = min(DEFAULT_TAIL, n) if tail_sample is None else int(tail_sample)
     else:
         k = m = None
+    if approx and check is None:
+        check = default_check(n)  # SPEC 3.2: no approximate scores without their measured accuracy
     return _Params(
-        exact=bool(exact), sides=SIDES[side], metrics=metrics, k=k, m=m, a=float(a),
-        b=None if b is None else float(b), seed=int(seed), batch_size=int(batch_size or DEFAULT_BATCH),
-        nprobe=None if nprobe is None else int(nprobe), check=None if check is None else int(check),
+        estimator=estimator if kl else "none", reason="", precision=precision, sides=SIDES[side],
+        metrics=metrics, k=k, m=m, a=float(a), b=None if b is None else float(b), seed=int(seed),
+        batch_size=int(batch_size or DEFAULT_BATCH), nprobe=None if nprobe is None else int(nprobe),
+        check=None if check is None else int(check), paper_sample=float(paper_sample),
+        targets=(float(target_spearman), float(target_overlap)),
     )
 
 
+def _metrics(metrics) -> tuple[str, ...]:
+    if metrics is None:
+        return METRICS
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise InvalidParameter(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    if not metrics:
+        raise InvalidParameter("metrics is empty; choose from " + ", ".join(METRICS))
+    return tuple(m for m in METRICS if m in set(metrics))
+
+
 def _work_name(pool: PoolIndex, p: _Params) -> str:
-    """``score-<hash>``: the parameters that determine the KL chunk files' contents."""
+    """``score-<hash>``: every parameter that determines the KL chunk files' contents or their set
+    (two runs with different sides or metrics must not share a folder)."""
     key = {
         "n": pool.n, "created_at": str(pool.manifest.get("created_at")),
         "index": [pool.manifest.get("image_index"), pool.manifest.get("text_index")],
-        "exact": p.exact, "k": p.k, "m": p.m, "a": p.a, "b": p.b, "seed": p.seed,
-        "batch_size": p.batch_size, "nprobe": p.nprobe,
+        "estimator": p.estimator, "precision": p.precision, "sides": list(p.sides),
+        "kl_metrics": [m for m in p.metrics if m in KL_METRICS], "paper_sample": p.paper_sample,
+        "k": p.k, "m": p.m, "a": p.a, "b": p.b, "seed": p.seed, "batch_size": p.batch_size, "nprobe": p.nprobe,
     }
     return "score-" + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -201,9 +275,39 @@ def _chunk_path(work: Path, side: str, start: int) -> Path:
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
+    """Write ``path`` whole or not at all, and on disk before it counts as done (a power loss
+    must not leave a 0-byte chunk that a rerun takes as finished)."""
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _done(path: Path, columns: tuple[str, ...], rows: int) -> bool:
+    """Whether a chunk file exists and holds what it should; an unreadable one (a crash before it
+    reached the disk) is deleted and counts as not done."""
+    if not path.is_file():
+        return False
+    try:
+        meta = pq.read_metadata(path)
+        ok = meta.num_rows == rows and set(columns) <= set(meta.schema.names)
+    except (OSError, pa.ArrowException):
+        ok = False
+    if not ok:
+        log.warning("chunk %s is unreadable or incomplete (interrupted write): computing it again", path)
+        path.unlink(missing_ok=True)
+    return ok
 
 
 @contextlib.contextmanager
@@ -213,26 +317,45 @@ def _chunk_scorer(pool: PoolIndex, side: str, p: _Params, report: ScoreReport,
 
     Records the side's cost (dot products per query), index key, nprobe and rescoring in ``report``.
     """
-    import duckdb
-
-    from indexer import choose, faiss_index
-    from queries import estimate
-    from queries.exact import exact_kl, resolve_device
+    from queries.exact import exact_kl
 
     n, other, secs = pool.n, other_modality(side), report.seconds
     candidates = pool.embeddings(other)
-    if p.exact:
-        report.dots_per_query[side] = float(n)
+    if p.estimator in ("exact", "paper"):
+        if p.estimator == "paper":
+            ids = paper_sample_ids(n, p.paper_sample, p.seed, side)
+            candidates = np.asarray(candidates[ids])
+        report.dots_per_query[side] = float(len(candidates))
 
         def exact_chunk(q: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             t0 = time.perf_counter()
-            out = exact_kl(q, candidates, p.a, p.b, device=device)
-            secs[f"kl_{side}.exact"] = secs.get(f"kl_{side}.exact", 0.0) + time.perf_counter() - t0
+            out = exact_kl(q, candidates, p.a, p.b, device=device, dtype=p.precision)
+            secs[f"kl_{side}.{p.estimator}"] = secs.get(f"kl_{side}.{p.estimator}", 0.0) + time.perf_counter() - t0
             return out
 
         yield exact_chunk
         return
+    with _mimps_scorer(pool, side, p, report, device, candidates) as f:
+        yield f
 
+
+def paper_sample_ids(n: int, fraction: float, seed: int, side: str) -> np.ndarray:
+    """The paper's DataComp filter's candidates for one side: ``ceil(fraction * n)`` ids drawn
+    uniformly WITH replacement (seeded per side); a query's own pair is not forced in."""
+    m = max(1, math.ceil(fraction * n))
+    return np.random.default_rng([seed, 0x9A9E5, MODALITIES.index(side)]).integers(0, n, size=m)
+
+
+@contextlib.contextmanager
+def _mimps_scorer(pool, side, p, report, device, candidates):
+    """SPEC 3.1: FAISS top-k head + one shared uniform tail sample (``queries.estimate``)."""
+    import duckdb
+
+    from indexer import choose, faiss_index
+    from queries import estimate
+    from queries.exact import resolve_device
+
+    n, other, secs = pool.n, other_modality(side), report.seconds
     t0 = time.perf_counter()
     index = pool.faiss(other)
     params = faiss_index.index_params(index)
@@ -244,10 +367,7 @@ def _chunk_scorer(pool: PoolIndex, side: str, p: _Params, report: ScoreReport,
         except (RuntimeError, InvalidParameter) as e:
             log.warning("searching the %s index on the CPU: it cannot move to the GPU (%s)", other, e)
     tail_ids = estimate.draw_tail(n, p.m, p.seed)
-    try:
-        cand_sum = pool.stat(other, "sum")  # sum of the normalised vectors, from the build
-    except KeyError:
-        cand_sum = estimate.candidate_sum(candidates)
+    cand_sum = _cand_sum(pool, other)
     constants = dict(tail_ids=tail_ids, tail_vectors=np.asarray(candidates[tail_ids]), cand_sum=cand_sum)
     try:
         search_dots = choose.dots_per_query(params["key"], n, nprobe or 1)
@@ -279,21 +399,88 @@ def _kl_side(pool: PoolIndex, side: str, p: _Params, work: Path, report: ScoreRe
     """Compute (or reuse) every chunk of ``kl_{side}``/``klr_{side}`` as parquet files in ``work``."""
     n, secs = pool.n, report.seconds
     queries = pool.embeddings(side)
+    names = (f"kl_{side}", f"klr_{side}")
     with _chunk_scorer(pool, side, p, report, device) as score_chunk, \
-            progress(f"KL scores ({side} side)", n) as advance:
+            progress(f"KL scores ({side} side, {p.estimator})", n) as advance:
         for start in range(0, n, p.batch_size):
             stop = min(start + p.batch_size, n)
             path = _chunk_path(work, side, start)
-            if path.is_file():
+            if _done(path, names, stop - start):
                 report.chunks_reused += 1
             else:
                 ids = np.arange(start, stop, dtype=np.int64)
                 kl, klr = score_chunk(np.asarray(queries[start:stop], dtype=np.float32), ids)
                 t0 = time.perf_counter()
-                _write_atomic(pa.table({"vec_id": ids, f"kl_{side}": kl, f"klr_{side}": klr}), path)
+                _write_atomic(pa.table({"vec_id": ids, names[0]: kl, names[1]: klr}), path)
                 secs[f"kl_{side}.write"] = secs.get(f"kl_{side}.write", 0.0) + time.perf_counter() - t0
                 report.chunks_computed += 1
             advance(stop - start)
+
+
+def _kl_exact_both(pool: PoolIndex, p: _Params, work: Path, report: ScoreReport, progress: Progress,
+                   device: str) -> dict[str, np.ndarray]:
+    """Both sides exactly from one pass over ``S = a T I'`` (``queries.exact.exact_moments``).
+
+    Resumable like the one-sided chunks: chunk ``c`` (captions ``start..stop``) writes the captions'
+    finished kl_text / klr_text and the images' column partials over those captions; the image
+    side is the merge of every chunk's column partials (associative, float64).
+    """
+    from queries.exact import Moments, exact_moments
+
+    n, secs = pool.n, report.seconds
+    texts, images = pool.embeddings("text"), pool.embeddings("image")
+    report.dots_per_query.update(text=float(n), image=float(n))
+    names = ("kl_text", "klr_text")
+    mean_text = mean_scores(texts, _cand_sum(pool, "image"), p.a, n)
+    mean_image = mean_scores(images, _cand_sum(pool, "text"), p.a, n)
+    columns = Moments(n)
+    with progress("KL scores (both sides, exact)", n) as advance:
+        for start in range(0, n, p.batch_size):
+            stop = min(start + p.batch_size, n)
+            rows_path, cols_path = _chunk_path(work, "text", start), _chunk_path(work, "imagecols", start)
+            if _done(rows_path, names, stop - start) and _done(cols_path, ("max", "s0", "s1"), n):
+                report.chunks_reused += 1
+                part = pq.read_table(cols_path)
+                columns.merge_all(Moments.of(*(part.column(c).to_numpy() for c in ("max", "s0", "s1"))))
+                advance(stop - start)
+                continue
+            t0 = time.perf_counter()
+            rows, cols = exact_moments(texts[start:stop], images, p.a, rows=True, cols=True, device=device,
+                                       precision=p.precision, progress=lambda label, total: _forward(advance))
+            kl, klr = rows.kl(mean_text[start:stop], n, p.b)
+            secs["kl_both.exact"] = secs.get("kl_both.exact", 0.0) + time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _write_atomic(pa.table({"max": cols.max, "s0": cols.s0, "s1": cols.s1}), cols_path)
+            _write_atomic(pa.table({"vec_id": np.arange(start, stop, dtype=np.int64), names[0]: kl,
+                                    names[1]: klr}), rows_path)
+            secs["kl_both.write"] = secs.get("kl_both.write", 0.0) + time.perf_counter() - t0
+            columns.merge_all(cols)
+            report.chunks_computed += 1
+    out = _read_side(work, "text", n)
+    out["kl_image"], out["klr_image"] = columns.kl(mean_image, n, p.b)
+    return out
+
+
+def mean_scores(queries: np.ndarray, cand_sum: np.ndarray, a: float, n: int, chunk: int = 65536) -> np.ndarray:
+    """``a <q, sum_j v_j> / N`` for every query (the exact mean score; SPEC 3), in float64 chunks."""
+    out = np.empty(len(queries))
+    for s in range(0, len(queries), chunk):
+        out[s : s + chunk] = np.asarray(queries[s : s + chunk], np.float64) @ cand_sum
+    return a * out / n
+
+
+def _cand_sum(pool: PoolIndex, modality: str) -> np.ndarray:
+    try:
+        return pool.stat(modality, "sum")  # sum of the normalised vectors, from the build
+    except KeyError:
+        from queries.exact import candidate_sum
+
+        return candidate_sum(pool.embeddings(modality))
+
+
+@contextlib.contextmanager
+def _forward(advance: Callable[[int], None]):
+    yield advance
 
 
 def _read_side(work: Path, side: str, n: int) -> dict[str, np.ndarray]:
@@ -333,11 +520,21 @@ def top_overlap(approx: np.ndarray, exact: np.ndarray, fraction: float = TOP_FRA
     return len(np.intersect1d(a, e)) / t
 
 
-def compare(column: str, approx: np.ndarray, exact: np.ndarray) -> CheckResult:
-    """Agreement statistics of approximate vs exact values of one column."""
-    err = np.abs(np.asarray(approx) - np.asarray(exact))
-    return CheckResult(column=column, n=len(exact), spearman=spearman(approx, exact), mae=float(err.mean()),
-                       max_abs_error=float(err.max()), top25_overlap=top_overlap(approx, exact))
+def compare(column: str, approx: np.ndarray, exact: np.ndarray, seed: int = 0,
+            resamples: int = BOOTSTRAP) -> CheckResult:
+    """Agreement statistics of approximate vs exact values of one column, with bootstrap 95%
+    intervals (``resamples`` resamples of the rows, seeded; 0 = none)."""
+    approx, exact = np.asarray(approx, float), np.asarray(exact, float)
+    err = np.abs(approx - exact)
+    r = CheckResult(column=column, n=len(exact), spearman=spearman(approx, exact), mae=float(err.mean()),
+                    max_abs_error=float(err.max()), top25_overlap=top_overlap(approx, exact))
+    if resamples and len(exact) > 1:
+        rng = np.random.default_rng([seed, 0xB007])
+        stats = np.array([(spearman(approx[i], exact[i]), top_overlap(approx[i], exact[i]), err[i].mean())
+                          for i in rng.integers(0, len(exact), size=(resamples, len(exact)))])
+        lo, hi = np.nanpercentile(stats, [2.5, 97.5], axis=0)
+        r.spearman_ci, r.top25_overlap_ci, r.mae_ci = ((float(lo[j]), float(hi[j])) for j in range(3))
+    return r
 
 
 def check_sample(n: int, size: int, seed: int) -> np.ndarray:
@@ -353,12 +550,13 @@ def _check(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], progress: P
     out = []
     for side in p.sides:
         q = np.asarray(pool.embeddings(side)[ids])
+        # the truth in float32 (max error < 1e-4 nats against float64, tests/test_exact.py)
         kl, klr = exact_kl(q, pool.embeddings(other_modality(side)), p.a, p.b, device=device,
-                           progress=progress)
+                           dtype="float32", progress=progress)
         for metric, exact_values in (("kl", kl), ("klr", klr)):
             col = f"{metric}_{side}"
             if col in cols:
-                out.append(compare(col, cols[col][ids], exact_values))
+                out.append(compare(col, cols[col][ids], exact_values, seed=p.seed))
                 r = out[-1]
                 log.info("check %s on %d samples: spearman %.4f, MAE %.4g, top-25%% overlap %.3f",
                          col, r.n, r.spearman, r.mae, r.top25_overlap)
@@ -432,12 +630,15 @@ def _store_scores(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], repo
                 text_index=pool.manifest.get("text_index"),
                 nprobe=next((v for v in report.nprobe.values() if v is not None), None),
                 dots_per_query=json.dumps(report.dots_per_query), seconds=json.dumps(report.seconds),
-                duration_s=report.seconds["total"],
+                duration_s=report.seconds["total"], estimator=report.estimator, reason=report.reason,
+                precision=report.precision,
             ).fetchall()[0][0]
             for r in report.checks:
                 store.run("score_check_insert", run_id=run_id, column_name=r.column, n_checked=r.n,
                           seed=p.seed, spearman=r.spearman, mae=r.mae, max_abs_error=r.max_abs_error,
-                          top25_overlap=r.top25_overlap)
+                          top25_overlap=r.top25_overlap, spearman_lo=r.spearman_ci[0],
+                          spearman_hi=r.spearman_ci[1], top25_overlap_lo=r.top25_overlap_ci[0],
+                          top25_overlap_hi=r.top25_overlap_ci[1], mae_lo=r.mae_ci[0], mae_hi=r.mae_ci[1])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -452,6 +653,7 @@ def _store_scores(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], repo
 def score(
     pool_or_path: PoolIndex | str | Path,
     *,
+    estimator: str = "auto",
     exact: bool = False,
     k: int | None = None,
     tail_sample: int | None = None,
@@ -463,6 +665,10 @@ def score(
     batch_size: int | None = None,
     nprobe: int | None = None,
     check: int | None = None,
+    precision: str | None = None,
+    paper_sample: float = PAPER_SAMPLE,
+    target_spearman: float = TARGET_SPEARMAN,
+    target_overlap: float = TARGET_OVERLAP,
     device: str = "auto",
     progress: Progress | None = None,
 ) -> ScoreReport:
@@ -470,22 +676,33 @@ def score(
 
     Args:
         pool_or_path: an opened ``PoolIndex`` or the index directory.
-        exact: compute the KL columns exactly over the whole pool (N dot products per query)
-            instead of the top-k + tail estimate. When both indexes are ``Flat`` (small pools)
-            and neither ``k`` nor ``tail_sample`` is given, the exact softmax is used anyway: the
-            Flat search alone already costs N dot products per query.
-        k: neighbours per query (default ``DEFAULT_K``, at most N).
-        tail_sample: m, the uniform tail sample size (default ``DEFAULT_TAIL``, at most N; 0 = top-k
-            only, which is biased).
+        estimator: how the KL columns are computed (``ESTIMATORS``):
+            ``"exact"``: the full softmax over the whole pool (SPEC 2), both sides from one pass;
+            ``"mimps"``: FAISS top-k head + a shared uniform tail sample (SPEC 3.1);
+            ``"paper"``: the paper's DataComp filter, a softmax over a uniform sample of
+            ``paper_sample`` of the pool (drawn with replacement per side);
+            ``"auto"`` (default): ``exact`` unless an estimator in ``AUTO_CHOICES`` is predicted
+            faster; ``k`` / ``tail_sample`` / ``nprobe`` given mean ``mimps``.
+        exact: the same as ``estimator="exact"``.
+        k: neighbours per query (mimps; default ``DEFAULT_K``, at most N).
+        tail_sample: m, the uniform tail sample size (mimps; default ``DEFAULT_TAIL``, at most N;
+            0 = top-k only, which is biased).
         side: ``"both"``, ``"text"`` (a sample's caption against all images) or ``"image"``.
         logit_scale: a; default the index's (manifest).
         logit_bias: SigLIP b; default the index's (NULL for CLIP). When set, the "tau_b" formulas.
         metrics: subset of ``METRICS``; default all. ``kl``/``klr`` are per side like the
             closed-form ones; ``clipscore`` belongs to the pair.
-        seed: seeds the tail sample and the ``check`` sample.
+        seed: seeds the samples (tail, paper sample, check rows).
         batch_size: queries per resumable chunk (default ``DEFAULT_BATCH``).
-        nprobe: IVF lists to visit (default: the index's own setting).
-        check: compare with exact KL on this many random samples (stored in ``score_checks``).
+        nprobe: IVF lists to visit (mimps; default: the index's own setting).
+        check: held-out rows per side whose exact KL the run compares with its own (Spearman,
+            top-25% overlap, MAE with bootstrap intervals; stored in ``score_checks``). Every
+            approximate run checks itself (default ``default_check(N)``); an exact run only when asked.
+        precision: score precision of the exact work (``queries.exact.PRECISIONS``; default
+            float32 on CPUs, float16 on CUDA).
+        paper_sample: the ``paper`` estimator's sample, as a fraction of the pool.
+        target_spearman, target_overlap: what the held-out check must show; the report says
+            whether it did (``ScoreReport.targets_met``).
         device: torch device for the dense parts (``"auto"``: CUDA when available).
         progress: progress hook (see ``indexer.progress``).
 
@@ -499,23 +716,41 @@ def score(
     """
     started = time.perf_counter()
     pool = as_pool(pool_or_path)
+    if estimator not in ESTIMATORS:
+        raise InvalidParameter(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if exact and estimator not in ("auto", "exact"):
+        raise InvalidParameter(f"exact=True contradicts estimator={estimator!r}")
+    if exact:
+        estimator = "exact"
+    mimps_options = [name for name, v in (("k", k), ("tail_sample", tail_sample), ("nprobe", nprobe)) if v is not None]
+    if mimps_options and estimator in ("exact", "paper"):
+        raise InvalidParameter(f"{' / '.join(mimps_options)} only apply to the mimps estimator, not {estimator}")
     with contextlib.ExitStack() as held:
         held.enter_context(lock.using(pool.root, "score"))  # a rebuild must not swap the index from under us
-        if not exact and k is None and tail_sample is None and _flat_only(pool):
-            # A Flat search already spends N dot products per query: the exact softmax costs no more
-            # (the estimator would cost N + m) and is the truth.
-            log.info("Flat indexes: computing the exact KL (no cheaper than the search); "
-                     "pass k or tail_sample to force the estimator")
-            exact = True
-        p = _resolve(pool, exact=exact, k=k, tail_sample=tail_sample, side=side, logit_scale=logit_scale,
-                     logit_bias=logit_bias, metrics=metrics, seed=seed, batch_size=batch_size, nprobe=nprobe,
-                     check=check)
         from indexer.device import resolve_device
 
         resolve_device(device)  # an unknown or unavailable device fails now, not after the search
+        reason = "asked for"
+        if estimator == "auto":
+            estimator, reason = ("mimps", "k / tail_sample / nprobe given") if mimps_options else \
+                _choose(pool, device)
+        p = _resolve(pool, estimator=estimator, k=k, tail_sample=tail_sample, side=side, logit_scale=logit_scale,
+                     logit_bias=logit_bias, metrics=metrics, seed=seed, batch_size=batch_size, nprobe=nprobe,
+                     check=check, precision=precision, paper_sample=paper_sample,
+                     target_spearman=target_spearman, target_overlap=target_overlap, device=device)
+        p = replace(p, reason=reason)
         with pool.store(read_only=False, wait=CATALOG_WAIT):  # a reader that never lets go: fail now
             pass
         return _run(pool, p, held, progress or null_progress, device, started)
+
+
+def _choose(pool: PoolIndex, device: str) -> tuple[str, str]:
+    """``auto``: the estimator for this pool and machine, and why.
+
+    Only estimators that aim at exact-grade rankings compete (``AUTO_CHOICES``); MIMPS and the
+    paper's sample are baselines, chosen by name. Today that is the exact pass alone.
+    """
+    return "exact", "exact: the only estimator here that ranks like the truth (mimps / paper are named baselines)"
 
 
 def _run(pool: PoolIndex, p: _Params, held: contextlib.ExitStack, progress: Progress, device: str,
@@ -525,8 +760,10 @@ def _run(pool: PoolIndex, p: _Params, held: contextlib.ExitStack, progress: Prog
     columns = [c for c in SCORE_COLUMNS
                if c == "clipscore" and "clipscore" in p.metrics
                or c.rsplit("_", 1)[0] in p.metrics and c.rsplit("_", 1)[1] in p.sides]
-    report = ScoreReport(run_id=0, path=pool.root, columns=columns, n=pool.n, exact=p.exact, sides=p.sides,
-                         k=p.k, m=p.m, logit_scale=p.a, logit_bias=p.b, seed=p.seed)
+    report = ScoreReport(run_id=0, path=pool.root, columns=columns, n=pool.n, exact=p.exact,
+                         estimator=p.estimator if p.kl else None, reason=p.reason if p.kl else "",
+                         precision=p.precision if p.kl and p.estimator != "mimps" else None, sides=p.sides,
+                         k=p.k, m=p.m, logit_scale=p.a, logit_bias=p.b, seed=p.seed, targets=p.targets)
     cols: dict[str, np.ndarray] = {}
     work = pool.paths.work_dir(_work_name(pool, p))
     if p.kl:
@@ -534,14 +771,19 @@ def _run(pool: PoolIndex, p: _Params, held: contextlib.ExitStack, progress: Prog
         held.enter_context(lock.sole(work, f"A score with the same options is already running in "
                                            f"{str(pool.root)!r} (its chunks are in {work}); wait for "
                                            "it to finish"))
-        log.info("scoring KL (%s) of %d samples, %s; chunks in %s", "exact" if p.exact else
-                 f"k={p.k}, m={p.m}", pool.n, "+".join(p.sides), work)
-        for s in p.sides:
+        log.info("scoring KL (%s: %s) of %d samples, %s; chunks in %s", p.estimator, p.reason, pool.n,
+                 "+".join(p.sides), work)
+        if p.exact and len(p.sides) == 2:
             t0 = time.perf_counter()
-            _kl_side(pool, s, p, work, report, progress, device)
-            cols.update(_read_side(work, s, pool.n))
-            report.seconds[f"kl_{s}"] = time.perf_counter() - t0
-            log.info("KL %s side: %.1f s", s, report.seconds[f"kl_{s}"])
+            cols.update(_kl_exact_both(pool, p, work, report, progress, device))
+            report.seconds["kl_both"] = time.perf_counter() - t0
+        else:
+            for s in p.sides:
+                t0 = time.perf_counter()
+                _kl_side(pool, s, p, work, report, progress, device)
+                cols.update(_read_side(work, s, pool.n))
+                report.seconds[f"kl_{s}"] = time.perf_counter() - t0
+                log.info("KL %s side: %.1f s", s, report.seconds[f"kl_{s}"])
         if report.chunks_reused:
             log.info("resumed: %d chunks reused from %s", report.chunks_reused, work)
 
@@ -581,6 +823,7 @@ def _run(pool: PoolIndex, p: _Params, held: contextlib.ExitStack, progress: Prog
     return report
 
 
+
 def _note_unfinished(folder: Path) -> None:
     """Say that interrupted runs with other options still keep their chunks (and space) in ``folder``."""
     runs = [p for p in folder.glob("score-*") if p.is_dir() and not lock.in_use(p)]  # not running ones
@@ -588,11 +831,6 @@ def _note_unfinished(folder: Path) -> None:
         size = sum(f.stat().st_size for p in runs for f in p.rglob("*") if f.is_file())
         log.warning("%d interrupted score run(s) with other options keep their finished chunks in %s "
                     "(%.1f MB): rerun them to resume, or delete the folder", len(runs), folder, size / 2**20)
-
-
-def _flat_only(pool: PoolIndex) -> bool:
-    """Whether both FAISS indexes of ``pool`` are exact flat scans."""
-    return all(str(pool.manifest.get(f"{m}_index", "")).split(",")[0] == "Flat" for m in ("image", "text"))
 
 
 def report_dict(report: ScoreReport) -> dict:

@@ -60,7 +60,7 @@ def test_option_clashes_are_usage_errors(tmp_path):
     result = runner.invoke(cli.cli, ["build-index", "--n", "300", "--dim", "8", "--out", str(tmp_path / "i"), "-q"])
     assert result.exit_code == 0
     result = runner.invoke(cli.cli, ["score", str(tmp_path / "i"), "--exact", "--k", "3"])
-    assert result.exit_code == 2 and "--k only applies to the top-k estimator" in result.output
+    assert result.exit_code == 2 and "--k only applies to --estimator mimps, not to exact" in result.output
     result = runner.invoke(cli.cli, ["score", str(tmp_path / "i"), "--metrics", ""])
     assert result.exit_code == 1 and "metrics is empty" in result.output
     result = runner.invoke(cli.cli, ["sample", str(tmp_path / "i"), "--prompt", "a dog", "-n", "2", "--seed", "-1"])

@@ -97,9 +97,13 @@ def test_check_report_and_table(index):
 
     ids = check_sample(N, 300, 3)
     kl, _ = exact_kl(pool.embeddings("text")[ids], pool.embeddings("image"), 100.0)
-    assert report.checks[0].mae == pytest.approx(np.abs(cols["kl_text"][ids] - kl).mean())
+    # the check's truth is computed in float32 (< 1e-4 nats from float64)
+    assert report.checks[0].mae == pytest.approx(np.abs(cols["kl_text"][ids] - kl).mean(), abs=1e-5)
     assert list(cols) == ["uid", "vec_id", *SCORE_COLUMNS]
     assert computed(cols) == ["kl_text", "klr_text"]
+
+
+_real_kl_from_lists = estimate.kl_from_lists
 
 
 def interrupt_chunk(monkeypatch, number: int) -> list:
@@ -164,8 +168,9 @@ def test_a_run_says_when_interrupted_runs_with_other_options_keep_chunks(index, 
 
 def test_exact_mode_and_columns_carried_over(index):
     score(index, metrics=["clipscore", "dc"], side="image")
-    report = score(index, exact=True, metrics=["kl", "klr"], batch_size=700)
+    report = score(index, exact=True, metrics=["kl", "klr"], batch_size=700, precision="float64")
     assert report.k is None and report.dots_per_query == {"text": N, "image": N}
+    assert report.estimator == "exact" and report.chunks_computed == 2  # one pass, two caption chunks
     pool = open_index(index)
     cols = scores(index)
     for side, other in (("text", "image"), ("image", "text")):
@@ -210,6 +215,13 @@ def test_siglip_bias_and_unknown_raw_norms(built):
         (dict(seed=-1), "-1"),
         (dict(seed=2**63), str(2**63)),
         (dict(device="bogus"), "'bogus'"),
+        (dict(logit_scale=1e200), "1e+200"),
+        (dict(estimator="softmax"), "'softmax'"),
+        (dict(estimator="paper", k=8), "k only apply to the mimps"),
+        (dict(exact=True, estimator="mimps"), "contradicts"),
+        (dict(estimator="paper", paper_sample=0.0), "paper_sample"),
+        (dict(target_overlap=1.5), "target_overlap"),
+        (dict(precision="int8"), "'int8'"),
     ],
 )
 def test_bad_parameters_name_the_value(built, kw, value):
@@ -292,8 +304,8 @@ def test_selecting_by_a_column_never_computed_is_a_clear_error(tmp_path):
     assert select(tmp_path / "idx", by="kl_text", top_fraction=0.5).kept == 150
 
 
-def test_flat_index_defaults_to_the_exact_softmax(tmp_path):
-    """A Flat search costs N dot products per query already: the default is then exact."""
+def test_auto_picks_the_exact_softmax_for_a_small_pool(tmp_path):
+    """auto runs the exact pass (float32 by default on a CPU) and says why; k / tail_sample force mimps."""
     from conftest import clustered_pairs
 
     from indexer.build import build_index
@@ -304,12 +316,15 @@ def test_flat_index_defaults_to_the_exact_softmax(tmp_path):
     pool = open_index(tmp_path / "idx")
     assert pool.manifest["image_index"] == "Flat"
     report = score(pool, metrics=["kl", "klr"], side="text")
-    assert report.exact and report.k is None
+    assert report.exact and report.k is None and report.precision == "float32" and "exact" in report.reason
+    assert report.checks == []  # exact: nothing to check unless asked
     kl, klr = exact_kl(pool.embeddings("text"), pool.embeddings("image"), 100.0)
     cols = scores(tmp_path / "idx")
-    np.testing.assert_allclose(cols["kl_text"], kl, rtol=1e-9)
+    np.testing.assert_allclose(cols["kl_text"], kl, atol=1e-4)
+    np.testing.assert_allclose(cols["klr_text"], klr, atol=1e-4)
     forced = score(pool, metrics=["kl"], side="text", k=16, tail_sample=32)
-    assert not forced.exact and forced.k == 16
+    assert not forced.exact and forced.k == 16 and forced.estimator == "mimps"
+    assert forced.checks and forced.checks[0].n == 125  # approximate: checked on a quarter of 500
 
 
 def test_a_second_score_with_the_same_options_refuses_while_the_first_runs(index, monkeypatch):
@@ -330,3 +345,95 @@ def test_a_second_score_with_the_same_options_refuses_while_the_first_runs(index
     monkeypatch.setattr(estimate, "kl_from_lists", second_run_meanwhile)
     report = score(index, **params)
     assert refused and report.chunks_computed == 8 and not (index / "work").exists()  # 4 per side
+
+
+def test_paper_estimator_equals_an_independent_numpy_version(index):
+    """The paper's filter: a softmax over ceil(0.05 N) candidates drawn with replacement per side."""
+    from scipy.special import logsumexp
+
+    from queries.score import paper_sample_ids
+
+    report = score(index, estimator="paper", paper_sample=0.05, metrics=["kl", "klr"], precision="float64",
+                   check=300)
+    assert report.estimator == "paper" and report.dots_per_query == {"text": 60, "image": 60}
+    assert len(report.checks) == 4 and all(c.n == 300 for c in report.checks)
+    pool, cols = open_index(index), scores(index)
+    for side, other in (("text", "image"), ("image", "text")):
+        ids = paper_sample_ids(N, 0.05, 0, side)
+        assert len(ids) == 60
+        s = 100.0 * pool.embeddings(side).astype(np.float64) @ pool.embeddings(other)[ids].astype(np.float64).T
+        lse = logsumexp(s, axis=1)
+        p = np.exp(s - lse[:, None])
+        np.testing.assert_allclose(cols[f"kl_{side}"], (p * s).sum(1) - lse + math.log(60), rtol=1e-9)
+        np.testing.assert_allclose(cols[f"klr_{side}"], lse - math.log(60) - s.mean(1), rtol=1e-9)
+    assert not np.array_equal(paper_sample_ids(N, 0.05, 0, "text"), paper_sample_ids(N, 0.05, 0, "image"))
+    assert np.unique(paper_sample_ids(N, 0.5, 0, "text")).size < 600  # drawn with replacement
+
+
+def test_held_out_interval_covers_the_error_on_the_whole_pool(index):
+    """The check's bootstrap interval (300 of 1,200 rows) holds the agreement measured on all rows."""
+    from queries.score import compare
+
+    report = score(index, k=8, tail_sample=32, nprobe=1, metrics=["kl", "klr"], check=300, seed=5)
+    pool, cols = open_index(index), scores(index)
+    covered = 0
+    for c in report.checks:
+        side = c.column.split("_")[1]
+        other = "image" if side == "text" else "text"
+        kl, klr = exact_kl(pool.embeddings(side), pool.embeddings(other), 100.0)
+        whole = compare(c.column, cols[c.column], kl if c.column.startswith("kl_") else klr, resamples=0)
+        assert c.spearman_ci[0] <= c.spearman <= c.spearman_ci[1] and c.mae_ci[0] <= c.mae <= c.mae_ci[1]
+        covered += c.spearman_ci[0] <= whole.spearman <= c.spearman_ci[1]
+        covered += c.mae_ci[0] <= whole.mae <= c.mae_ci[1]
+    assert covered >= 7  # of 8 intervals (95% each)
+    rows = table(index, "SELECT * FROM score_checks ORDER BY column_name")
+    assert all(r["spearman_lo"] <= r["spearman"] <= r["spearman_hi"] for r in rows)
+    run = table(index, "SELECT estimator, reason FROM score_runs")[0]
+    assert run == {"estimator": "mimps", "reason": "k / tail_sample / nprobe given"}
+
+
+def test_a_broken_estimator_is_caught_by_its_own_check(index, monkeypatch):
+    """A corrupted tail (R drawn from the candidates least like any query, so w * sum is far off)
+    must show in the held-out check: the run reports its targets missed."""
+    good = score(index, k=32, tail_sample=256, nprobe=8, metrics=["kl"], side="text", check=300)
+    real = estimate.draw_tail
+
+    def biased(n, m, seed):
+        return np.sort(real(n, n, seed)[: m // 4])  # the lowest ids only: not uniform
+
+    monkeypatch.setattr(estimate, "draw_tail", biased)
+    bad = score(index, k=2, tail_sample=256, nprobe=1, metrics=["kl"], side="text", check=300)
+    assert bad.checks[0].spearman < good.checks[0].spearman - 0.02
+    assert bad.targets_met is False and bad.checks[0].spearman_ci[1] < 0.999
+
+
+def test_runs_with_other_sides_or_metrics_do_not_share_a_work_folder(index, monkeypatch):
+    """The folder key held neither the side nor the metrics: these two refused each other."""
+    from indexer import lock
+    from queries.score import _resolve, _work_name
+
+    pool = open_index(index)
+    common = dict(estimator="mimps", k=None, tail_sample=None, logit_scale=None, logit_bias=None, seed=0,
+                  batch_size=None, nprobe=None, check=None, precision=None, paper_sample=0.002,
+                  target_spearman=0.999, target_overlap=0.99, device="cpu")
+    a = _resolve(pool, side="text", metrics=["kl"], **common)
+    b = _resolve(pool, side="image", metrics=["dw", "kl"], **common)
+    assert _work_name(pool, a) != _work_name(pool, b)
+    work = pool.paths.work_dir(_work_name(pool, a))
+    work.mkdir(parents=True)
+    with lock.sole(work, "busy"):  # a text-side run holds its folder: the image-side one still runs
+        score(index, side="image", metrics=["dw", "kl"], k=8, tail_sample=16)
+
+
+def test_an_empty_chunk_left_by_a_power_loss_is_computed_again(index, monkeypatch):
+    params = dict(k=16, tail_sample=64, batch_size=300, metrics=["kl"], side="text", check=100)
+    interrupt_chunk(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        score(index, **params)
+    [work] = (index / "work").iterdir()
+    first = work / "text-000000000000.parquet"
+    first.write_bytes(b"")  # written but never reached the disk
+    monkeypatch.setattr(estimate, "kl_from_lists", _real_kl_from_lists)
+    report = score(index, **params)
+    assert report.chunks_reused == 1 and report.chunks_computed == 3
+    assert np.isfinite(scores(index)["kl_text"]).all()
