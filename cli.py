@@ -320,7 +320,13 @@ def info_cmd(index_dir, as_json, verify):
     for modality, s in info["stats"].items():
         _echo_kv(f"Statistics: {modality}", {k: f"{v:.4f}" for k, v in s.items()})
     if info["last_score_run"]:
-        _echo_kv("Last score run", info["last_score_run"])
+        run = dict(info["last_score_run"])
+        checks = run.pop("checks", [])
+        _echo_kv("Last score run", run)
+        for c in checks:
+            click.echo(f"  check {c['column_name']} on {c['n_checked']:,} held-out rows: Spearman "
+                       f"{c['spearman']:.5f} [{_plain(c['spearman_lo'])}, {_plain(c['spearman_hi'])}], top-25% "
+                       f"overlap {c['top25_overlap']:.2%}, MAE {c['mae']:.4f}")
 
 
 @cli.command("score")
@@ -661,7 +667,8 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode
     if exact and nprobe is not None:
         raise click.UsageError("give --nprobe or --exact, not both")
     table = sample(index_dir, prompt, prompt_embedding, n, mode=mode, seed=seed, replace=replace,
-                   logit_scale=logit_scale, out=out, force=force, device=device, nprobe=nprobe, exact=exact)
+                   logit_scale=logit_scale, out=out, force=force, device=device, nprobe=nprobe, exact=exact,
+                   printed=out is None)
     cols = [c for c in ("rank", "uid", "caption", "cosine", "weight", "normalized_weight") if c in table.column_names]
     shown = table.select(cols)
     if out is not None:

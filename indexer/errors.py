@@ -59,3 +59,8 @@ class MissingStatistic(BrokenIndex, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message
         return str(self.args[0]) if self.args else ""
+
+
+class TooMuchMemory(InvalidParameter):
+    """A request would need more memory than the machine has available (the message names both
+    numbers); refused before anything is allocated."""

@@ -9,6 +9,7 @@ import numpy as np
 from indexer.integrity import verify
 from indexer.layout import MODALITIES
 from indexer.pool import open_index
+from queries.store import load_sql
 
 
 def verify_index(path: str | Path) -> list[dict]:
@@ -29,6 +30,8 @@ def index_info(path: str | Path) -> dict:
             "SELECT table_name FROM information_schema.tables ORDER BY table_name")]
         counts = {t: s.con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
         runs = list(s.query("SELECT * FROM score_runs ORDER BY created_at DESC LIMIT 1")) if "score_runs" in tables else []
+        if runs:  # the accuracy that run measured for its scores (SPEC 3.2)
+            runs[0]["checks"] = list(s.query(load_sql("score_checks_of_run"), {"run_id": runs[0]["run_id"]}))
     stats = {}
     for m in MODALITIES:
         mean = pool.stat(m, "mean")

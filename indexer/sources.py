@@ -34,9 +34,14 @@ def make_source(
 ):
     """Return the source named ``kind`` ("synthetic", "open_clip", "datacomp", "clip-retrieval")."""
     if kind == "synthetic":
+        from indexer import memory
         from indexer.synthetic import SyntheticSource
 
-        return SyntheticSource(n=n or DEFAULT_SYNTHETIC_N, seed=seed, dim=dim, geometry=geometry)
+        n = n or DEFAULT_SYNTHETIC_N
+        if isinstance(dim, int) and not isinstance(dim, bool) and isinstance(n, int) and dim > 0 and n > 0:
+            memory.check(memory.build_bytes(n, dim), f"build-index --dim {dim:,} --n {n:,}",
+                         "CLIP-like models have dimensions of a few hundred to ~1,000 (e.g. --dim 512)")
+        return SyntheticSource(n=n, seed=seed, dim=dim, geometry=geometry)
     if input_path is None:
         raise InvalidParameter(f"source {kind!r} needs an input path")
     if kind == "datacomp":

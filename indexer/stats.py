@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from indexer.errors import InvalidParameter
+from indexer.errors import InvalidParameter, TooMuchMemory
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,15 @@ class _Moments:
         self.n = 0
         self.shift: np.ndarray | None = None
         self.s1 = np.zeros(dim, dtype=np.float64)  # sum (x - shift)
-        self.s2 = np.zeros((dim, dim), dtype=np.float64)  # sum (x - shift)(x - shift)^T
+        try:
+            self.s2 = np.zeros((dim, dim), dtype=np.float64)  # sum (x - shift)(x - shift)^T
+        except MemoryError:
+            from indexer.memory import build_bytes, format_bytes
+
+            raise TooMuchMemory(f"Embeddings of dimension {dim:,} need d x d statistics of "
+                                f"{format_bytes(8 * dim * dim)} each (a build: about "
+                                f"{format_bytes(build_bytes(0, dim))}); this machine cannot allocate "
+                                "them") from None
 
     def update(self, x: np.ndarray) -> None:
         if x.shape[0] == 0:

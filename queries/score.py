@@ -555,7 +555,7 @@ def _check(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], progress: P
                            dtype="float32", progress=progress)
         for metric, exact_values in (("kl", kl), ("klr", klr)):
             col = f"{metric}_{side}"
-            if col in cols:
+            if col in cols and metric in p.metrics:
                 out.append(compare(col, cols[col][ids], exact_values, seed=p.seed))
                 r = out[-1]
                 log.info("check %s on %d samples: spearman %.4f, MAE %.4g, top-25%% overlap %.3f",
@@ -599,26 +599,23 @@ def _store_scores(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], repo
         carried = [c for c in SCORE_COLUMNS if c in old and c not in cols]
         if carried:
             log.info("keeping %s from the previous scores table", ", ".join(carried))
-        # built aside on a cursor of its own (a DuckDB connection with a pending result refuses
-        # to register arrow tables)
-        with con.cursor() as cur:
-            cur.register("_new_scores", new)
-            cur.execute("DROP TABLE IF EXISTS scores__new")
-            cur.execute(
+        # built aside and swapped in one transaction: a kill at any point leaves the old table
+        # and no half-built scores__new
+        report.seconds["total"] = time.perf_counter() - started
+        con.register("_new_scores", new)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DROP TABLE IF EXISTS scores__new")
+            con.execute(
                 "CREATE TABLE scores__new AS SELECT s.uid, s.vec_id"
                 + "".join(f", {x}" for x in select)
                 + " FROM samples AS s JOIN _new_scores AS c ON c.vec_id = s.vec_id"
                 + (" LEFT JOIN scores AS o ON o.vec_id = s.vec_id" if carried else "")
                 + " ORDER BY s.vec_id"
             )
-            cur.unregister("_new_scores")
-        rows = con.execute("SELECT count(*) FROM scores__new").fetchall()[0][0]
-        if rows != pool.n:
-            con.execute("DROP TABLE scores__new")
-            raise RuntimeError(f"{pool.paths.catalog}: samples has {rows} rows matching vec_id 0..{pool.n - 1}")
-        report.seconds["total"] = time.perf_counter() - started
-        con.execute("BEGIN TRANSACTION")
-        try:
+            rows = con.execute("SELECT count(*) FROM scores__new").fetchall()[0][0]
+            if rows != pool.n:
+                raise RuntimeError(f"{pool.paths.catalog}: samples has {rows} rows matching vec_id 0..{pool.n - 1}")
             con.execute("DROP TABLE IF EXISTS scores")
             con.execute("ALTER TABLE scores__new RENAME TO scores")
             run_id = store.run(
@@ -643,6 +640,8 @@ def _store_scores(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], repo
         except BaseException:
             con.execute("ROLLBACK")
             raise
+        finally:
+            con.unregister("_new_scores")
         con.execute("CHECKPOINT")
     return int(run_id)
 

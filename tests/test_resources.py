@@ -63,3 +63,53 @@ def test_a_file_emptied_after_the_index_was_opened_is_named(small_index):
     (out / "text_emb.npy").write_bytes(b"")
     with pytest.raises(BrokenIndex, match="text_emb.npy"):
         pool.embeddings("text")
+
+
+# -- 12: resource limits --------------------------------------------------------------------------
+def test_build_index_with_a_huge_dim_is_refused_with_the_number_before_any_work(tmp_path):
+    """``--dim 100000`` was a numpy MemoryError traceback (74.5 GiB for one d x d matrix), after
+    ~30 s of building the synthetic world."""
+    out = tmp_path / "idx"
+    r = CliRunner().invoke(cli.cli, ["build-index", "--dim", "100000", "--n", "1000", "--out", str(out)])
+    one_error_line(r, "--dim 100,000", "would need about", "TiB", "available")
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_the_stats_of_a_huge_dimension_are_refused_whatever_the_source():
+    from indexer.errors import TooMuchMemory
+    from indexer.stats import StatsAccumulator
+
+    with pytest.raises(TooMuchMemory, match="dimension 1,000,000 .*7.3 TiB each"):
+        StatsAccumulator(1_000_000, raw=True)
+
+
+def test_sample_with_replacement_is_refused_before_drawing_when_it_cannot_fit(small_index, tmp_path):
+    """``-n 50000000 --replace`` was killed by the kernel after 24 GB; more rows than memory can
+    hold (here 10^11) were a numpy MemoryError traceback."""
+    from indexer.errors import TooMuchMemory
+    from queries.weights import sample
+
+    out, prompt = small_index
+    with pytest.raises(TooMuchMemory, match=r"sample -n 100,000,000,000 --replace .* would need about .* TiB"):
+        sample(out, prompt_embedding=prompt, n=10**11, replace=True, out=tmp_path / "s.parquet")
+    assert not (tmp_path / "s.parquet").exists()
+    r = CliRunner().invoke(cli.cli, ["sample", str(out), "--prompt-embedding", str(prompt), "-n", str(10**11),
+                                     "--replace"])
+    one_error_line(r, "sample -n 100,000,000,000 --replace", "available", "--out FILE.parquet")
+
+
+def test_the_sample_check_follows_the_memory_available(small_index, tmp_path, monkeypatch):
+    from indexer import memory
+    from indexer.errors import TooMuchMemory
+    from queries.weights import sample, sample_bytes
+
+    out, prompt = small_index
+    monkeypatch.setattr(memory, "available_bytes", lambda: 256 * 2**20)
+    n = 2_000_000  # ~0.5 GiB to parquet: over 80% of 256 MiB
+    assert sample_bytes(n, N, 40, "parquet") > 0.8 * 256 * 2**20
+    with pytest.raises(TooMuchMemory, match="256.0 MiB available; ask for fewer rows"):
+        sample(out, prompt_embedding=prompt, n=n, replace=True, out=tmp_path / "s.parquet")
+    with pytest.raises(TooMuchMemory, match="write .parquet instead"):
+        sample(out, prompt_embedding=prompt, n=n // 4, replace=True, out=tmp_path / "s.csv")
+    t = sample(out, prompt_embedding=prompt, n=200_000, replace=True, out=tmp_path / "ok.parquet")
+    assert t.num_rows == 200_000 and (tmp_path / "ok.parquet").exists()

@@ -437,3 +437,34 @@ def test_an_empty_chunk_left_by_a_power_loss_is_computed_again(index, monkeypatc
     report = score(index, **params)
     assert report.chunks_reused == 1 and report.chunks_computed == 3
     assert np.isfinite(scores(index)["kl_text"]).all()
+
+
+def test_info_shows_the_accuracy_the_last_run_measured(index):
+    from indexer.info import index_info
+
+    report = score(index, k=8, tail_sample=32, metrics=["kl"], side="text", check=100)
+    checks = index_info(index)["last_score_run"]["checks"]
+    assert [c["column_name"] for c in checks] == ["kl_text"]
+    assert checks[0]["spearman"] == pytest.approx(report.checks[0].spearman)
+    assert checks[0]["spearman_lo"] <= checks[0]["spearman"] <= checks[0]["spearman_hi"]
+
+
+def test_an_interrupted_store_leaves_the_old_scores_and_no_half_table(index, monkeypatch):
+    from queries.store import Store
+
+    score(index, metrics=["dc"], side="text")
+    before = scores(index)["dc_text"]
+    real = Store.run
+
+    def dying(self, name, **params):
+        if name == "score_run_insert":
+            raise KeyboardInterrupt("killed during the final store")
+        return real(self, name, **params)
+
+    monkeypatch.setattr(Store, "run", dying)
+    with pytest.raises(KeyboardInterrupt):
+        score(index, metrics=["dc", "clipscore"], side="text")
+    names = [r["table_name"] for r in table(index, "SELECT table_name FROM information_schema.tables")]
+    assert "scores__new" not in names and "scores" in names
+    np.testing.assert_array_equal(scores(index)["dc_text"], before)
+    assert np.isnan(scores(index)["clipscore"]).all()
