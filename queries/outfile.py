@@ -13,19 +13,24 @@ from typing import Callable
 
 from indexer.diskspace import disk_full, is_disk_full
 from indexer.errors import InvalidParameter
-from indexer.swap import pid_alive
+from indexer.swap import BUILD_ID, pid_alive
 
 
 def check_out(path: str | Path, force: bool) -> Path:
     """Refuse to overwrite ``path`` unless ``force``; create its parent directories.
 
     Raises:
-        InvalidParameter: ``path`` exists and ``force`` is False, or it is a directory.
+        InvalidParameter: ``path`` exists and ``force`` is False, it is a directory, or it is (or,
+            through symbolic links, points to) one of an index directory's own files.
         DiskFull: its parent directories cannot be created for lack of space.
     """
     path = Path(path)
     if path.is_dir():
         raise InvalidParameter(f"Output {str(path)!r} is a directory; give a file name")
+    index_dir = _index_of_own_file(path)
+    if index_dir is not None:  # even with --force: `sql --out idx/catalog.duckdb --force` replaced the catalog
+        raise InvalidParameter(f"Output {str(path)!r} is a file of the index at {str(index_dir)!r}; "
+                               "write the output elsewhere")
     if path.exists() and not force:
         raise InvalidParameter(f"Output {str(path)!r} already exists; pass --force to overwrite it")
     try:
@@ -35,6 +40,19 @@ def check_out(path: str | Path, force: bool) -> Path:
             raise disk_full(path.parent, f"the folder of {str(path)!r}") from None
         raise
     return path
+
+
+def _index_of_own_file(path: Path) -> Path | None:
+    """The index directory when ``path`` (symbolic links followed) names one of its own files (the
+    catalog and DuckDB's files beside it, FAISS and ``.npy`` files, the lock, the build record)."""
+    from indexer.layout import CATALOG, MODALITIES
+
+    real = Path(os.path.realpath(path))
+    if not (real.parent / CATALOG).is_file():
+        return None
+    own = {CATALOG, BUILD_ID, ".lock"} | {f"{m}{suffix}" for m in MODALITIES
+                                          for suffix in (".faiss", "_emb.npy", "_rawnorm.npy")}
+    return real.parent if real.name in own or real.name.startswith(CATALOG) else None
 
 
 def _temp_for(path: Path) -> Path:

@@ -140,3 +140,26 @@ def test_the_catalog_still_opens_and_a_kept_reader_shares_the_configuration(arra
         assert run_query(pool, "top_by_score", column="kl_text", limit=2).num_rows == 2
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("command,name", [
+    (["sql", "{idx}", "SELECT 1 AS x"], "catalog.duckdb"),
+    (["sql", "{idx}", "SELECT 1 AS x", "--format", "csv"], "catalog.duckdb.wal"),
+    (["query", "{idx}", "top_by_score", "--param", "limit=2"], "image_emb.npy"),
+    (["select", "{idx}", "--by", "kl_text", "--top-fraction", "0.1"], "text_emb.npy"),
+])
+def test_an_out_file_never_replaces_a_file_of_an_index(arrays_index, tmp_path, command, name):
+    """``sql --out idx/catalog.duckdb --force`` overwrote the index's own catalog."""
+    idx, *_ = arrays_index
+    before = fingerprint(idx)
+    target = idx / name
+    files = {p.name: p.read_bytes() for p in idx.iterdir() if p.is_file()}
+    link = tmp_path / f"link{target.suffix}"
+    link.symlink_to(target)
+    for out in (target, link):
+        args = [a.format(idx=idx) for a in command] + ["--out", str(out), "--force"]
+        r = CliRunner().invoke(cli.cli, args)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert f"is a file of the index at '{idx}'" in r.output, r.output
+    assert fingerprint(idx) == before
+    assert {p.name: p.read_bytes() for p in idx.iterdir() if p.is_file()} == files
