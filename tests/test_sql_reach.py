@@ -7,6 +7,8 @@ to write beside it); the statement must fail, the token must not appear in any m
 catalog must be unchanged.
 """
 
+import os
+
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -163,3 +165,23 @@ def test_an_out_file_never_replaces_a_file_of_an_index(arrays_index, tmp_path, c
         assert f"is a file of the index at '{idx}'" in r.output, r.output
     assert fingerprint(idx) == before
     assert {p.name: p.read_bytes() for p in idx.iterdir() if p.is_file()} == files
+
+
+def test_temporaries_of_killed_out_writes_are_removed_and_live_ones_kept(arrays_index, tmp_path):
+    """A killed ``--out`` write left its hidden ``.NAME.tmp-PID`` file behind for good."""
+    import subprocess
+    import sys
+
+    idx, *_ = arrays_index
+    out = tmp_path / "r.csv"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".r.csv.tmp-{dead.pid}"
+    live = tmp_path / f".r.csv.tmp-{os.getppid()}"  # another live process's write in progress
+    other = tmp_path / f".other.csv.tmp-{dead.pid}"  # a temporary of another output: not ours to judge
+    for p in (stale, live, other):
+        p.write_text("partial")
+    r = CliRunner().invoke(cli.cli, ["sql", str(idx), "SELECT 1 AS x", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.read_text().splitlines()[-1].strip() == "1"
+    assert not stale.exists() and live.exists() and other.exists()
