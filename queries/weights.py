@@ -248,13 +248,22 @@ def check_logit_scale(a: float) -> float:
 
 
 def image_cosines(index, vector: np.ndarray, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
-    """``<v_x, v_t>`` for every image x of the pool (float64, chunked over the memory map)."""
+    """``<v_x, v_t>`` for every image x of the pool (float64, chunked over the memory map).
+
+    A cosine that two unit vectors cannot have (NaN, |cos| > 1: a damaged embedding row, such as
+    a NaN or 1e30) is refused, naming the file and row; checked on the result instead of a second
+    pass over the file (``PoolIndex.embeddings(checked=True)``), which would double the time."""
     pool = as_pool(index)
-    emb = pool.embeddings("image")
+    emb = pool.embeddings("image", checked=False)
     v = np.asarray(vector, dtype=np.float64)
     out = np.empty(emb.shape[0], dtype=np.float64)
     for s in range(0, emb.shape[0], chunk):
         out[s : s + chunk] = np.asarray(emb[s : s + chunk], dtype=np.float64) @ v
+    bad = ~(np.abs(out) <= 1.0 + 1e-2 * max(1.0, float(np.linalg.norm(v))))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        pool.unit_rows("image", np.array([row]))  # raises BrokenIndex naming image_emb.npy and the row
+        raise BadInput(f"image row {row}: cosine {out[row]:.6g} with the prompt, not in [-1, 1]")
     return out
 
 
