@@ -54,6 +54,8 @@ def to_tensor(x: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.
 
     The tensor may share memory with a read-only memmap; callers only read it.
     """
+    if isinstance(x, torch.Tensor):  # already a tensor (e.g. a pool drawn on the GPU)
+        return x.to(device=device, dtype=dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
