@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import accuracy, encode, pipeline, report  # noqa: E402
-from bench.common import command_line, log, machine, save_json  # noqa: E402
+from bench.common import WORLDS, command_line, log, machine, save_json  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sections", default="accuracy,pipeline,encode",
                     help="comma list of accuracy, pipeline (= throughput, scaling, latency), encode")
     ap.add_argument("--accuracy-n", default=None, help="comma list of pool sizes for the accuracy sweep")
-    ap.add_argument("--geometries", default="calibrated,flat,clustered")
+    ap.add_argument("--geometries", default=",".join(WORLDS), help="comma list of synthetic worlds (default: all)")
     ap.add_argument("--queries", type=int, default=None, help="random queries compared with exact")
     ap.add_argument("--scaling-n", default=None, help="comma list of pool sizes for build/score scaling")
     args = ap.parse_args(argv)
