@@ -13,7 +13,13 @@ from typing import Callable
 
 from indexer.diskspace import disk_full, is_disk_full
 from indexer.errors import InvalidParameter
+from indexer.layout import CATALOG
 from indexer.swap import BUILD_ID, pid_alive
+
+
+#: Names of the files a build, score or lock writes into an index directory (``indexer.build``).
+_INDEX_FILES = re.compile(r"^(catalog\.duckdb(\.wal)?|(image|text)(\.faiss|_emb\.npy|_rawnorm\.npy)|skipped\.tsv"
+                          r"|\.lock|\.lock-swap|\.build)$")
 
 
 def check_out(path: str | Path, force: bool) -> Path:
@@ -31,6 +37,9 @@ def check_out(path: str | Path, force: bool) -> Path:
     if index_dir is not None:  # even with --force: `sql --out idx/catalog.duckdb --force` replaced the catalog
         raise InvalidParameter(f"Output {str(path)!r} is a file of the index at {str(index_dir)!r}; "
                                "write the output elsewhere")
+    if (path.parent / CATALOG).is_file() and _INDEX_FILES.match(path.name):
+        raise InvalidParameter(f"Output {str(path)!r} is a file of the index in {str(path.parent)!r}; writing it would "
+                               "damage the index (even with --force): choose another file name")
     if path.exists() and not force:
         raise InvalidParameter(f"Output {str(path)!r} already exists; pass --force to overwrite it")
     try:

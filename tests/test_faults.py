@@ -338,3 +338,22 @@ def test_an_index_built_before_checksums_opens_with_a_note(tmp_path):
     r = run_cli("info", out, "--verify")
     assert r.returncode == 0, r.stderr
     assert "no checksum recorded" in r.stdout and "no checksums" in r.stderr
+
+
+def test_out_never_overwrites_a_file_of_an_index(tmp_path):
+    out = tmp_path / "idx"
+    build_index(make(300), out)
+    before = (out / "catalog.duckdb").read_bytes()
+    r = run_cli("sql", out, "SELECT 1 AS x", "--out", out / "catalog.duckdb", "--force", "--format", "csv")
+    one_line_error(r, "catalog.duckdb", "is a file of the index")
+    assert (out / "catalog.duckdb").read_bytes() == before
+    assert run_cli("sql", out, "SELECT 1 AS x", "--out", out / "x.csv").returncode == 0  # other names: fine
+
+
+def test_a_killed_out_write_leaves_no_temporary_behind(tmp_path):
+    from queries.outfile import atomic_write
+
+    stale = tmp_path / ".rows.csv.tmp-999999"  # a write killed mid-way (no such process)
+    stale.write_text("half")
+    atomic_write(tmp_path / "rows.csv", lambda p: p.write_text("a\n"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv"]
