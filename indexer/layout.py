@@ -12,6 +12,7 @@
       image_rawnorm.npy     ||u|| of the raw image embeddings (only when raw embeddings are known)
       text_rawnorm.npy      ||u|| of the raw text embeddings
       work/                 resumable chunks of a running or interrupted ``score``
+      .build                the token of the build that wrote the directory (``indexer.swap``)
       .lock                 flock target: ``score`` vs a rebuild (``indexer.lock``)
 
 Row ``i`` of every array and ``vec_id = i`` in ``samples`` describe the same (image, caption) pair;
