@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,11 @@ class NpyWriter:
         self._announced = int(rows)
         self._head = len(_header((self._announced, self.cols), self.dtype))
         self._f = open(self.path, "wb")
-        self._f.write(_header((self._announced, self.cols), self.dtype))
+        head = _header((self._announced, self.cols), self.dtype)
+        self._f.write(head)
+        #: CRC-32 of the file as written (``zlib.crc32``; None once ``close`` rewrote the header):
+        #: the build records it without reading the file again.
+        self.crc32: int | None = zlib.crc32(head)
 
     def write(self, block: np.ndarray) -> None:
         """Append a (b, cols) block (converted to the file's type)."""
@@ -103,7 +108,10 @@ class NpyWriter:
             block = copy_cast(self._scratch[: block.shape[0]], block)
         if block.size:
             start = self._f.tell()
-            self._f.write(memoryview(block).cast("B"))
+            data = memoryview(block).cast("B")
+            self._f.write(data)
+            if self.crc32 is not None:
+                self.crc32 = zlib.crc32(data, self.crc32)  # releases the GIL: beside the main thread
             if self.flush_blocks:
                 self._flush_block(start, block.nbytes)
         self.rows += block.shape[0]
@@ -129,6 +137,7 @@ class NpyWriter:
                 self._f.seek(0)
                 self._f.write(head)
                 self._f.truncate(self._head + self.rows * self.cols * self.dtype.itemsize)
+                self.crc32 = None  # the header changed: read the file to know it
             self._f.flush()
         finally:
             self._f.close()

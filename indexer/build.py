@@ -335,7 +335,8 @@ def build_index(
             },
         )
         del emb
-        files = integrity.record(tmp, {(m, k): v for m, k, v in stats}, ntotal)
+        files = integrity.record(tmp, {(m, k): v for m, k, v in stats}, ntotal,
+                                 {paths.embeddings(m).name: writers[m].crc32 for m in MODALITIES})
         store.con.register("_files", pa.Table.from_pylist(files))
         store.run("data_files_insert")
         store.con.unregister("_files")
