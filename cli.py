@@ -679,5 +679,46 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode
         click.echo((f"... {more:,} more; " if more else "") + f"wrote {table.num_rows:,} rows to {out}")
 
 
+@cli.command("serve")
+@index_dir_argument
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (127.0.0.1: this machine only; the app has no authentication).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port.")
+def serve_cmd(index_dir, host, port):
+    """A local, read-only web explorer of the index: gallery by score, plots, prompt, selection.
+
+    \b
+    Examples:
+      python cli.py serve index                  # then open http://127.0.0.1:8000/
+      python cli.py serve dc-index --port 8080
+    """
+    _note_synthetic(index_dir)
+    from explorer.app import serve
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"Warning: serving on {host}: anyone who can reach it can read the whole catalog", err=True)
+    click.echo(f"Serving {index_dir} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
+    serve(index_dir, host, port)
+
+
+@cli.command("report")
+@index_dir_argument
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The HTML file to write (self-contained: no external requests).")
+@force_option
+def report_cmd(index_dir, out, force):
+    """One self-contained HTML report: overview, histograms, correlations, top / bottom samples.
+
+    \b
+    Example:
+      python cli.py report index --out report.html
+    """
+    _note_synthetic(index_dir)
+    from explorer.report import write_report
+
+    path = write_report(index_dir, out, force=force)
+    click.echo(f"Wrote {path} ({path.stat().st_size:,} bytes)")
+
+
 if __name__ == "__main__":
     cli()

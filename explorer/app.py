@@ -1,0 +1,290 @@
+"""The explorer web app (``cli.py serve INDEX``): a read-only Starlette app over one index.
+
+Routes (all GET except the embedding upload):
+
+* ``/``: gallery (``column``, ``order`` top|bottom|decile|random, ``decile`` 1-10, ``page``, ``seed``)
+* ``/plots``: histograms, a scatter of two columns (``x``, ``y``), the correlation table
+* ``/prompt``: top samples and weight distribution for ``prompt`` (POST: an uploaded ``.npy``)
+* ``/select``: counts and examples of a selection (``by``, ``fraction``, ``where``, ``lowest``);
+  ``/select.npy``: the DataComp subset file ``select --out X.npy`` writes
+* ``/image/VEC_ID``: the image the catalog records for that sample (``queries.explore.image_file``)
+* ``/picture/VEC_ID.svg``: the generated picture of a sample without an image
+* ``/static/...``: the stylesheet shipped in this package
+
+Every parameter is parsed and range-checked here; columns are checked against the index's score
+columns; SQL only runs through ``queries.explore`` (read-only reader, bound values). Errors are a
+page with one line (400 for bad input, 404, 500 without a traceback). The Host header must name
+the address served (DNS rebinding), and responses carry a Content-Security-Policy that lets the
+page load only its own stylesheet, its own images and (for pools with URLs) remote images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from explorer import pages
+from explorer.svg import histogram_svg, scatter_svg
+from indexer.errors import ClipIndexError, InvalidParameter
+from indexer.pool import open_index
+from queries import explore
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+#: Longest text parameter accepted (prompt, where).
+MAX_TEXT = 2000
+CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data: http: https:; form-action 'self'; "
+       "base-uri 'none'; frame-ancestors 'none'")
+
+
+class Explorer:
+    """The state of one served index: the opened pool, a lock (one DuckDB reader, numpy work) and
+    caches of what does not change while the index does not (overview, decile bounds, plots)."""
+
+    def __init__(self, index_dir: str | Path):
+        self.pool = open_index(index_dir)
+        self.lock = threading.Lock()
+        self.ov = explore.overview(self.pool)
+        self._cache: dict = {}
+        #: server time of the last requests, seconds (for benchmarks)
+        self.timings: list[tuple[str, float]] = []
+
+    def cached(self, key, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def column(self, value: str | None, default: str | None = None, name: str = "column") -> str:
+        cols = self.ov.columns
+        if not cols:
+            raise InvalidParameter(f"Index {self.ov.root!r} has no scores yet: run `cli.py score {self.ov.root}` first")
+        if value is None or value == "":
+            return default if default in cols else ("kl_text" if "kl_text" in cols else cols[0])
+        if value not in cols:
+            raise InvalidParameter(f"Unknown score column {value[:80]!r} for {name}; valid columns: {', '.join(cols)}")
+        return value
+
+
+def _int(q, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = q.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be an integer, got {raw[:40]!r}") from None
+    if not lo <= v <= hi:
+        raise InvalidParameter(f"{name} must be in {lo}..{hi}, got {v}")
+    return v
+
+
+def _float(q, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    raw = q.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be a number, got {raw[:40]!r}") from None
+    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        raise InvalidParameter(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {raw[:40]!r}")
+    return v
+
+
+def _text(q, name: str) -> str | None:
+    raw = q.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    if len(raw) > MAX_TEXT or "\x00" in raw:
+        raise InvalidParameter(f"{name} is too long or holds a NUL character (at most {MAX_TEXT} characters)")
+    return raw
+
+
+def _one_of(q, name: str, values, default: str) -> str:
+    raw = q.get(name) or default
+    if raw not in values:
+        raise InvalidParameter(f"{name} must be one of {', '.join(values)}, got {raw[:40]!r}")
+    return raw
+
+
+def create_app(index_dir: str | Path, host: str = "127.0.0.1", port: int | None = None) -> Starlette:
+    """The app serving ``index_dir``; ``host`` (and ``port``) for the Host-header check."""
+    ex = Explorer(index_dir)
+
+    async def run(fn, *args):
+        def locked():
+            with ex.lock:
+                return fn(*args)
+        return await run_in_threadpool(locked)
+
+    def html(text: str, status: int = 200) -> HTMLResponse:
+        return HTMLResponse(text, status_code=status)
+
+    def timed(name: str, t0: float) -> None:
+        ex.timings.append((name, time.perf_counter() - t0))
+        del ex.timings[:-1000]
+
+    async def gallery(request: Request):
+        q = request.query_params
+        t0 = time.perf_counter()
+        column = ex.column(q.get("column"))
+        order = _one_of(q, "order", explore.ORDERS, "top")
+        decile = _int(q, "decile", None, 1, 10)
+        page = _int(q, "page", 0, 0, explore.MAX_OFFSET // explore.PAGE_SIZE)
+        seed = _int(q, "seed", 0, 0, 2**62)
+        if order == "decile" and decile is None:
+            decile = 10
+
+        def work():
+            bounds = (ex.cached(("bounds", column), lambda: explore.decile_bounds(ex.pool, column))
+                      if decile is not None and order in ("decile", "random") else None)
+            p = explore.gallery(ex.pool, column, order, page, decile=decile if order in ("decile", "random") else None,
+                                seed=seed, bounds=bounds)
+            return pages.gallery_page(ex.ov, p, explore.PAGE_SIZE)
+        out = await run(work)
+        timed("gallery", t0)
+        return html(out)
+
+    async def plots(request: Request):
+        q = request.query_params
+        x = ex.column(q.get("x"), "kl_text", "x")
+        y = ex.column(q.get("y"), "clipscore", "y")
+
+        def work():
+            hists = ex.cached("hists", lambda: {c: histogram_svg(explore.histogram(ex.pool, c), c)
+                                                for c in ex.ov.columns})
+            xs, ys = explore.scatter(ex.pool, x, y, 2000)
+            corr = ex.cached("corr", lambda: explore.correlations(ex.pool))
+            return pages.plots_page(ex.ov, hists, scatter_svg(xs, ys, x, y), x, y, corr)
+        return html(await run(work))
+
+    def _prompt_result(prompt, embedding, a):
+        view = explore.prompt_view(ex.pool, prompt, embedding, logit_scale=a)
+        hist = histogram_svg(view.weight_hist, "log10(w / mean w)", 420, 180)
+        return pages.prompt_page(ex.ov, prompt or view.label, view, hist, a)
+
+    async def prompt(request: Request):
+        if request.method == "POST":
+            async with request.form(max_files=1, max_fields=4, max_part_size=explore.MAX_EMBEDDING_BYTES) as form:
+                q = {k: v for k, v in form.items() if isinstance(v, str)}
+                a = _float(q, "logit_scale", 10.0, 0.0, 1e4, lo_open=True)
+                upload = form.get("embedding")
+                if upload is None or isinstance(upload, str):
+                    raise InvalidParameter("Choose a .npy file holding the prompt's embedding")
+                data = await upload.read(explore.MAX_EMBEDDING_BYTES + 1)
+                label = Path(upload.filename or "upload.npy").name[:80]
+            vec = explore.load_uploaded_embedding(data, ex.pool.dim)
+            return html(await run(lambda: _prompt_result(f"embedding:{label}", vec, a)))
+        q = request.query_params
+        text = _text(q, "prompt")
+        a = _float(q, "logit_scale", 10.0, 0.0, 1e4, lo_open=True)
+        if text is None:
+            return html(pages.prompt_page(ex.ov, "", None, "", a))
+        return html(await run(lambda: _prompt_result(text, None, a)))
+
+    def _select_args(q) -> dict:
+        return {"by": ex.column(q.get("by"), name="by"),
+                "fraction": _float(q, "fraction", 0.25, 0.0, 1.0, lo_open=True),
+                "where": _text(q, "where"), "lowest": bool(_int(q, "lowest", 0, 0, 1))}
+
+    async def select(request: Request):
+        q = request.query_params
+        args = _select_args(q)
+        if "by" not in q:
+            return html(pages.select_page(ex.ov, args, None, []))
+
+        def work():
+            sel, cards = explore.selection(ex.pool, args["by"], args["fraction"], args["where"], args["lowest"])
+            return pages.select_page(ex.ov, args, sel, cards)
+        return html(await run(work))
+
+    async def select_npy(request: Request):
+        a = _select_args(request.query_params)
+        data = await run(lambda: explore.selection_npy(ex.pool, a["by"], a["fraction"], a["where"], a["lowest"]))
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": 'attachment; filename="subset.npy"'})
+
+    def _vec_id(request: Request) -> int:
+        raw = request.path_params["vec_id"]
+        if not raw.isdigit() or len(raw) > 12 or int(raw) >= ex.pool.n:
+            raise HTTPException(404)
+        return int(raw)
+
+    async def image(request: Request):
+        v = _vec_id(request)
+        found = await run(lambda: explore.image_file(ex.pool, v))
+        if found is None:
+            raise HTTPException(404)
+        path, kind = found
+        return FileResponse(path, media_type=kind, headers={"Cache-Control": "max-age=3600"})
+
+    async def picture(request: Request):
+        v = _vec_id(request)
+        card = (await run(lambda: explore.cards(ex.pool, [v])))[0]
+        return Response(explore.caption_picture(card["caption"]), media_type="image/svg+xml")
+
+    async def bad_input(request: Request, exc: ClipIndexError):
+        status = 400 if isinstance(exc, (InvalidParameter,)) or type(exc).__name__ in (
+            "BadInput", "QueryError", "NotReadOnly", "UnknownQuery") else 500
+        return html(pages.error_page(str(exc), ex.ov, status), status)
+
+    async def http_error(request: Request, exc: HTTPException):
+        status = exc.status_code
+        msg = {404: "No such page or sample.", 405: "Method not allowed."}.get(status, exc.detail or "Error")
+        return html(pages.error_page(msg, ex.ov, status), status)
+
+    async def server_error(request: Request, exc: Exception):
+        log.exception("explorer: %s %s failed", request.method, request.url.path)
+        return html(pages.error_page(f"The request failed ({type(exc).__name__}); see the server's log.", ex.ov,
+                                     500), 500)
+
+    async def headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    hosts = sorted({host, "127.0.0.1", "localhost", "::1", "[::1]"})
+    app = Starlette(
+        debug=False,
+        routes=[
+            Route("/", gallery),
+            Route("/plots", plots),
+            Route("/prompt", prompt, methods=["GET", "POST"]),
+            Route("/select", select),
+            Route("/select.npy", select_npy),
+            Route("/image/{vec_id}", image),
+            Route("/picture/{vec_id}.svg", picture),
+            Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
+        ],
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
+                    Middleware(BaseHTTPMiddleware, dispatch=headers)],
+        exception_handlers={ClipIndexError: bad_input, HTTPException: http_error, Exception: server_error},
+    )
+    app.state.explorer = ex
+    return app
+
+
+def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the explorer with uvicorn until Ctrl-C."""
+    import uvicorn
+
+    app = create_app(index_dir, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
