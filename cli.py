@@ -447,10 +447,16 @@ prompt_options = [
                       "(with --prompt-embedding: only its label)."),
     click.option("--prompt-embedding", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="A .npy text embedding of the prompt, shape (d,) or (1, d), from the index's "
-                      "model; required for datacomp / clip-retrieval indexes."),
+                      "model (see encode-text); for when the model's weights cannot be loaded here."),
     click.option("--logit-scale", type=float, default=10.0, show_default=True,
                  help="a' in w(x) = exp(a' cos(image x, prompt)); the paper lowered it from ~100 to 10."),
     click.option("--device", default="auto", show_default=True, help="open_clip: torch device for the prompt."),
+    click.option("--model", default=None,
+                 help="open_clip model for --prompt (default: the one the index's manifest records, e.g. "
+                      "ViT-L-14 for a DataComp --arch l14 index)."),
+    click.option("--pretrained", default=None,
+                 help="open_clip weights for --prompt: a tag or a local checkpoint file (default: the "
+                      "manifest's; a local copy when the tag cannot be downloaded here)."),
 ]
 
 
@@ -603,7 +609,7 @@ def select_cmd(index_dir, by, top_fraction, where, lowest, out, force):
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also export uid, weight, normalized_weight to .parquet / .csv / .jsonl.")
 @force_option
-def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, out, force):
+def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, pretrained, out, force):
     """Importance weights of every image for a domain prompt: w = exp(a' cos), stored in `weights`.
 
     Prints the effective sample size ESS = (sum w)^2 / sum w^2 and a summary of the normalised
@@ -613,13 +619,16 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, out, f
     Examples:
       python cli.py weights index --prompt "a photo of food"
       python cli.py weights index --prompt "a photo of food" --logit-scale 20 --out food.parquet
+      python cli.py weights dc --prompt "a photo of food"      # DataComp index: its ViT-L-14 / ViT-B-32
+      python cli.py weights dc --prompt "a photo of food" --pretrained /models/vit-l-14-openai.pt
       python cli.py weights dc --prompt-embedding food.npy --prompt "a photo of food"
     """
     _note_synthetic(index_dir)
     from queries.weights import weights
 
     _need_prompt(prompt, prompt_embedding)
-    w = weights(index_dir, prompt, prompt_embedding, logit_scale, out=out, force=force, device=device)
+    w = weights(index_dir, prompt, prompt_embedding, logit_scale, out=out, force=force, device=device, model=model,
+                pretrained=pretrained)
     s = w.summary()
     click.echo(f"Prompt {w.prompt!r} ({w.encoder}), a' = {w.logit_scale:g}, {w.n:,} images")
     click.echo(f"  ESS {s['ess']:,.1f} ({s['ess_fraction']:.2%} of n)")
@@ -645,8 +654,8 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, out, f
               help="Also write the rows to .parquet / .csv / .jsonl.")
 @force_option
 @width_option
-def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode, seed, replace, nprobe, exact, out,
-               force, width):
+def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, pretrained, n, mode, seed, replace,
+               nprobe, exact, out, force, width):
     """Domain-weighted samples for a prompt: a seeded weighted draw, or the top samples by weight.
 
     \b
@@ -668,7 +677,7 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode
         raise click.UsageError("give --nprobe or --exact, not both")
     table = sample(index_dir, prompt, prompt_embedding, n, mode=mode, seed=seed, replace=replace,
                    logit_scale=logit_scale, out=out, force=force, device=device, nprobe=nprobe, exact=exact,
-                   printed=out is None)
+                   printed=out is None, model=model, pretrained=pretrained)
     cols = [c for c in ("rank", "uid", "caption", "cosine", "weight", "normalized_weight") if c in table.column_names]
     shown = table.select(cols)
     if out is not None:
@@ -677,6 +686,39 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, n, mode
     if out is not None:
         more = table.num_rows - shown.num_rows
         click.echo((f"... {more:,} more; " if more else "") + f"wrote {table.num_rows:,} rows to {out}")
+
+
+@cli.command("encode-text")
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Index whose manifest names the model (and whose dimension is checked).")
+@click.option("--model", default=None, help="open_clip model (default: the --index's).")
+@click.option("--pretrained", default=None, help="open_clip weights: a tag or a local checkpoint file (default: the --index's).")
+@click.option("--raw", is_flag=True, help="Keep the model's raw vectors (default: unit vectors).")
+@click.option("--device", default="auto", show_default=True, help="torch device.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .npy file: shape (d,) for one text, (n, d) for several, in the order given.")
+@force_option
+def encode_text_cmd(texts, index_dir, model, pretrained, raw, device, out, force):
+    """Encode prompts with an open_clip text tower into a .npy, for --prompt-embedding.
+
+    Use it where the model's weights are available, then pass the file to `weights` / `sample` of
+    an index on a machine that cannot load them.
+
+    \b
+    Examples:
+      clip-density-index encode-text "a photo of food" --index dc-index --out food.npy
+      clip-density-index encode-text "a photo of food" --model ViT-L-14 --pretrained openai --out food.npy
+      clip-density-index weights dc-index --prompt-embedding food.npy --prompt "a photo of food"
+    """
+    from queries.prompts import encode_text
+
+    if index_dir is None and (model is None or pretrained is None):
+        raise click.UsageError("give --index DIR, or --model NAME and --pretrained TAG_OR_CHECKPOINT")
+    emb = encode_text(index_dir, list(texts), model=model, pretrained=pretrained, out=out, force=force,
+                      normalize=not raw, device=device)
+    shape = f"({emb.shape[1]},)" if len(texts) == 1 else f"({emb.shape[0]}, {emb.shape[1]})"
+    click.echo(f"Wrote {len(texts)} text embedding{'s' if len(texts) > 1 else ''} of shape {shape} to {out}")
 
 
 @cli.command("serve")

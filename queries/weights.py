@@ -10,9 +10,10 @@ model's ~100). Everything is computed in log space: ``log w = a' cos``;
 Prompt encoding (``encode_prompt``), by how the index was built:
 
 * synthetic: the synthetic world's prompt encoder, the world rebuilt from ``manifest.extra``;
-* open_clip: ``indexer.embed.load_model(manifest.model, manifest.pretrained)`` + ``encode_texts``;
-* datacomp / clip-retrieval / arrays: there is no model to run, so the prompt's text embedding must
-  be given (``prompt_embedding``: a ``.npy`` of shape (d,) or (1, d) from the same model).
+* open_clip, datacomp, clip-retrieval: the open_clip model the manifest records (``queries.prompts``:
+  text tower only, loaded once per process; ``model`` / ``pretrained`` override it);
+* or the prompt's text embedding is given (``prompt_embedding``: a ``.npy`` of shape (d,) or (1, d)
+  from the same model), e.g. written by ``encode-text`` where the weights are available.
 
 Sampling (``sample``): ``mode="top"`` retrieves the highest-weight images through FAISS top-k on the
 image index (the weight is monotone in the cosine), probing a quarter of the IVF lists by default
@@ -153,18 +154,20 @@ def _synthetic_prompt(pool, text: str) -> tuple[np.ndarray, str]:
     return np.asarray(world.encode_prompt(text), dtype=np.float64), f"synthetic world (seed {seed}, dim {dim})"
 
 
-def _open_clip_prompt(pool, text: str, device: str) -> tuple[np.ndarray, str]:
-    model, pretrained = pool.manifest.get("model"), pool.manifest.get("pretrained")
-    if not model or not pretrained:
-        raise InvalidParameter(
-            f"Index {str(pool.root)!r} was built with open_clip model {model!r} without pretrained weights "
-            "(random initialisation), so the prompt cannot be encoded with the same model; pass "
-            "--prompt-embedding FILE.npy"
-        )
-    from indexer.embed import encode_texts, load_model
+def _open_clip_prompt(pool, text: str, device: str, model: str | None = None,
+                      pretrained: str | None = None) -> tuple[np.ndarray, str]:
+    from queries.prompts import encode, model_of
 
-    bundle = load_model(model, pretrained, device=device)
-    return np.asarray(encode_texts(bundle, [text])[0], dtype=np.float64), f"open_clip {model} ({pretrained})"
+    rec_model, rec_pretrained = model_of(pool)
+    use_model = model or rec_model
+    # a recorded tag or checkpoint belongs to the recorded model only
+    use_pretrained = pretrained or (rec_pretrained if not model or model == rec_model else None)
+    what = f"the prompt {text!r} for index {str(pool.root)!r}"
+    u = encode([text], use_model, use_pretrained, device, what=what)[0]
+    if u.shape != (pool.dim,):
+        raise BadInput(f"open_clip {use_model} ({use_pretrained}) gives dimension {u.shape[0]}, but index "
+                       f"{str(pool.root)!r} has dimension {pool.dim}: it is not the index's model")
+    return np.asarray(u, dtype=np.float64), f"open_clip {use_model} ({use_pretrained})"
 
 
 def encode_prompt(
@@ -172,6 +175,8 @@ def encode_prompt(
     prompt: str | None = None,
     prompt_embedding: str | Path | np.ndarray | None = None,
     device: str = "auto",
+    model: str | None = None,
+    pretrained: str | None = None,
 ) -> Prompt:
     """Encode a domain prompt with the index's own model, or load its embedding.
 
@@ -182,6 +187,8 @@ def encode_prompt(
         prompt_embedding: a ``.npy`` file (or array) with the prompt's text embedding, shape (d,)
             or (1, d); required for indexes without a model to run (datacomp, clip-retrieval).
         device: torch device for open_clip models.
+        model, pretrained: open_clip model and weights (tag or local checkpoint) to encode the
+            prompt with instead of those the manifest records.
 
     Returns:
         A ``Prompt`` (label, unit vector, encoder description).
@@ -207,18 +214,13 @@ def encode_prompt(
         return Prompt(label, v, f"given embedding ({where})")
     if prompt is None:
         raise InvalidParameter("Give a prompt (--prompt TEXT) or its embedding (--prompt-embedding FILE.npy)")
-    source = pool.manifest.get("source")
     if pool.synthetic:
+        if model is not None or pretrained is not None:
+            raise InvalidParameter(f"Index {str(pool.root)!r} is the synthetic world, which encodes prompts "
+                                   "itself; --model / --pretrained apply to indexes of real models")
         u, encoder = _synthetic_prompt(pool, prompt)
-    elif source == "open_clip":
-        u, encoder = _open_clip_prompt(pool, prompt, device)
     else:
-        raise InvalidParameter(
-            f"Index {str(pool.root)!r} holds precomputed {source} embeddings: there is no model here to "
-            f"encode the prompt {prompt!r}. Pass its text embedding from the same model "
-            f"(model {pool.manifest.get('model') or 'unknown'}, dimension {pool.dim}) with "
-            "--prompt-embedding FILE.npy (add --prompt TEXT to label it)"
-        )
+        u, encoder = _open_clip_prompt(pool, prompt, device, model, pretrained)
     if u.shape != (pool.dim,):
         raise BadInput(f"The {encoder} gave a prompt embedding of shape {u.shape}; the index has dimension {pool.dim}")
     return Prompt(str(prompt), load_prompt_embedding(u, pool.dim), encoder)
@@ -339,6 +341,8 @@ def compute_weights(
     prompt_embedding: str | Path | np.ndarray | None = None,
     logit_scale: float = DEFAULT_LOGIT_SCALE,
     device: str = "auto",
+    model: str | None = None,
+    pretrained: str | None = None,
 ) -> Weights:
     """Importance weights of every image for a prompt (not stored; see ``weights``).
 
@@ -348,6 +352,7 @@ def compute_weights(
         prompt_embedding: the prompt's text embedding (``.npy`` file or array).
         logit_scale: a' (default 10).
         device: torch device for open_clip models.
+        model, pretrained: open_clip model / weights for the prompt instead of the manifest's.
 
     Returns:
         ``Weights``.
@@ -357,7 +362,7 @@ def compute_weights(
     """
     a = check_logit_scale(logit_scale)
     pool = as_pool(index)
-    p = encode_prompt(pool, prompt, prompt_embedding, device=device)
+    p = encode_prompt(pool, prompt, prompt_embedding, device=device, model=model, pretrained=pretrained)
     cos = image_cosines(pool, p.vector)
     return Weights(p.label, a, cos, a * cos, p.encoder)
 
@@ -385,6 +390,8 @@ def weights(
     force: bool = False,
     store: bool = True,
     device: str = "auto",
+    model: str | None = None,
+    pretrained: str | None = None,
 ) -> Weights:
     """Compute importance weights for a prompt, store them in the ``weights`` table, export them.
 
@@ -401,6 +408,7 @@ def weights(
         force: overwrite an existing ``out``.
         store: write the ``weights`` table (False: compute and export only).
         device: torch device for open_clip models.
+        model, pretrained: open_clip model / weights for the prompt instead of the manifest's.
 
     Returns:
         ``Weights`` (see its ``ess`` and ``summary()``).
@@ -413,7 +421,8 @@ def weights(
         _out_suffix(out)
         check_out(out, force)
     pool = as_pool(index)
-    w = compute_weights(pool, prompt, prompt_embedding, logit_scale, device=device)
+    w = compute_weights(pool, prompt, prompt_embedding, logit_scale, device=device, model=model,
+                        pretrained=pretrained)
     if store:
         store_weights(pool, w)
     if out is not None:
@@ -653,6 +662,8 @@ def sample(
     nprobe: int | None = None,
     exact: bool = False,
     printed: bool = False,
+    model: str | None = None,
+    pretrained: str | None = None,
 ) -> pa.Table:
     """Domain-weighted samples of the pool for a prompt.
 
@@ -671,6 +682,7 @@ def sample(
         nprobe: ``mode="top"``: IVF lists to probe (default: a quarter of them, see ``top_by_faiss``).
         exact: ``mode="top"``: probe every IVF list (the exact top n of an IVF-Flat index).
         printed: the caller prints every row (the CLI without ``--out``): counted in the memory check.
+        model, pretrained: open_clip model / weights for the prompt instead of the manifest's.
 
     Returns:
         A table in draw (or rank) order: ``rank, vec_id, uid, caption, cosine, weight`` and, for
@@ -703,7 +715,7 @@ def sample(
         )
     check_sample_memory(pool, int(n), out, printed,
                         f"sample -n {int(n):,}" + (" --replace" if replace else "") + (f" --out {out}" if out else ""))
-    p = encode_prompt(pool, prompt, prompt_embedding, device=device)
+    p = encode_prompt(pool, prompt, prompt_embedding, device=device, model=model, pretrained=pretrained)
     cols: dict[str, Any]
     if mode == "top":
         ids, cos = top_by_faiss(pool, p.vector, n, nprobe=nprobe, exact=exact)
