@@ -36,7 +36,7 @@ def layout(title: str, body: str, ov, active: str = "/", css_href: str | None = 
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">{head}</head><body>'
             f'<header><strong>clip-density-index</strong> {synth} {where}<nav>{nav}</nav></header>'
-            f'<main id="{escape(title.lower().split()[0])}">{body}</main></body></html>')
+            f'<main id="view-{escape(title.lower().split()[0])}">{body}</main></body></html>')
 
 
 def error_page(message: str, ov=None, status: int = 400) -> str:
