@@ -565,28 +565,73 @@ def query_cmd(index_dir, name, list_, params, fmt, out, force, width):
 
 @cli.command("select")
 @index_dir_argument
-@click.option("--by", required=True, help="Score column to rank by, e.g. kl_text or klr_text (the paper's best).")
-@click.option("--top-fraction", type=float, required=True,
-              help="Fraction F in (0, 1] to keep: floor(F x candidates) samples, at least 1.")
+@click.option("--by", default=None, help="Score column to rank by, e.g. kl_text or klr_text (the paper's best).")
+@click.option("--top-fraction", type=float, default=None,
+              help="With --by: fraction F in (0, 1] to keep, of the rows that passed --where: floor(F x "
+                   "candidates) samples, at least 1.")
+@click.option("--keep", "keeps", multiple=True, metavar="COLUMN:FRACTION[:lowest]",
+              help="Keep this fraction by a score or numeric samples column (repeatable; e.g. "
+                   "clip_l14_similarity_score:0.3 --keep kl_text:0.25). See --mode.")
+@click.option("--mode", type=click.Choice(["pool", "filtered"]), default=None,
+              help="--keep: pool (default): each fraction of the WHOLE pool, the sets intersected (with "
+                   "--where too); filtered: --where first, then each --keep in order on what is left "
+                   "(what --by / --top-fraction do).")
+@click.option("--count", type=click.Choice(["floor", "paper"]), default="floor", show_default=True,
+              help="Rows a fraction keeps: floor (floor(F x N)) or paper (floor(F x N) + 1, as the "
+                   "paper's selection code).")
 @click.option("--where", default=None,
-              help="SQL condition over samples and scores columns, applied first, e.g. \"clipscore > 0.2\".")
-@click.option("--lowest", is_flag=True, help="Keep the lowest scores instead of the highest.")
+              help="SQL condition over samples and scores columns, e.g. \"clipscore > 0.7\".")
+@click.option("--lowest", is_flag=True, help="With --by: keep the lowest scores instead of the highest.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the selection: .npy (DataComp subset: uids as u8,u8, sorted), .txt (uids) "
-                   "or .parquet (rank, uid, vec_id, score).")
+              help="Write the selection: .npy (DataComp subset: uids as u8,u8, sorted), .txt (uids, sorted) "
+                   "or .parquet (rank, uid, vec_id and the ranked column(s), best first).")
 @force_option
-def select_cmd(index_dir, by, top_fraction, where, lowest, out, force):
+def select_cmd(index_dir, by, top_fraction, keeps, mode, count, where, lowest, out, force):
     """Keep the top fraction of the pool by a score (KL-guided data selection).
 
-    --where filters first; rows with a NULL score are dropped; then floor(F x remaining)
-    samples (at least 1) with the highest score are kept, ties broken by uid.
+    --by COLUMN --top-fraction F: --where filters first; rows with a NULL score are dropped; then
+    floor(F x remaining) samples (at least 1) with the highest score are kept, ties broken by uid.
+
+    --keep COLUMN:FRACTION (repeatable), DataComp style: each fraction of the whole pool,
+    intersected (--mode pool), or one after the other on what is left (--mode filtered).
 
     \b
     Examples:
-      python cli.py select index --by kl_text --top-fraction 0.25 --out subset.npy
-      python cli.py select index --by klr_text --top-fraction 0.3 --where "clipscore > 0.2" --out clean.npy
+      clip-density-index select index --by kl_text --top-fraction 0.25 --out subset.npy
+      clip-density-index select index --by klr_text --top-fraction 0.3 --where "clipscore > 0.7" --out clean.npy
+      clip-density-index select dc --keep clip_l14_similarity_score:0.3 --out clip30.npy
+      clip-density-index select dc --keep clip_l14_similarity_score:0.3 --keep kl_text:0.25 --out both.npy
+      clip-density-index select dc --mode filtered --keep clipscore:0.3 --keep kl_text:0.25 --out then.npy
     """
+    if keeps and (by is not None or top_fraction is not None or lowest):
+        raise click.UsageError("give --keep, or --by with --top-fraction (and --lowest), not both")
+    if not keeps and (by is None or top_fraction is None):
+        raise click.UsageError("give --by COLUMN --top-fraction F, or one or more --keep COLUMN:FRACTION")
+    if mode is not None and not keeps:
+        raise click.UsageError("--mode applies to --keep (--by / --top-fraction always filter first)")
     _note_synthetic(index_dir)
+    kind = {".npy": "DataComp subset format", ".txt": "one uid per line", ".parquet": "parquet"}
+    if keeps or count != "floor":
+        from queries.keep import Keep, select_keep
+
+        keep_list = list(keeps) or [Keep(by, top_fraction, lowest)]
+        ks = select_keep(index_dir, keep_list, where=where, mode=mode or ("pool" if keeps else "filtered"),
+                         count=count, out=out, force=force)
+        if where is not None:
+            click.echo(f"{ks.passed_where:,} of {ks.total:,} samples passed --where {where}")
+        for st in ks.steps:
+            sign = "<=" if st.keep.lowest else ">="
+            side = "lowest" if st.keep.lowest else "highest"
+            of = "of the pool" if ks.mode == "pool" else "of those left"
+            click.echo(f"  --keep {st.keep}: {st.kept:,} {side} of {st.of:,} {of}"
+                       + (f" ({st.keep.column} {sign} {st.threshold:.6g})" if st.threshold is not None else "")
+                       + (f"; {st.of - st.candidates:,} without a value" if st.of > st.candidates else ""))
+        how = "intersection" if ks.mode == "pool" else "one after the other"
+        click.echo(f"Kept {ks.kept:,} of {ks.total:,} samples ({ks.kept / max(ks.total, 1):.2%}; {ks.mode} mode, "
+                   f"{how}, count {count})")
+        if out is not None:
+            click.echo(f"Wrote {ks.kept:,} uids to {out} ({kind.get(out.suffix.lower(), '')})")
+        return
     from queries.select import select
 
     sel = select(index_dir, by, top_fraction, where=where, lowest=lowest, out=out, force=force)
@@ -599,7 +644,6 @@ def select_cmd(index_dir, by, top_fraction, where, lowest, out, force):
     click.echo(f"Kept {sel.kept:,} of {sel.candidates:,} samples ({side} {by}, fraction {sel.fraction:g}"
                + (f"; {by} {'<=' if lowest else '>='} {sel.threshold:.6g})" if sel.threshold is not None else ")"))
     if out is not None:
-        kind = {".npy": "DataComp subset format", ".txt": "one uid per line", ".parquet": "parquet"}
         click.echo(f"Wrote {sel.kept:,} uids to {out} ({kind.get(out.suffix.lower(), '')})")
 
 
