@@ -17,11 +17,6 @@ from indexer.layout import CATALOG
 from indexer.swap import BUILD_ID, pid_alive
 
 
-#: Names of the files a build, score or lock writes into an index directory (``indexer.build``).
-_INDEX_FILES = re.compile(r"^(catalog\.duckdb(\.wal)?|(image|text)(\.faiss|_emb\.npy|_rawnorm\.npy)|skipped\.tsv"
-                          r"|\.lock|\.lock-swap|\.build)$")
-
-
 def check_out(path: str | Path, force: bool) -> Path:
     """Refuse to overwrite ``path`` unless ``force``; create its parent directories.
 
@@ -37,9 +32,6 @@ def check_out(path: str | Path, force: bool) -> Path:
     if index_dir is not None:  # even with --force: `sql --out idx/catalog.duckdb --force` replaced the catalog
         raise InvalidParameter(f"Output {str(path)!r} is a file of the index at {str(index_dir)!r}; "
                                "write the output elsewhere")
-    if (path.parent / CATALOG).is_file() and _INDEX_FILES.match(path.name):
-        raise InvalidParameter(f"Output {str(path)!r} is a file of the index in {str(path.parent)!r}; writing it would "
-                               "damage the index (even with --force): choose another file name")
     if path.exists() and not force:
         raise InvalidParameter(f"Output {str(path)!r} already exists; pass --force to overwrite it")
     try:
@@ -53,14 +45,15 @@ def check_out(path: str | Path, force: bool) -> Path:
 
 def _index_of_own_file(path: Path) -> Path | None:
     """The index directory when ``path`` (symbolic links followed) names one of its own files (the
-    catalog and DuckDB's files beside it, FAISS and ``.npy`` files, the lock, the build record)."""
-    from indexer.layout import CATALOG, MODALITIES
+    catalog and DuckDB's files beside it, FAISS and ``.npy`` files, the locks, the build record,
+    ``skipped.tsv``)."""
+    from indexer.layout import MODALITIES
 
     real = Path(os.path.realpath(path))
     if not (real.parent / CATALOG).is_file():
         return None
-    own = {CATALOG, BUILD_ID, ".lock"} | {f"{m}{suffix}" for m in MODALITIES
-                                          for suffix in (".faiss", "_emb.npy", "_rawnorm.npy")}
+    own = {CATALOG, BUILD_ID, ".lock", ".lock-swap", "skipped.tsv"} | {
+        f"{m}{suffix}" for m in MODALITIES for suffix in (".faiss", "_emb.npy", "_rawnorm.npy")}
     return real.parent if real.name in own or real.name.startswith(CATALOG) else None
 
 
