@@ -25,6 +25,7 @@ SEED = click.IntRange(min=0, max=2**63 - 1)
 SOURCE_OPTIONS = {
     "arch": ("datacomp",),
     "logit_scale": ("datacomp", "clip-retrieval"),
+    "log_logit_scale": ("datacomp", "clip-retrieval"),
     "model": ("open_clip",),
     "pretrained": ("open_clip",),
     "captions": ("open_clip",),
@@ -90,6 +91,16 @@ class MemoryType(click.ParamType):
             return parse_memory(value)
         except ClipIndexError as e:
             self.fail(str(e), param, ctx)
+
+
+def _logit_scale(a: float | None, log_a: float | None) -> float | None:
+    """a from --logit-scale / --log-logit-scale; warns on stderr when a looks like the log form."""
+    from queries.conventions import log_like_warning, resolve_logit_scale
+
+    warning = log_like_warning(a) if log_a is None else None
+    if warning:
+        click.echo(f"Warning: {warning}", err=True)
+    return resolve_logit_scale(a, log_a)
 
 
 def _progress(quiet: bool):
@@ -186,7 +197,10 @@ def _terminate(signum, frame) -> None:
 @click.option("--arch", type=click.Choice(["b32", "l14"]), default="b32", show_default=True,
               help="DataComp embedding arrays to use (b32_* or l14_*).")
 @click.option("--logit-scale", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Logit scale a for precomputed embeddings (default 100; open_clip reads the model's).")
+              help="Logit scale a for precomputed embeddings (default 100; open_clip reads the model's). "
+                   "a itself, not its log: a value <= 7 is taken as a, with a warning.")
+@click.option("--log-logit-scale", type=float, default=None,
+              help="The logit scale in log form (as the paper's DataComp code takes it: 4.6052 = log 100).")
 @click.option("--model", default="ViT-B-32", show_default=True, help="open_clip model name.")
 @click.option("--pretrained", default=None,
               help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint path; required "
@@ -221,7 +235,8 @@ def _terminate(signum, frame) -> None:
               help="Rows per batch read from the source.")
 @click.option("--gpu/--no-gpu", default=None, help="Use GPU FAISS (default: when a GPU is present).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def build_index_cmd(source, input_path, out, n, arch, logit_scale, model, pretrained, captions, image_column,
+def build_index_cmd(source, input_path, out, n, arch, logit_scale, log_logit_scale, model, pretrained, captions,
+                    image_column,
                     caption_column, uid_column, skip_bad, device, workers, seed, dim, geometry, index_factory,
                     max_memory, nprobe, dtype, cov_sample, batch_size, gpu, quiet):
     """Build a FAISS + DuckDB index of a pool.
@@ -244,6 +259,7 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, model, pretra
         if given and source not in sources:
             flag = "--" + name.replace("_", "-")
             raise click.UsageError(f"{flag} applies only to --source {' / '.join(sources)}, not {source}")
+    logit_scale = _logit_scale(logit_scale, log_logit_scale)
     if source == "open_clip" and pretrained is None:
         raise click.UsageError("--pretrained is required with --source open_clip: a tag such as "
                                "laion2b_s34b_b79k or a checkpoint file ('random' for untrained weights)")
@@ -346,7 +362,10 @@ def info_cmd(index_dir, as_json, verify):
               show_default=True, help="paper: the sample, as a fraction of the pool (drawn with replacement).")
 @click.option("--side", type=click.Choice(["both", "text", "image"]), default="both", show_default=True,
               help="text: each caption against all images; image: each image against all captions.")
-@click.option("--logit-scale", type=float, default=None, help="a (default: the index's, from its manifest).")
+@click.option("--logit-scale", type=float, default=None,
+              help="a (default: the index's, from its manifest); a itself, ~100 for CLIP (a value <= 7 warns).")
+@click.option("--log-logit-scale", type=float, default=None,
+              help="The logit scale in log form, as the paper's DataComp code takes it (4.6052 = log 100).")
 @click.option("--logit-bias", type=float, default=None, help="SigLIP bias b: use the sigmoid-loss ('tau_b') formulas.")
 @click.option("--metrics", default=None,
               help="Comma-separated subset of kl,klr,dc,dw,rawnorm,conformity,conformity_est,loglik,clipscore "
@@ -368,7 +387,8 @@ def info_cmd(index_dir, as_json, verify):
 @click.option("--device", default="auto", show_default=True, help="torch device for the dense parts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def score_cmd(index_dir, estimator, exact, k, tail_sample, paper_sample, side, logit_scale, logit_bias, metrics,
+def score_cmd(index_dir, estimator, exact, k, tail_sample, paper_sample, side, logit_scale, log_logit_scale,
+              logit_bias, metrics,
               seed, batch_size, nprobe, check, target_spearman, target_overlap, precision, device, as_json, quiet):
     """Score every sample: KL / KLR (both sides), D_C, D_W, raw norm, conformity, whitened
     log-likelihood and CLIPScore, into the catalog's `scores` table.
@@ -384,6 +404,7 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, paper_sample, side, l
       python cli.py score index --side text --metrics kl,klr
     """
     _note_synthetic(index_dir)
+    logit_scale = _logit_scale(logit_scale, log_logit_scale)
     from queries.score import report_dict, score
 
     if exact and estimator not in ("auto", "exact"):
