@@ -7,7 +7,7 @@ SELECT
     row_number() OVER (ORDER BY sc.{{column}} DESC NULLS LAST, sm.uid) AS rank,
     sm.vec_id,
     sm.uid,
-    sm.caption,
+    COLUMNS('^(caption|url|image_path)$'),  -- the caption, and the url / image_path where the pool has them
     sc.{{column}}
 FROM scores AS sc
 JOIN samples AS sm USING (vec_id)

@@ -158,3 +158,16 @@ def test_recipes_on_the_cli(pool, tmp_path):
     assert r.exit_code == 1 and "nope" in r.output and "clip_l14_similarity_score" in r.output
     r = runner.invoke(cli.cli, ["select", str(idx), "--keep", "caption:0.2"])  # not numeric
     assert r.exit_code == 1 and "caption" in r.output
+
+
+@pytest.mark.parametrize("name,params", [("top_by_score", {}), ("bottom_by_score", {}),
+                                         ("caption_search", {"text": "sample"})])
+def test_ranked_queries_show_the_url_where_the_pool_has_one(pool, name, params):
+    from queries.sqlrun import run_query
+
+    idx, df = pool
+    t = run_query(idx, name, column="klr_text", limit=5, **params)
+    assert t.column_names == ["rank", "vec_id", "uid", "caption", "url", "klr_text"]
+    assert t.column("url").to_pylist() == [f"http://example.com/{i}.jpg" for i in t.column("vec_id").to_pylist()]
+    asc = name == "bottom_by_score"
+    assert t.column("uid").to_pylist() == df.sort_values(["klr_text", "uid"], ascending=[asc, True])["uid"].head(5).tolist()
