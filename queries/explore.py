@@ -362,11 +362,13 @@ def prompt_view(index, prompt: str | None = None, embedding: np.ndarray | None =
     """The top ``n`` samples by weight (``queries.weights.sample(mode="top")``, as
     ``cli.py sample --mode top``) and the weights' summary and histogram of ``log10`` normalised
     weights (``queries.weights.compute_weights``, as ``cli.py weights``; nothing is stored)."""
-    from queries.weights import compute_weights, sample
+    from queries.weights import compute_weights, encode_prompt, sample
 
     pool = as_pool(index)
-    w = compute_weights(pool, prompt, embedding, logit_scale)
-    top = sample(pool, prompt, embedding, n=min(int(n), pool.n), mode="top", logit_scale=logit_scale)
+    p = encode_prompt(pool, prompt, embedding)  # once: the synthetic world's encoder takes ~1 s to build
+    w = compute_weights(pool, p.label, p.vector, logit_scale)
+    w.encoder = p.encoder
+    top = sample(pool, p.label, p.vector, n=min(int(n), pool.n), mode="top", logit_scale=logit_scale)
     ids = top.column("vec_id").to_pylist()
     cs = cards(pool, ids)
     for c, cos, wt in zip(cs, top.column("cosine").to_pylist(), top.column("weight").to_pylist()):

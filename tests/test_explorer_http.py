@@ -179,3 +179,23 @@ def test_report_is_self_contained(index_dir, tmp_path):
     r = CliRunner().invoke(cli.cli, ["report", str(index_dir), "--out", str(out)])
     assert r.exit_code == 1 and "--force" in r.output
     assert os.path.getsize(out) > 10_000
+
+
+def test_open_clip_pool_serves_its_own_images_only(tmp_path):
+    pytest.importorskip("open_clip")
+    from tests.explorer_pools import build_openclip_pool
+
+    idx, outside = build_openclip_pool(tmp_path / "oc")
+    rows = queries.run_sql(idx, "SELECT vec_id, image FROM samples ORDER BY vec_id").to_pylist()
+    with TestClient(create_app(idx), base_url="http://127.0.0.1") as c:
+        for r in rows:
+            got = c.get(f"/image/{r['vec_id']}")
+            if r["image"].startswith(".."):  # recorded, exists, but outside the index's image folder
+                assert got.status_code == 404
+            else:
+                assert got.status_code == 200 and got.headers["content-type"] in ("image/png", "image/jpeg")
+                assert got.content == (tmp_path / "oc" / "images" / r["image"]).read_bytes()
+        page = c.get("/?order=bottom").text
+        assert page.count('src="/image/') == len(rows)
+        # the pool has a model: a text prompt is encoded with it
+        assert c.get("/prompt", params={"prompt": "a red circle"}).status_code == 200
