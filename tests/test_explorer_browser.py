@@ -4,6 +4,7 @@ uvicorn on 127.0.0.1 in a thread, stopped at the end of the module.
 
 Screenshots of each view go to ``docs/explorer-*.png`` only when ``UPDATE_SCREENSHOTS=1``."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -53,8 +54,9 @@ def index_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def server(index_dir):
+@contextlib.contextmanager
+def _serve(index_dir):
+    """uvicorn on a free 127.0.0.1 port in a thread (at most 500 requests), stopped on exit."""
     port = _free_port()
     config = uvicorn.Config(create_app(index_dir, "127.0.0.1", port), host="127.0.0.1", port=port,
                             log_level="warning", limit_max_requests=500)
@@ -65,9 +67,17 @@ def server(index_dir):
     while not srv.started:
         assert time.monotonic() < deadline and t.is_alive(), "the explorer did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        t.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(index_dir):
+    with _serve(index_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +199,20 @@ def test_hostile_input_in_the_browser(server, browser, index_dir):
         drv.get(server + url)
         assert "Traceback" not in drv.page_source and "root:x" not in drv.page_source
     assert (catalog.stat().st_mtime_ns, catalog.read_bytes()) == before
+
+
+def test_open_clip_pool_shows_real_thumbnails(browser, tmp_path):
+    pytest.importorskip("open_clip")
+    from tests.explorer_pools import build_openclip_pool
+
+    idx, _ = build_openclip_pool(tmp_path / "oc")
+    with _serve(idx) as url:
+        browser.get(url + "/?order=top")
+        WebDriverWait(browser, 20).until(lambda d: d.execute_script(
+            "return Array.from(document.images).every(i => i.complete)"))
+        sizes = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#cards img')).map(i => [i.getAttribute('src'), i.naturalWidth])")
+        loaded = [src for src, w in sizes if w > 0]
+        # every image inside the folder is shown; the one recorded outside it is not served
+        assert len(sizes) == 17 and len(loaded) == 16, sizes
+        _shot(browser, "gallery-images")
