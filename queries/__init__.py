@@ -10,6 +10,8 @@ Public API (imported lazily, so ``import queries`` is cheap and never circular):
     queries.list_queries()                                   # named queries in sql/*.sql
     queries.run_query(pool, "top_by_score", column="kl_text", limit=10)
     queries.select(pool, by="kl_text", top_fraction=0.25, out="subset.npy")
+    queries.select_keep(pool, ["clipscore:0.3", "kl_text:0.25"])    # pool fractions, intersected
+    queries.encode_text("dc-index", ["a photo of food"], out="food.npy")  # the index's open_clip model
     queries.weights(pool, prompt="a photo of food")          # importance weights (SPEC 8)
     queries.sample(pool, prompt="a photo of food", n=100, mode="draw", seed=0)
 
@@ -35,6 +37,8 @@ _API = {
     "write_result": "queries.sqlrun",
     "render_table": "queries.sqlrun",
     "select": "queries.select",
+    "select_keep": "queries.keep",
+    "encode_text": "queries.prompts",
     "weights": "queries.weights",
     "compute_weights": "queries.weights",
     "encode_prompt": "queries.weights",
