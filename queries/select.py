@@ -3,7 +3,7 @@
 Rules, exactly:
 
 1. The rows are ``samples`` joined with ``scores`` (one per sample).
-2. ``where`` (optional, a SQL boolean expression over their columns, e.g. ``clipscore > 0.2``)
+2. ``where`` (optional, a SQL boolean expression over their columns, e.g. ``clipscore > 0.7``)
    applies FIRST. It is user SQL: it must not contain ``;``, it must parse as ONE expression
    (DuckDB's expression parser, so ``1=1) UNION (SELECT ...`` is rejected), and it runs on a
    catalog connection opened read-only.
@@ -121,10 +121,10 @@ def check_where(where: str) -> str:
         InvalidParameter: empty, or contains ``;`` (one expression, never a second statement).
     """
     if not where or not where.strip():
-        raise InvalidParameter("--where is empty; give a SQL condition such as \"clipscore > 0.2\"")
+        raise InvalidParameter("--where is empty; give a SQL condition such as \"clipscore > 0.7\"")
     if ";" in where:
         raise InvalidParameter(
-            f"--where {where!r} contains ';': it must be a single SQL condition such as \"clipscore > 0.2\""
+            f"--where {where!r} contains ';': it must be a single SQL condition such as \"clipscore > 0.7\""
         )
     return where
 
