@@ -115,7 +115,11 @@ def gallery_page(ov, page, per_page: int) -> str:
                              f'<p class="paging">{" ".join(links)}</p>', ov, "/")
 
 
-def corr_table(rows: list[dict]) -> str:
+def corr_table(rows: list[dict] | None, ask: str = "") -> str:
+    if rows is None:
+        return (f'<p id="correlations-ask"><a href="{escape(ask)}" id="compute-correlations">Compute the correlation '
+                'table</a> (it ranks every score column of the pool: a minute or more on large pools; kept for the '
+                'session once computed).</p>')
     if not rows:
         return "<p>No scores yet.</p>"
     head = "<tr><th>side</th><th>measure</th><th>method</th><th>D_KL</th><th>D_KLR</th><th>D_C</th><th>D_W</th><th>n</th></tr>"
@@ -133,7 +137,7 @@ def plots_page(ov, hists: dict[str, str], scatter: str, x: str, y: str, corr: li
             f'<button type="submit" id="draw">Draw</button></form>')
     grid = "".join(f'<div class="hist" data-column="{escape(c)}">{s}</div>' for c, s in hists.items())
     return layout("Plots", f"<h1>Scatter</h1>{form}<div id=scatter>{scatter}</div>"
-                           f"<h1>Correlations (SPEC 10)</h1>{corr_table(corr)}"
+                           f"<h1>Correlations (SPEC 10)</h1>{corr_table(corr, '/plots?' + urlencode({'x': x, 'y': y, 'corr': 1}))}"
                            f"<h1>Histograms</h1><div class=hists id=histograms>{grid}</div>", ov, "/plots")
 
 

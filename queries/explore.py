@@ -64,11 +64,20 @@ def named(index, name: str, **params: Any) -> pa.Table:
 
 
 def _rows_by_vec_id(pool, sql_name: str, vec_ids: list[int]) -> dict[int, dict]:
+    """Rows of ``sql/<sql_name>.sql`` for the given vec_ids, by vec_id: ``samples`` by point
+    lookups (one bound parameter per id, through its index), ``scores`` (no index) by a semi-join
+    with the ids registered as an Arrow table."""
     if not vec_ids:
         return {}
-    sql = load_sql(sql_name).rstrip() + " (" + ", ".join(["?"] * len(vec_ids)) + ")"
+    ids = [int(v) for v in vec_ids]
     with pool.reader().con.cursor() as cur:
-        table = _arrow(cur.sql(sql, params=[int(v) for v in vec_ids]))
+        if sql_name == "explore_scores_rows":
+            cur.register("_ids", pa.table({"vec_id": pa.array(ids, pa.int64())}))
+            table = _arrow(cur.sql(load_sql(sql_name)))
+            cur.unregister("_ids")
+        else:
+            sql = load_sql(sql_name).rstrip() + " (" + ", ".join(["?"] * len(ids)) + ")"
+            table = _arrow(cur.sql(sql, params=ids))
     return {int(r["vec_id"]): r for r in table.to_pylist()}
 
 

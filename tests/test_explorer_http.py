@@ -199,3 +199,14 @@ def test_open_clip_pool_serves_its_own_images_only(tmp_path):
         assert page.count('src="/image/') == len(rows)
         # the pool has a model: a text prompt is encoded with it
         assert c.get("/prompt", params={"prompt": "a red circle"}).status_code == 200
+
+
+def test_large_pools_get_the_correlation_table_on_request(index_dir, monkeypatch):
+    import explorer.app
+
+    monkeypatch.setattr(explorer.app, "CORR_INLINE_MAX", 10)
+    with TestClient(create_app(index_dir), base_url="http://127.0.0.1") as c:
+        r = c.get("/plots")
+        assert 'id="compute-correlations"' in r.text and 'id="correlations"' not in r.text
+        assert 'id="correlations"' in c.get("/plots?corr=1").text
+        assert 'id="correlations"' in c.get("/plots?x=dc_text").text  # kept once computed
