@@ -581,7 +581,14 @@ def query_cmd(index_dir, name, list_, params, fmt, out, force, width):
             raise click.BadParameter(f"parameter {key.strip()!r} given twice", param_hint="--param")
         values[key.strip()] = value
     fmt = format_for(out, fmt)
-    _emit(run_query(index_dir, name, **values), fmt, out, force, width)
+    table = run_query(index_dir, name, **values)
+    if fmt == "table" and out is None:  # a title, so that two tables in a row can be told apart
+        from queries.sqlrun import get_query
+
+        about = get_query(name).description.split(": ", 1)[0].split(". ", 1)[0].rstrip(".")
+        given = ", ".join(f"{k}={v}" for k, v in values.items())
+        click.echo(f"{name}{f' ({given})' if given else ''}: {about}")
+    _emit(table, fmt, out, force, width)
 
 
 @cli.command("select")

@@ -171,3 +171,16 @@ def test_ranked_queries_show_the_url_where_the_pool_has_one(pool, name, params):
     assert t.column("url").to_pylist() == [f"http://example.com/{i}.jpg" for i in t.column("vec_id").to_pylist()]
     asc = name == "bottom_by_score"
     assert t.column("uid").to_pylist() == df.sort_values(["klr_text", "uid"], ascending=[asc, True])["uid"].head(5).tolist()
+
+
+def test_query_tables_have_a_title_and_files_do_not(pool, tmp_path):
+    idx, df = pool
+    runner = CliRunner()
+    for name, word in (("top_by_score", "HIGHEST"), ("bottom_by_score", "LOWEST")):
+        r = runner.invoke(cli.cli, ["query", str(idx), name, "--param", "column=kl_text", "--param", "limit=2"])
+        assert r.exit_code == 0, r.output
+        lines = r.stdout.splitlines()
+        assert lines[0] == f"{name} (column=kl_text, limit=2): The samples with the {word} value of a score column"
+        assert lines[1].split() == ["rank", "vec_id", "uid", "caption", "url", "kl_text"]
+    r = runner.invoke(cli.cli, ["query", str(idx), "top_by_score", "--param", "limit=2", "--format", "csv"])
+    assert r.exit_code == 0 and r.stdout.splitlines()[0].startswith("rank,vec_id,uid")
