@@ -183,6 +183,10 @@ def create_app(index_dir: str | Path, host: str = "127.0.0.1", port: int | None 
 
     async def prompt(request: Request):
         if request.method == "POST":
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > explore.MAX_EMBEDDING_BYTES + 65536:
+                raise InvalidParameter(f"The upload has {int(length):,} bytes; a prompt embedding .npy is at most "
+                                       f"{explore.MAX_EMBEDDING_BYTES:,}")
             async with request.form(max_files=1, max_fields=4, max_part_size=explore.MAX_EMBEDDING_BYTES) as form:
                 q = {k: v for k, v in form.items() if isinstance(v, str)}
                 a = _float(q, "logit_scale", 10.0, 0.0, 1e4, lo_open=True)
@@ -265,7 +269,8 @@ def create_app(index_dir: str | Path, host: str = "127.0.0.1", port: int | None 
 
     from starlette.middleware.base import BaseHTTPMiddleware
 
-    hosts = sorted({host, "127.0.0.1", "localhost", "::1", "[::1]"})
+    # a wildcard bind is reached by whatever name or address the machine has: no Host check then
+    hosts = ["*"] if host in ("0.0.0.0", "::", "") else sorted({host, "127.0.0.1", "localhost", "::1", "[::1]"})
     app = Starlette(
         debug=False,
         routes=[

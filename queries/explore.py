@@ -383,7 +383,7 @@ def prompt_view(index, prompt: str | None = None, embedding: np.ndarray | None =
     for c, cos, wt in zip(cs, top.column("cosine").to_pylist(), top.column("weight").to_pylist()):
         c["cosine"], c["weight"] = cos, wt
         c["normalized_weight"] = math.exp(cos * w.logit_scale - w.log_mean)
-    lw = np.log10(np.maximum(w.normalized_weight, 1e-300))
+    lw = (w.log_weight - w.log_mean) / math.log(10)  # log10(w / mean w), without another exp pass
     counts, edges = np.histogram(lw, bins=40)
     hist = [{"bin": i, "n": int(c), "lo": float(edges[i]), "hi": float(edges[i + 1])} for i, c in enumerate(counts)]
     return PromptView(w.prompt, w.encoder, w.summary(), cs, hist)
