@@ -210,3 +210,43 @@ def test_large_pools_get_the_correlation_table_on_request(index_dir, monkeypatch
         assert 'id="compute-correlations"' in r.text and 'id="correlations"' not in r.text
         assert 'id="correlations"' in c.get("/plots?corr=1").text
         assert 'id="correlations"' in c.get("/plots?x=dc_text").text  # kept once computed
+
+
+def test_cli_serve_binds_localhost_and_stops(index_dir):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(root / "cli.py"), "serve", str(index_dir), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, body = time.monotonic() + 90, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    body = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None and "Gallery" in body, proc.stderr.read() if proc.poll() is not None else ""
+        # bound to 127.0.0.1 only: the machine's other addresses do not answer
+        other = socket.gethostbyname(socket.gethostname())
+        if not other.startswith("127."):
+            with pytest.raises(OSError):
+                socket.create_connection((other, port), timeout=2).close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert "Serving" in proc.stderr.read()
