@@ -93,7 +93,8 @@ def test_plots_prompt_and_selection(client, index_dir, tmp_path):
 HOSTILE = [
     "/?column=kl_text%22%3B%20DROP%20TABLE%20samples%3B--", "/?column=../../etc/passwd", "/?order=evil",
     "/?decile=11", "/?decile=-1", "/?page=99999999999999999999", "/?page=1e3", "/?seed=-5", "/?page=%00",
-    "/plots?x=vec_id", "/plots?y=uid", "/plots?x=" + "a" * 5000,
+    "/plots?x=vec_id", "/plots?y=uid", "/plots?x=" + "a" * 5000, "/plots?corr=2", "/plots?corr=%27",
+    "/?order=random&seed=abc", "/prompt?prompt=a&logit_scale=abc",
     "/prompt?prompt=" + "x" * 3000, "/prompt?prompt=a&logit_scale=inf", "/prompt?prompt=a&logit_scale=-1",
     "/prompt?prompt=%00", "/select?by=kl_text&fraction=2", "/select?by=kl_text&fraction=nan",
     "/select?by=caption&fraction=0.5", "/select?by=kl_text&lowest=7",
@@ -118,6 +119,10 @@ def test_hostile_input_is_refused_without_traceback_write_or_read(client, index_
                   {"embedding": ("x.npy", _npy(np.array([{"a": 1}], dtype=object)))},
                   {"embedding": ("x.npy", b"\0" * (2 * 2**20))}, {}):
         r = client.post("/prompt", files=files or None, data={"logit_scale": "10"})
+        assert r.status_code == 400, (files.keys(), r.status_code, r.text[:300])
+        assert "Traceback" not in r.text
+    for scale in ("nan", "-3", "x" * 5000):
+        r = client.post("/prompt", files={"embedding": ("x.npy", _npy(np.ones(64)))}, data={"logit_scale": scale})
         assert r.status_code == 400, (files.keys(), r.status_code, r.text[:300])
         assert "Traceback" not in r.text
     # another Host (DNS rebinding) is refused
