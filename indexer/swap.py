@@ -147,6 +147,11 @@ def recover(out: str | Path, wait: float = 5.0) -> str | None:
             time.sleep(0.1)
             continue
         if not dead:
+            if live:
+                raise IndexNotFound(
+                    f"Index {str(out)!r} is missing: a build (PID {live[0][1].split('-')[0]}) has moved it aside to "
+                    f"{str(live[0][3])!r} and not yet put the new one in place; if that build is no longer "
+                    f"running, rename {live[0][3].name} back to {out.name}")
             return None
         dead.sort(key=lambda f: f[3].stat().st_ctime)  # the latest one moved aside
         path = dead[-1][3]
@@ -191,16 +196,16 @@ def swap(tmp: Path, out: Path, token: str) -> bool:
     ``score`` works in it; one that began during the build is waited for."""
     fsync_tree(tmp)
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{token}"
-        with lock.replacing(out, wait=True):  # a score that began during the build finishes first
-            os.rename(out, old)
-        fsync_dir(out.parent)
-        fault_point("swap.after_old_renamed")
     try:
+        if out.exists():
+            with lock.replacing(out, wait=True):  # a score that began during the build finishes first
+                os.rename(out, out.parent / f".{out.name}.old-{token}")
+                old = out.parent / f".{out.name}.old-{token}"
+            fsync_dir(out.parent)
+            fault_point("swap.after_old_renamed")
         os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
+    except BaseException:  # Ctrl-C / SIGTERM or an error between the renames: the old index back
+        if old is not None and not os.path.lexists(out):
             os.rename(old, out)
         raise
     fsync_dir(out.parent)
