@@ -10,7 +10,7 @@ more ``Keep(column, fraction, lowest)`` and one of two modes:
   keeps does not matter.
 * ``mode="filtered"``: filter, then rank, as ``select --where ... --top-fraction`` always did:
   ``where`` first, then each keep in the order given takes its fraction of the rows still left
-  (``floor(F x left)``). ``--keep clipscore:0.3 --keep kl_text:0.25`` keeps 0.3 x 0.25 = 7.5% of the
+  that have a value (``floor(F x left)``; in pool mode rows without a value count in N). ``--keep clipscore:0.3 --keep kl_text:0.25`` keeps 0.3 x 0.25 = 7.5% of the
   pool: a quarter of the best-aligned 30%.
 
 Counting, ranking and ties follow ``queries.select`` exactly (NULL / NaN scores are never kept;
@@ -224,8 +224,9 @@ def select_keep(
             _evaluate_once(rel, None, q)
             try:
                 of, candidates = store.run("select_counts").fetchall()[0]
-                n = _count(k.fraction, of, count)
-                n = min(n, candidates)
+                # pool: a fraction of every row (DataComp); filtered: of the rows left that can be
+                # ranked, exactly as select --by --top-fraction counts
+                n = min(_count(k.fraction, of if mode == "pool" else candidates, count), candidates)
                 top = _arrow(con.sql(load_sql("select_kept"), params={"kept": n, "lowest": bool(k.lowest)}))
             except duckdb.Error as e:
                 raise _query_failed(e, "select", store) from None

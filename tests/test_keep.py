@@ -52,10 +52,12 @@ def pd_count(fraction, n, paper=False):
     return min(n, k + 1) if paper else k
 
 
-def pd_top(d, col, fraction, lowest=False, paper=False):
-    """uids of the best pd_count(F, len(d)) rows of frame d by col (NaN never kept; ties by uid)."""
-    k = pd_count(fraction, len(d), paper)
-    ranked = d[d[col].notna()].sort_values([col, "uid"], ascending=[lowest, True])
+def pd_top(d, col, fraction, lowest=False, paper=False, of_valued=False):
+    """uids of the best pd_count(F, rows) rows of frame d by col (NaN never kept; ties by uid); rows
+    = every row of d (pool mode) or those with a value (of_valued: filtered mode, like select)."""
+    valued = d[d[col].notna()]
+    k = pd_count(fraction, len(valued) if of_valued else len(d), paper)
+    ranked = valued.sort_values([col, "uid"], ascending=[lowest, True])
     return list(ranked["uid"].head(k))
 
 
@@ -69,7 +71,7 @@ def pd_pool(df, keeps, mask=None, paper=False):
 def pd_filtered(df, keeps, mask=None, paper=False):
     d = df if mask is None else df[mask]
     for c, f, lo in keeps:
-        d = d[d["uid"].isin(pd_top(d, c, f, lo, paper))]
+        d = d[d["uid"].isin(pd_top(d, c, f, lo, paper, of_valued=True))]
     return set(d["uid"])
 
 
@@ -107,6 +109,7 @@ def test_pool_mode_is_the_intersection_of_pool_fractions(pool, keeps, paper):
 @pytest.mark.parametrize("keeps,where,mask", [
     ([("clipscore", 0.3, False), ("kl_text", 0.25, False)], None, None),
     ([("kl_text", 0.25, False)], "clipscore > 0.5", lambda d: d["clipscore"] > 0.5),
+    ([("partial_score", 0.5, False), ("kl_text", 0.5, True)], "clipscore > 0.2", lambda d: d["clipscore"] > 0.2),
     ([("clip_l14_similarity_score", 0.5, False), ("klr_text", 0.3, False)],
      "url NOT LIKE '%7.jpg'", lambda d: ~d.index.map(lambda i: str(i).endswith("7")).to_numpy(bool)),
 ])
@@ -124,9 +127,10 @@ def test_filtered_mode_ranks_what_is_left(pool, keeps, where, mask):
 def test_filtered_with_one_keep_equals_select(pool):
     idx, _ = pool
     for where in (None, "clipscore > 0.3"):
-        old = select(idx, "kl_text", 0.25, where=where)
-        new = select_keep(idx, ["kl_text:0.25"], where=where, mode="filtered")
-        assert new.uids == old.uids
+        for col in ("kl_text", "partial_score"):  # partial_score: NULL in every fifth row
+            old = select(idx, col, 0.25, where=where)
+            new = select_keep(idx, [f"{col}:0.25"], where=where, mode="filtered")
+            assert new.uids == old.uids and new.kept == old.kept
 
 
 def test_recipes_on_the_cli(pool, tmp_path):
