@@ -18,6 +18,7 @@ this run did not compute are carried over. The work directory is deleted after s
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -65,9 +66,10 @@ SCORE_COLUMNS = tuple(f"{m}_{s}" for m in METRICS[:-1] for s in ("text", "image"
 #: Fraction of the checked samples compared by ``top25_overlap``.
 TOP_FRACTION = 0.25
 #: KL estimators (``--estimator``). ``auto`` picks one of ``AUTO_CHOICES`` per run (``_choose``).
-ESTIMATORS = ("auto", "exact", "mimps", "paper")
-#: Estimators ``auto`` may pick: those that aim at exact-grade rankings (SPEC 3.2 targets).
-AUTO_CHOICES = ("exact",)
+ESTIMATORS = ("auto", "exact", "strata", "mimps", "paper")
+#: Pools smaller than this are scored exactly by ``auto`` without timing anything: the exact pass
+#: takes seconds there, less than building the strata.
+AUTO_EXACT_BELOW = 20_000
 #: Held-out exact rows per side that every approximate run checks itself on (SPEC 3.2); fewer on
 #: small pools (``default_check``). 4,000 rows resolve the top-25% overlap to ~0.1 points.
 DEFAULT_CHECK = 4000
@@ -128,6 +130,7 @@ class ScoreReport:
     chunks_reused: int = 0
     checks: list[CheckResult] = field(default_factory=list)
     targets: tuple[float, float] = (TARGET_SPEARMAN, TARGET_OVERLAP)  # (Spearman, top-25% overlap)
+    details: dict[str, dict] = field(default_factory=dict)  # per side: the estimator's own figures
 
     @property
     def targets_met(self) -> bool | None:
@@ -163,6 +166,8 @@ class _Params:
     check: int | None
     paper_sample: float
     targets: tuple[float, float]
+    strata_target: float
+    max_fraction: float
 
     @property
     def exact(self) -> bool:
@@ -181,7 +186,7 @@ def default_check(n: int) -> int:
 
 def _resolve(pool: PoolIndex, *, estimator, k, tail_sample, side, logit_scale, logit_bias, metrics, seed,
              batch_size, nprobe, check, precision, paper_sample, target_spearman, target_overlap,
-             device) -> _Params:
+             device, strata_target=None, max_fraction=None) -> _Params:
     """Defaults from the index, and every value checked; raises ``InvalidParameter`` naming it.
     ``estimator`` is already one of exact / mimps / paper (``_choose`` resolves auto)."""
     from queries.exact import PRECISIONS
@@ -218,6 +223,13 @@ def _resolve(pool: PoolIndex, *, estimator, k, tail_sample, side, logit_scale, l
     for name, v in (("target_spearman", target_spearman), ("target_overlap", target_overlap)):
         if not (isinstance(v, (int, float)) and 0 <= v <= 1):
             raise InvalidParameter(f"{name} must be between 0 and 1, got {v!r}")
+    from queries import strata
+
+    strata_target = strata.DEFAULT_TARGET if strata_target is None else strata_target
+    max_fraction = strata.DEFAULT_MAX_FRACTION if max_fraction is None else max_fraction
+    for name, v in (("strata_target", strata_target), ("max_fraction", max_fraction)):
+        if not (isinstance(v, (int, float)) and 0 < v <= 1):
+            raise InvalidParameter(f"{name} must be in (0, 1], got {v!r}")
     if precision is None:
         from indexer.device import resolve_device
 
@@ -237,7 +249,8 @@ def _resolve(pool: PoolIndex, *, estimator, k, tail_sample, side, logit_scale, l
         metrics=metrics, k=k, m=m, a=float(a), b=None if b is None else float(b), seed=int(seed),
         batch_size=int(batch_size or DEFAULT_BATCH), nprobe=None if nprobe is None else int(nprobe),
         check=None if check is None else int(check), paper_sample=float(paper_sample),
-        targets=(float(target_spearman), float(target_overlap)),
+        targets=(float(target_spearman), float(target_overlap)), strata_target=float(strata_target),
+        max_fraction=float(max_fraction),
     )
 
 
@@ -262,6 +275,7 @@ def _work_name(pool: PoolIndex, p: _Params) -> str:
         "index": [pool.manifest.get("image_index"), pool.manifest.get("text_index")],
         "estimator": p.estimator, "precision": p.precision, "sides": list(p.sides),
         "kl_metrics": [m for m in p.metrics if m in KL_METRICS], "paper_sample": p.paper_sample,
+        "strata": [p.strata_target, p.max_fraction, p.check],
         "k": p.k, "m": p.m, "a": p.a, "b": p.b, "seed": p.seed, "batch_size": p.batch_size, "nprobe": p.nprobe,
     }
     return "score-" + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -335,8 +349,77 @@ def _chunk_scorer(pool: PoolIndex, side: str, p: _Params, report: ScoreReport,
 
         yield exact_chunk
         return
-    with _mimps_scorer(pool, side, p, report, device, candidates) as f:
+    scorer = _strata_scorer if p.estimator == "strata" else _mimps_scorer
+    with scorer(pool, side, p, report, device, candidates) as f:
         yield f
+
+
+#: Why auto's approximate run was replaced by the exact one, per index (read by ``score``).
+_MISSED: dict[str, str] = {}
+#: Strata plans (with calibration rows and gamma) that ``auto`` built while timing, for the run.
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _plan_key(pool: PoolIndex, p: _Params, side: str) -> tuple:
+    return (str(pool.root), pool.manifest.get("created_at"), side, p.seed, p.a, p.strata_target, p.max_fraction)
+
+
+def calibration_ids(n: int, size: int, check: int | None, seed: int, side: str) -> np.ndarray:
+    """Random vec_ids whose exact rows fit the strata model, disjoint from the held-out check rows
+    (SPEC 3.2); at most half of what the check leaves."""
+    taken = np.zeros(n, dtype=bool)
+    if check:
+        taken[check_sample(n, check, seed)] = True
+    free = np.flatnonzero(~taken)
+    rng = np.random.default_rng([seed, 0xCA1, MODALITIES.index(side)])
+    return np.sort(rng.choice(free, size=min(size, max(1, len(free) // 2)), replace=False))
+
+
+@contextlib.contextmanager
+def _strata_scorer(pool, side, p, report, device, candidates):
+    """SPEC 3.2 strata: the candidates in lists, each query's likely lists scanned exactly as GEMMs,
+    the rest by a log-normal model whose scale is fitted on exact calibration rows of this run
+    (``queries.strata``)."""
+    import duckdb
+
+    from queries import strata
+
+    n, secs = pool.n, report.seconds
+    queries = pool.embeddings(side)
+    kept = _PLANS.pop(_plan_key(pool, p, side), None)  # built by auto's timing
+    if kept is None:
+        t0 = time.perf_counter()
+        plan = strata.build_plan(candidates, seed=p.seed, queries=queries)
+        secs[f"kl_{side}.plan"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cal = calibration_ids(n, strata.CALIBRATION_QUERIES, p.check, p.seed, side)
+        gamma = strata.calibrate(plan, np.asarray(queries[cal], dtype=np.float32), p.a, target=p.strata_target,
+                                 max_fraction=p.max_fraction, own_ids=cal)
+        secs[f"kl_{side}.calibrate"] = time.perf_counter() - t0
+    else:
+        plan, cal, gamma = kept
+    scanned = [0.0, 0]
+    detail = report.details.setdefault(side, {})
+    detail.update(lists=plan.n_lists, gamma=gamma, calibration_rows=len(cal), target=p.strata_target,
+                  max_fraction=p.max_fraction)
+    with duckdb.connect() as con:
+
+        def strata_chunk(q: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            t = time.perf_counter()
+            part = strata.partials(plan, q, p.a, gamma=gamma, target=p.strata_target, max_fraction=p.max_fraction,
+                                   query_ids=ids, own_ids=ids)
+            scanned[0] += float(np.sum(part.column("scanned_n").to_numpy()))
+            scanned[1] += len(ids)
+            secs[f"kl_{side}.scan"] = secs.get(f"kl_{side}.scan", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
+            res = strata.strata_kl(con, part, n, p.b)
+            secs[f"kl_{side}.sql"] = secs.get(f"kl_{side}.sql", 0.0) + time.perf_counter() - t
+            return res.column("kl").to_numpy(), res.column("klr").to_numpy()
+
+        yield strata_chunk
+    if scanned[1]:  # this run's chunks (a resumed run counts only those it computed)
+        detail["scanned_fraction"] = scanned[0] / scanned[1] / n
+        report.dots_per_query[side] = scanned[0] / scanned[1] + plan.n_lists + strata.VAR_RANK + 1
 
 
 def paper_sample_ids(n: int, fraction: float, seed: int, side: str) -> np.ndarray:
@@ -628,7 +711,7 @@ def _store_scores(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], repo
                 nprobe=next((v for v in report.nprobe.values() if v is not None), None),
                 dots_per_query=json.dumps(report.dots_per_query), seconds=json.dumps(report.seconds),
                 duration_s=report.seconds["total"], estimator=report.estimator, reason=report.reason,
-                precision=report.precision,
+                precision=report.precision, details=json.dumps(report.details),
             ).fetchall()[0][0]
             for r in report.checks:
                 store.run("score_check_insert", run_id=run_id, column_name=r.column, n_checked=r.n,
@@ -668,6 +751,8 @@ def score(
     paper_sample: float = PAPER_SAMPLE,
     target_spearman: float = TARGET_SPEARMAN,
     target_overlap: float = TARGET_OVERLAP,
+    strata_target: float | None = None,
+    max_fraction: float | None = None,
     device: str = "auto",
     progress: Progress | None = None,
 ) -> ScoreReport:
@@ -677,11 +762,14 @@ def score(
         pool_or_path: an opened ``PoolIndex`` or the index directory.
         estimator: how the KL columns are computed (``ESTIMATORS``):
             ``"exact"``: the full softmax over the whole pool (SPEC 2), both sides from one pass;
+            ``"strata"``: the candidates in lists; each query's likely lists scanned exactly (GEMMs),
+            the rest by a log-normal model calibrated on exact rows of the same run (SPEC 3.2);
             ``"mimps"``: FAISS top-k head + a shared uniform tail sample (SPEC 3.1);
             ``"paper"``: the paper's DataComp filter, a softmax over a uniform sample of
             ``paper_sample`` of the pool (drawn with replacement per side);
-            ``"auto"`` (default): ``exact`` unless an estimator in ``AUTO_CHOICES`` is predicted
-            faster; ``k`` / ``tail_sample`` / ``nprobe`` given mean ``mimps``.
+            ``"auto"`` (default): ``exact`` or ``strata``, whichever timed sample blocks predict
+            faster (exact below ``AUTO_EXACT_BELOW`` samples); ``k`` / ``tail_sample`` / ``nprobe``
+            given mean ``mimps``.
         exact: the same as ``estimator="exact"``.
         k: neighbours per query (mimps; default ``DEFAULT_K``, at most N).
         tail_sample: m, the uniform tail sample size (mimps; default ``DEFAULT_TAIL``, at most N;
@@ -702,6 +790,10 @@ def score(
         paper_sample: the ``paper`` estimator's sample, as a fraction of the pool.
         target_spearman, target_overlap: what the held-out check must show; the report says
             whether it did (``ScoreReport.targets_met``).
+        strata_target: strata: the modelled share of each query's mass scanned exactly
+            (default ``queries.strata.DEFAULT_TARGET``).
+        max_fraction: strata: the most of the pool one query scans (default
+            ``queries.strata.DEFAULT_MAX_FRACTION``).
         device: torch device for the dense parts (``"auto"``: CUDA when available).
         progress: progress hook (see ``indexer.progress``).
 
@@ -729,33 +821,75 @@ def score(
         from indexer.device import resolve_device
 
         resolve_device(device)  # an unknown or unavailable device fails now, not after the search
-        reason = "asked for"
-        if estimator == "auto":
-            estimator, reason = ("mimps", "k / tail_sample / nprobe given") if mimps_options else \
-                _choose(pool, device)
-        p = _resolve(pool, estimator=estimator, k=k, tail_sample=tail_sample, side=side, logit_scale=logit_scale,
-                     logit_bias=logit_bias, metrics=metrics, seed=seed, batch_size=batch_size, nprobe=nprobe,
-                     check=check, precision=precision, paper_sample=paper_sample,
-                     target_spearman=target_spearman, target_overlap=target_overlap, device=device)
-        p = replace(p, reason=reason)
         with pool.store(read_only=False, wait=CATALOG_WAIT):  # a reader that never lets go: fail now
             pass
-        return _run(pool, p, held, progress or null_progress, device, started)
+        reason = "asked for"
+        resolve = functools.partial(
+            _resolve, pool, k=k, tail_sample=tail_sample, side=side, logit_scale=logit_scale,
+            logit_bias=logit_bias, metrics=metrics, seed=seed, batch_size=batch_size, nprobe=nprobe, check=check,
+            precision=precision, paper_sample=paper_sample, target_spearman=target_spearman,
+            target_overlap=target_overlap, device=device, strata_target=strata_target, max_fraction=max_fraction)
+        if estimator == "auto" and mimps_options:
+            estimator, reason = "mimps", "k / tail_sample / nprobe given"
+        auto_chose = estimator == "auto"  # its approximate choice falls back to exact if it misses
+        if estimator == "auto":
+            p = resolve(estimator="exact")
+            estimator, reason = _choose(pool, p, device) if p.kl else ("exact", "")
+        p = replace(resolve(estimator=estimator), reason=reason)
+        report = _run(pool, p, held, progress or null_progress, device, started, fallback=auto_chose)
+        if report is None:  # auto's strata missed the targets on its held-out rows: accuracy first
+            p = replace(resolve(estimator="exact"), reason=f"exact: {_MISSED.pop(str(pool.root))}")
+            report = _run(pool, p, held, progress or null_progress, device, started)
+        return report
 
 
-def _choose(pool: PoolIndex, device: str) -> tuple[str, str]:
-    """``auto``: the estimator for this pool and machine, and why.
+def _choose(pool: PoolIndex, p: _Params, device: str) -> tuple[str, str]:
+    """``auto``: exact or strata, whichever is predicted faster on this pool and machine, and why.
 
-    Only estimators that aim at exact-grade rankings compete (``AUTO_CHOICES``); MIMPS and the
-    paper's sample are baselines, chosen by name. Today that is the exact pass alone.
+    Both costs come from timed sample blocks: the exact pass from one block of queries against
+    every candidate (it is a sum of such blocks); strata from its plan, its calibration and one
+    block of queries scanned, on the first side. MIMPS and the paper's sample are baselines,
+    chosen by name.
     """
-    return "exact", "exact: the only estimator here that ranks like the truth (mimps / paper are named baselines)"
+    from queries import strata
+    from queries.exact import exact_moments
+
+    n = pool.n
+    if n < AUTO_EXACT_BELOW:
+        return "exact", f"exact: a pool under {AUTO_EXACT_BELOW:,} samples is scored exactly in seconds"
+    side = p.sides[0]
+    queries, candidates = pool.embeddings(side), pool.embeddings(other_modality(side))
+    rng = np.random.default_rng([p.seed, 0xA070])
+    block = np.sort(rng.choice(n, size=min(n, 1024), replace=False))
+    q = np.asarray(queries[block], dtype=np.float32)
+    t0 = time.perf_counter()
+    exact_moments(q, candidates, p.a, rows=True, cols=len(p.sides) == 2, device=device, precision=p.precision)
+    exact_s = (time.perf_counter() - t0) * n / len(block)  # one pass serves both sides
+    t0 = time.perf_counter()
+    plan = strata.build_plan(candidates, seed=p.seed, queries=queries)
+    cal = calibration_ids(n, strata.CALIBRATION_QUERIES, p.check or default_check(n), p.seed, side)
+    gamma = strata.calibrate(plan, np.asarray(queries[cal], dtype=np.float32), p.a, target=p.strata_target,
+                             max_fraction=p.max_fraction, own_ids=cal)
+    setup = time.perf_counter() - t0
+    _PLANS[_plan_key(pool, p, side)] = (plan, cal, gamma)  # the run reuses them if it picks strata
+    t0 = time.perf_counter()
+    strata.partials(plan, q, p.a, gamma=gamma, target=p.strata_target, max_fraction=p.max_fraction,
+                    own_ids=block)
+    scan = (time.perf_counter() - t0) * n / len(block)
+    check_s = exact_s * (p.check or default_check(n)) / n  # the held-out rows, per side
+    strata_s = len(p.sides) * (setup + scan + check_s)
+    how = f"predicted {exact_s:,.0f} s exact vs {strata_s:,.0f} s strata (timed sample blocks)"
+    log.info("auto: %s", how)
+    if exact_s <= strata_s:
+        return "exact", f"exact: {how}"
+    return "strata", f"strata: {how}; its accuracy is checked on held-out exact rows"
 
 
 def _run(pool: PoolIndex, p: _Params, held: contextlib.ExitStack, progress: Progress, device: str,
-         started: float) -> ScoreReport:
+         started: float, fallback: bool = False) -> ScoreReport | None:
     """``score`` after its checks, under the index's shared lock; ``held`` keeps the run's
-    chunk-folder lock until the folder is cleaned up."""
+    chunk-folder lock until the folder is cleaned up. With ``fallback`` (auto's choice), an
+    approximate run whose held-out check misses the targets stores nothing and returns None."""
     columns = [c for c in SCORE_COLUMNS
                if c == "clipscore" and "clipscore" in p.metrics
                or c.rsplit("_", 1)[0] in p.metrics and c.rsplit("_", 1)[1] in p.sides]
@@ -805,6 +939,14 @@ def _run(pool: PoolIndex, p: _Params, held: contextlib.ExitStack, progress: Prog
         t0 = time.perf_counter()
         report.checks = _check(pool, p, cols, progress, device)
         report.seconds["check"] = time.perf_counter() - t0
+        if fallback and report.targets_met is False:
+            worst = min(report.checks, key=lambda c: (c.spearman, c.top25_overlap))
+            _MISSED[str(pool.root)] = (
+                f"{p.estimator} missed the targets on its held-out rows ({worst.column}: Spearman "
+                f"{worst.spearman:.4f}, top-25% overlap {worst.top25_overlap:.1%}); scored exactly instead")
+            log.warning("auto: %s", _MISSED[str(pool.root)])
+            shutil.rmtree(work, ignore_errors=True)
+            return None
 
     cols = {c: v for c, v in cols.items() if c in columns}
     t0 = time.perf_counter()

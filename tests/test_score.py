@@ -468,3 +468,56 @@ def test_an_interrupted_store_leaves_the_old_scores_and_no_half_table(index, mon
     assert "scores__new" not in names and "scores" in names
     np.testing.assert_array_equal(scores(index)["dc_text"], before)
     assert np.isnan(scores(index)["clipscore"]).all()
+
+
+def test_strata_estimator_checks_itself_and_equals_exact_at_full_budget(index):
+    report = score(index, estimator="strata", metrics=["kl", "klr"], check=300)
+    assert report.estimator == "strata" and len(report.checks) == 4
+    for side in ("text", "image"):
+        d = report.details[side]
+        assert d["lists"] >= 2 and d["gamma"] >= 0 and 0 < d["scanned_fraction"] <= 1
+        assert d["calibration_rows"] > 0 and report.dots_per_query[side] > 0
+    run = table(index, "SELECT estimator, details FROM score_runs")[0]
+    assert run["estimator"] == "strata" and json.loads(run["details"])["text"]["lists"] == report.details["text"]["lists"]
+    full = score(index, estimator="strata", metrics=["kl", "klr"], strata_target=1.0, max_fraction=1.0, check=300)
+    assert full.details["text"]["scanned_fraction"] == 1.0
+    pool, cols = open_index(index), scores(index)
+    for side, other in (("text", "image"), ("image", "text")):
+        kl, klr = exact_kl(pool.embeddings(side), pool.embeddings(other), 100.0)
+        np.testing.assert_allclose(cols[f"kl_{side}"], kl, atol=1e-4)
+        np.testing.assert_allclose(cols[f"klr_{side}"], klr, atol=1e-4)
+    assert full.targets_met
+
+
+def test_calibration_rows_are_disjoint_from_the_held_out_rows():
+    from queries.score import calibration_ids, check_sample
+
+    for n, check in ((1200, 300), (50_000, 4000)):
+        cal = calibration_ids(n, 512, check, 7, "text")
+        assert len(cal) == min(512, (n - check) // 2) and not set(cal) & set(check_sample(n, check, 7))
+
+
+def test_auto_times_both_estimators_above_its_threshold(index, monkeypatch):
+    import queries.score as qs
+
+    monkeypatch.setattr(qs, "AUTO_EXACT_BELOW", 0)
+    report = score(index, metrics=["kl"], side="text")
+    assert report.estimator in ("exact", "strata") and "predicted" in report.reason
+    assert "s exact vs" in report.reason and "s strata" in report.reason
+
+
+def test_auto_falls_back_to_exact_when_its_approximation_misses_the_targets(index, monkeypatch):
+    import queries.score as qs
+
+    monkeypatch.setattr(qs, "_choose", lambda pool, p, device: ("strata", "strata: predicted faster (test)"))
+    report = score(index, metrics=["kl", "klr"], side="text", target_spearman=1.0, precision="float64")
+    assert report.estimator == "exact" and "missed the targets" in report.reason
+    runs = table(index, "SELECT estimator FROM score_runs")
+    assert [r["estimator"] for r in runs] == ["exact"]  # the strata run stored nothing
+    pool, cols = open_index(index), scores(index)
+    kl, _ = exact_kl(pool.embeddings("text"), pool.embeddings("image"), 100.0)
+    np.testing.assert_allclose(cols["kl_text"], kl, rtol=1e-9)
+    assert not (index / "work").exists()
+    # asked for by name, strata keeps its own result and says the targets were missed
+    named = score(index, estimator="strata", metrics=["kl"], side="text", target_spearman=1.0)
+    assert named.estimator == "strata" and named.targets_met is False
