@@ -80,6 +80,21 @@ def clear_cache() -> None:
         _ENCODERS.clear()
 
 
+def choose_model(pool, model: str | None, pretrained: str | None) -> tuple[str | None, str | None]:
+    """The model and weights to encode with: the arguments, else the manifest's. A recorded tag or
+    checkpoint belongs to the recorded model only.
+
+    Raises:
+        InvalidParameter: ``model`` differs from the recorded one and ``pretrained`` is not given.
+    """
+    rec_model, rec_pretrained = model_of(pool) if pool is not None else (None, None)
+    use_model = model or rec_model
+    if model and model != rec_model and not pretrained:
+        raise InvalidParameter(f"--model {model} needs --pretrained TAG_OR_CHECKPOINT"
+                               + (f" (the recorded weights belong to {rec_model})" if rec_model else ""))
+    return use_model, pretrained or rec_pretrained
+
+
 def _encode_command(texts: Sequence[str], model: str, pretrained: str) -> str:
     first = texts[0] if texts else "a photo of food"
     return (f"clip-density-index encode-text {shlex.quote(str(first))} --model {shlex.quote(model)} "
@@ -164,7 +179,6 @@ def encode_text(index=None, texts: Sequence[str] = (), *, model: str | None = No
             raise InvalidParameter(f"Output {str(out)!r}: encode-text writes a .npy file")
         check_out(out, force)
     pool = None
-    rec_model = rec_pretrained = None
     if index is not None:
         from indexer.pool import as_pool
 
@@ -173,9 +187,7 @@ def encode_text(index=None, texts: Sequence[str] = (), *, model: str | None = No
             raise InvalidParameter(
                 f"Index {str(pool.root)!r} is the synthetic world: it encodes prompts itself (weights / "
                 "sample --prompt); encode-text runs open_clip models")
-        rec_model, rec_pretrained = model_of(pool)
-    use_model = model or rec_model
-    use_pretrained = pretrained or (rec_pretrained if not model or model == rec_model else None)
+    use_model, use_pretrained = choose_model(pool, model, pretrained)
     where = f"index {str(pool.root)!r}" if pool is not None else "encode-text"
     emb = encode(texts, use_model, use_pretrained, device, what=f"the text {texts[0]!r} ({where})")
     if pool is not None and emb.shape[1] != pool.dim:

@@ -156,12 +156,9 @@ def _synthetic_prompt(pool, text: str) -> tuple[np.ndarray, str]:
 
 def _open_clip_prompt(pool, text: str, device: str, model: str | None = None,
                       pretrained: str | None = None) -> tuple[np.ndarray, str]:
-    from queries.prompts import encode, model_of
+    from queries.prompts import choose_model, encode
 
-    rec_model, rec_pretrained = model_of(pool)
-    use_model = model or rec_model
-    # a recorded tag or checkpoint belongs to the recorded model only
-    use_pretrained = pretrained or (rec_pretrained if not model or model == rec_model else None)
+    use_model, use_pretrained = choose_model(pool, model, pretrained)
     what = f"the prompt {text!r} for index {str(pool.root)!r}"
     u = encode([text], use_model, use_pretrained, device, what=what)[0]
     if u.shape != (pool.dim,):
