@@ -48,6 +48,10 @@ STATIC = Path(__file__).resolve().parent / "static"
 #: Pools up to this size get the correlation table on the plots page at once; larger ones on request
 #: (it ranks every score column: ~45 s at 300k samples on 2 busy cores).
 CORR_INLINE_MAX = 200_000
+#: Pools up to this size get a prompt's weight distribution with its top samples; larger ones on
+#: request (it is one pass over every image, as `weights`; the top samples alone cost what
+#: `sample --mode top` costs).
+DIST_INLINE_MAX = 200_000
 #: Longest text parameter accepted (prompt, where).
 MAX_TEXT = 2000
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data: http: https:; form-action 'self'; "
@@ -176,9 +180,9 @@ def create_app(index_dir: str | Path, host: str = "127.0.0.1", port: int | None 
             return pages.plots_page(ex.ov, hists, scatter_svg(xs, ys, x, y), x, y, corr)
         return html(await run(work))
 
-    def _prompt_result(prompt, embedding, a):
-        view = explore.prompt_view(ex.pool, prompt, embedding, logit_scale=a)
-        hist = histogram_svg(view.weight_hist, "log10(w / mean w)", 420, 180)
+    def _prompt_result(prompt, embedding, a, dist=True):
+        view = explore.prompt_view(ex.pool, prompt, embedding, logit_scale=a, distribution=dist)
+        hist = histogram_svg(view.weight_hist, "log10(w / mean w)", 420, 180) if view.summary else ""
         return pages.prompt_page(ex.ov, prompt or view.label, view, hist, a)
 
     async def prompt(request: Request):
@@ -200,9 +204,10 @@ def create_app(index_dir: str | Path, host: str = "127.0.0.1", port: int | None 
         q = request.query_params
         text = _text(q, "prompt")
         a = _float(q, "logit_scale", 10.0, 0.0, 1e4, lo_open=True)
+        dist = bool(_int(q, "dist", 0, 0, 1)) or ex.ov.n <= DIST_INLINE_MAX
         if text is None:
             return html(pages.prompt_page(ex.ov, "", None, "", a))
-        return html(await run(lambda: _prompt_result(text, None, a)))
+        return html(await run(lambda: _prompt_result(text, None, a, dist)))
 
     def _select_args(q) -> dict:
         return {"by": ex.column(q.get("by"), name="by"),

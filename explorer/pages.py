@@ -152,7 +152,15 @@ def prompt_page(ov, prompt: str, view, hist_svg: str, logit_scale: float) -> str
     note = "" if ov.can_encode else ('<p class="note">This index has no model to encode text: upload the prompt\'s '
                                      'text embedding from the same model.</p>')
     body = f"<h1>Prompt</h1>{form}{note}"
-    if view is not None:
+    if view is not None and view.summary is None:
+        q = urlencode({"prompt": prompt, "logit_scale": fmt(logit_scale), "dist": 1})
+        body += (f'<p id="weights-ask">Prompt <b>{escape(view.label)}</b> ({escape(view.encoder)}). '
+                 f'<a id="compute-weights" href="/prompt?{escape(q)}">Weight distribution over all {ov.n:,} '
+                 'images</a> (one pass over every image, as <code>weights</code>).</p>'
+                 "<h2>Top samples by weight</h2><div class=grid id=cards>"
+                 + "".join(card_html(c, None, {"cosine": c["cosine"], "weight": c["weight"]}, rank=i + 1)
+                           for i, c in enumerate(view.top)) + "</div>")
+    elif view is not None:
         s = view.summary
         body += (f'<div id="weights-summary"><p>Prompt <b>{escape(view.label)}</b> ({escape(view.encoder)}), '
                  f'a\' = {fmt(s["logit_scale"])}, {s["n"]:,} images: ESS <b id="ess">{s["ess"]:,.1f}</b> '

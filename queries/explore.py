@@ -361,32 +361,36 @@ class PromptView:
 
     label: str
     encoder: str
-    summary: dict
+    summary: dict | None
     top: list[dict]
     weight_hist: list[dict]
 
 
 def prompt_view(index, prompt: str | None = None, embedding: np.ndarray | None = None, n: int = 24,
-                logit_scale: float = 10.0) -> PromptView:
+                logit_scale: float = 10.0, distribution: bool = True) -> PromptView:
     """The top ``n`` samples by weight (``queries.weights.sample(mode="top")``, as
-    ``cli.py sample --mode top``) and the weights' summary and histogram of ``log10`` normalised
-    weights (``queries.weights.compute_weights``, as ``cli.py weights``; nothing is stored)."""
+    ``cli.py sample --mode top``) and, with ``distribution``, the weights' summary and histogram of
+    ``log10`` normalised weights (``queries.weights.compute_weights``, as ``cli.py weights``: one
+    pass over every image; nothing is stored). Without it, ``summary`` is None and the top samples
+    cost what ``sample --mode top`` costs."""
     from queries.weights import compute_weights, encode_prompt, sample
 
     pool = as_pool(index)
     p = encode_prompt(pool, prompt, embedding)  # once: the synthetic world's encoder takes ~1 s to build
-    w = compute_weights(pool, p.label, p.vector, logit_scale)
-    w.encoder = p.encoder
     top = sample(pool, p.label, p.vector, n=min(int(n), pool.n), mode="top", logit_scale=logit_scale)
     ids = top.column("vec_id").to_pylist()
     cs = cards(pool, ids)
     for c, cos, wt in zip(cs, top.column("cosine").to_pylist(), top.column("weight").to_pylist()):
         c["cosine"], c["weight"] = cos, wt
-        c["normalized_weight"] = math.exp(cos * w.logit_scale - w.log_mean)
+    if not distribution:
+        return PromptView(p.label, p.encoder, None, cs, [])
+    w = compute_weights(pool, p.label, p.vector, logit_scale)
+    for c in cs:
+        c["normalized_weight"] = math.exp(c["cosine"] * w.logit_scale - w.log_mean)
     lw = (w.log_weight - w.log_mean) / math.log(10)  # log10(w / mean w), without another exp pass
     counts, edges = np.histogram(lw, bins=40)
     hist = [{"bin": i, "n": int(c), "lo": float(edges[i]), "hi": float(edges[i + 1])} for i, c in enumerate(counts)]
-    return PromptView(w.prompt, w.encoder, w.summary(), cs, hist)
+    return PromptView(p.label, p.encoder, w.summary(), cs, hist)
 
 
 def selection(index, by: str, fraction: float, where: str | None = None, lowest: bool = False,

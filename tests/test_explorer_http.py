@@ -255,3 +255,15 @@ def test_cli_serve_binds_localhost_and_stops(index_dir):
             proc.kill()
             proc.wait()
     assert "Serving" in proc.stderr.read()
+
+
+def test_large_pools_get_the_weight_distribution_on_request(index_dir, monkeypatch):
+    import explorer.app
+
+    monkeypatch.setattr(explorer.app, "DIST_INLINE_MAX", 10)
+    top = queries.sample(index_dir, "a photo of a cat", n=24, mode="top").column("vec_id").to_pylist()
+    with TestClient(create_app(index_dir), base_url="http://127.0.0.1") as c:
+        r = c.get("/prompt", params={"prompt": "a photo of a cat"})
+        assert 'id="compute-weights"' in r.text and 'id="ess"' not in r.text and _card_ids(r.text) == top
+        r = c.get("/prompt", params={"prompt": "a photo of a cat", "dist": "1"})
+        assert 'id="ess"' in r.text and _card_ids(r.text) == top
