@@ -65,7 +65,7 @@ SIDES = {"both": ("text", "image"), "text": ("text",), "image": ("image",)}
 SCORE_COLUMNS = tuple(f"{m}_{s}" for m in METRICS[:-1] for s in ("text", "image")) + ("clipscore",)
 #: Fraction of the checked samples compared by ``top25_overlap``.
 TOP_FRACTION = 0.25
-#: KL estimators (``--estimator``). ``auto`` picks one of ``AUTO_CHOICES`` per run (``_choose``).
+#: KL estimators (``--estimator``). ``auto`` picks exact or strata per run (``_choose``).
 ESTIMATORS = ("auto", "exact", "strata", "mimps", "paper")
 #: Pools smaller than this are scored exactly by ``auto`` without timing anything: the exact pass
 #: takes seconds there, less than building the strata.
@@ -659,6 +659,8 @@ def _to_arrow(values: np.ndarray) -> pa.Array:
 def _store_scores(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], report: ScoreReport,
                   started: float) -> int:
     """Replace ``scores`` atomically and record the run; returns the run id."""
+    import duckdb
+
     new = pa.table({"vec_id": np.arange(pool.n, dtype=np.int64),
                     **{c: _to_arrow(cols[c]) for c in SCORE_COLUMNS if c in cols}})
     with pool.store(read_only=False, wait=CATALOG_WAIT) as store:
@@ -725,7 +727,12 @@ def _store_scores(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], repo
             raise
         finally:
             con.unregister("_new_scores")
-        con.execute("CHECKPOINT")
+        try:
+            con.execute("CHECKPOINT")
+        except duckdb.Error as e:  # e.g. a full disk: committed, the WAL keeps it and replays it on open
+            log.warning("the scores are stored (run %s), but the catalog %s could not be checkpointed (%s); "
+                        "they stay in its write-ahead log until a later write succeeds", run_id,
+                        pool.paths.catalog, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     return int(run_id)
 
 

@@ -521,3 +521,38 @@ def test_auto_falls_back_to_exact_when_its_approximation_misses_the_targets(inde
     # asked for by name, strata keeps its own result and says the targets were missed
     named = score(index, estimator="strata", metrics=["kl"], side="text", target_spearman=1.0)
     assert named.estimator == "strata" and named.targets_met is False
+
+
+def test_a_failed_checkpoint_after_the_commit_says_the_scores_are_stored(index, monkeypatch, caplog):
+    """A full disk at the final checkpoint: the run is committed (write-ahead log), so score must
+    report success with a warning, not an error (it printed a DuckDB error and exited 1)."""
+    import duckdb
+
+    from queries.store import Store
+
+    real = Store.__enter__
+
+    class Con:
+        def __init__(self, con):
+            self._con = con
+
+        def execute(self, sql, *a, **kw):
+            if sql == "CHECKPOINT":
+                raise duckdb.IOException("IO Error: Could not write file: No space left on device")
+            return self._con.execute(sql, *a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self._con, name)
+
+    def entering(self):
+        s = real(self)
+        if not self.read_only:
+            self.con = Con(self.con)
+        return s
+
+    monkeypatch.setattr(Store, "__enter__", entering)
+    with caplog.at_level("WARNING", logger="queries.score"):
+        report = score(index, metrics=["dc"], side="text")
+    monkeypatch.undo()
+    assert "the scores are stored (run 1)" in caplog.text
+    assert report.run_id == 1 and not np.isnan(scores(index)["dc_text"]).all()
