@@ -65,7 +65,7 @@ class Explorer:
     def __init__(self, index_dir: str | Path):
         self.pool = open_index(index_dir)
         self.lock = threading.Lock()
-        self.ov = explore.overview(self.pool)
+        self.ov = explore.overview_cached(self.pool)
         self._cache: dict = {}
         #: server time of the last requests, seconds (for benchmarks)
         self.timings: list[tuple[str, float]] = []

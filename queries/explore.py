@@ -10,7 +10,7 @@ compute and downloads the file ``select --out X.npy`` writes.
 
 Images: ``image_file(pool, vec_id)`` is the only way to a file. The user names a vec_id, never a
 path; the path is the one the catalog records for that sample (an open_clip folder's image column,
-relative to the folder the index was built from, or a clip-retrieval ``image_path``), and it is
+relative to the folder the index was built from, or an absolute clip-retrieval ``image_path``), and it is
 served only when it resolves (symbolic links followed) to a regular file with an image suffix and
 an image's first bytes, inside that folder when the index records one.
 """
@@ -21,6 +21,7 @@ import hashlib
 import io
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,15 +223,15 @@ def cards(index, vec_ids: list[int]) -> list[dict]:
     return out
 
 
-_OVERVIEWS: dict[int, Overview] = {}
+_OVERVIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def overview_cached(pool) -> Overview:
-    """``overview(pool)``, computed once per ``PoolIndex`` object."""
-    key = id(pool)
-    if key not in _OVERVIEWS:
-        _OVERVIEWS[key] = overview(pool)
-    return _OVERVIEWS[key]
+    """``overview(pool)``, computed once per ``PoolIndex`` object (and forgotten with it)."""
+    ov = _OVERVIEWS.get(pool)
+    if ov is None:
+        ov = _OVERVIEWS[pool] = overview(pool)
+    return ov
 
 
 # -- images -------------------------------------------------------------------------------------
@@ -251,6 +252,8 @@ def image_file(index, vec_id: int) -> tuple[Path, str] | None:
     rel = row.get(ov.media["image"])
     if not isinstance(rel, str) or not rel or "\x00" in rel:
         return None
+    if ov.image_root is None and not os.path.isabs(rel):
+        return None  # relative to what? not to the server's working directory
     path = Path(ov.image_root) / rel if ov.image_root else Path(rel)
     try:
         real = Path(os.path.realpath(path))
@@ -395,8 +398,7 @@ def prompt_view(index, prompt: str | None = None, embedding: np.ndarray | None =
 
 def selection(index, by: str, fraction: float, where: str | None = None, lowest: bool = False,
               examples: int = 12):
-    """``queries.select.select`` (no file) and cards of the first ``examples`` kept samples and of
-    the first ones just below the cut."""
+    """``queries.select.select`` (no file) and cards of the first ``examples`` kept samples."""
     from queries.select import select
 
     pool = as_pool(index)

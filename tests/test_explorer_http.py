@@ -137,8 +137,10 @@ def _npy(arr):
     return buf.getvalue()
 
 
-def test_images_only_from_the_paths_the_catalog_records(tmp_path):
+def test_images_only_from_the_paths_the_catalog_records(tmp_path, monkeypatch):
     from PIL import Image
+
+    monkeypatch.chdir(tmp_path)  # the relative path below exists from here: still not served
 
     pics = tmp_path / "pics"
     pics.mkdir()
@@ -147,18 +149,19 @@ def test_images_only_from_the_paths_the_catalog_records(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("secret")
     (pics / "link.png").symlink_to(secret)
-    paths = [str(pics / "0.png"), str(pics / "1.png"), str(secret), str(pics / "link.png"), "", str(pics / "2.png")]
+    paths = [str(pics / "0.png"), str(pics / "1.png"), str(secret), str(pics / "link.png"), "", str(pics / "2.png"),
+             "pics/0.png"]
     image, text = clustered_pairs(len(paths), 16)
     build_index(ArraySource(image, text, captions=[f"picture {i}" for i in range(len(paths))],
                             meta={"image_path": paths, "url": ["https://example.org/a.jpg", "javascript:alert(1)",
-                                                               None, None, None, None]}), tmp_path / "idx")
+                                                               None, None, None, None, None]}), tmp_path / "idx")
     with queries.open_index(tmp_path / "idx") as pool:
         queries.score(pool, estimator="exact")
     with TestClient(create_app(tmp_path / "idx"), base_url="http://127.0.0.1") as c:
         ok = c.get("/image/0")
         assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"
         assert ok.content == (pics / "0.png").read_bytes()
-        for v in (2, 3, 4):  # a text file, a .png link to it, an empty path
+        for v in (2, 3, 4, 6):  # a text file, a .png link to it, an empty path, a relative path
             assert c.get(f"/image/{v}").status_code == 404
         page = c.get("/?per_page=24").text
         assert 'src="/image/0"' in page and "javascript:" not in page
