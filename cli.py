@@ -823,8 +823,8 @@ def serve_cmd(index_dir, host, port):
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"Warning: serving on {host}: anyone who can reach it can read the whole catalog", err=True)
-    click.echo(f"Serving {index_dir} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
-    serve(index_dir, host, port)
+    serve(index_dir, host, port,
+          announce=lambda: click.echo(f"Serving {index_dir} on http://{host}:{port}/ (Ctrl-C stops)", err=True))
 
 
 @cli.command("report")

@@ -296,9 +296,20 @@ def create_app(index_dir: str | Path, host: str = "127.0.0.1", port: int | None 
     return app
 
 
-def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the explorer with uvicorn until Ctrl-C."""
+def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, announce=None) -> None:
+    """Run the explorer with uvicorn until Ctrl-C; ``announce()`` is called once the index is open."""
+    import socket
+
     import uvicorn
 
+    try:  # a port in use (or an address not on this machine) is one line, before the index is opened
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(info[0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(info[4])
+    except OSError as e:
+        raise InvalidParameter(f"Cannot listen on {host}:{port}: {e.strerror or e}; choose another --port") from None
     app = create_app(index_dir, host, port)
+    if announce is not None:
+        announce()
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -270,3 +270,17 @@ def test_large_pools_get_the_weight_distribution_on_request(index_dir, monkeypat
         assert 'id="compute-weights"' in r.text and 'id="ess"' not in r.text and _card_ids(r.text) == top
         r = c.get("/prompt", params={"prompt": "a photo of a cat", "dist": "1"})
         assert 'id="ess"' in r.text and _card_ids(r.text) == top
+
+
+def test_cli_serve_port_in_use_is_one_line(index_dir):
+    import socket
+
+    from click.testing import CliRunner
+
+    import cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = CliRunner().invoke(cli.cli, ["serve", str(index_dir), "--port", str(s.getsockname()[1])])
+    assert r.exit_code == 1 and "Cannot listen on 127.0.0.1:" in r.output and "Traceback" not in r.output
