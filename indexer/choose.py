@@ -292,7 +292,7 @@ def default_nprobe(key: str, n: int) -> int:
       most ``MAX_SCAN`` vectors scanned per query (wall time: it keeps the 1M ``score`` within
       10 minutes on the 2-core reference machine, BENCHMARKS.md).
 
-    Accuracy is bought with nprobe (BENCHMARKS.md section 1): on the calibrated synthetic world at
+    Accuracy is bought with nprobe (BENCHMARKS.md section 2): on the calibrated synthetic world at
     100k, IVF1024 with nprobe 8 (3.9% of n) gives Spearman 0.936 on kl_text, nprobe 16 (4.6% of n)
     0.958; this rule picks 19 there (4.9% of n). Clamped to ``[1, nlist]``.
 
