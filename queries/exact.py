@@ -249,8 +249,8 @@ def exact_moments(
         return row_m, col_m
     work = torch.float64 if dtype == torch.float64 else torch.float32  # exponentials and sums
     # e^x for x below ``floor`` is taken as e^floor: relative to a row's largest term it is
-    # < 1e-34 (float32), far below the rounding of the sums; exponentials that underflow run ~7x
-    # slower on x86 (measured), so clamping first is the faster path.
+    # < 1e-34 (float32), far below the rounding of the sums; exponentials that underflow run ~11x
+    # slower on this x86 CPU (BENCHMARKS.md section 1), so clamping first is the faster path.
     floor = -0.9 * math.log(torch.finfo(work).max)
     tiny = math.exp(-math.log(torch.finfo(work).max) / 2)
     staged = None
