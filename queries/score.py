@@ -878,7 +878,6 @@ def _choose(pool: PoolIndex, p: _Params, device: str) -> tuple[str, str]:
     gamma = strata.calibrate(plan, np.asarray(queries[cal], dtype=np.float32), p.a, target=p.strata_target,
                              max_fraction=p.max_fraction, own_ids=cal)
     setup = time.perf_counter() - t0
-    _PLANS[_plan_key(pool, p, side)] = (plan, cal, gamma)  # the run reuses them if it picks strata
     t0 = time.perf_counter()
     strata.partials(plan, q, p.a, gamma=gamma, target=p.strata_target, max_fraction=p.max_fraction,
                     own_ids=block)
@@ -888,7 +887,8 @@ def _choose(pool: PoolIndex, p: _Params, device: str) -> tuple[str, str]:
     how = f"predicted {exact_s:,.0f} s exact vs {strata_s:,.0f} s strata (timed sample blocks)"
     log.info("auto: %s", how)
     if exact_s <= strata_s:
-        return "exact", f"exact: {how}"
+        return "exact", f"exact: {how}"  # the plan (a copy of the candidates) is let go here
+    _PLANS[_plan_key(pool, p, side)] = (plan, cal, gamma)  # the strata run starts with them
     return "strata", f"strata: {how}; its accuracy is checked on held-out exact rows"
 
 
