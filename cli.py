@@ -361,11 +361,11 @@ def info_cmd(index_dir, as_json, verify):
 @click.option("--tail-sample", "tail_sample", type=click.IntRange(min=0), default=None,
               help="mimps: m, the uniform tail sample size (default 2048; 0 = top-k only, biased).")
 @click.option("--strata-target", type=click.FloatRange(min=0, min_open=True, max=1), default=None,
-              help="strata: modelled share of each query's softmax mass scanned exactly (default 0.99).")
+              help="strata: modelled share of each query's softmax mass scanned exactly (default 0.995).")
 @click.option("--max-fraction", type=click.FloatRange(min=0, min_open=True, max=1), default=None,
               help="strata: the most of the pool one query scans (default 0.5).")
-@click.option("--paper-sample", type=click.FloatRange(min=0, min_open=True, max=1), default=0.002,
-              show_default=True, help="paper: the sample, as a fraction of the pool (drawn with replacement).")
+@click.option("--paper-sample", type=click.FloatRange(min=0, min_open=True, max=1), default=None,
+              help="paper: the sample, as a fraction of the pool, drawn with replacement (default 0.002).")
 @click.option("--side", type=click.Choice(["both", "text", "image"]), default="both", show_default=True,
               help="text: each caption against all images; image: each image against all captions.")
 @click.option("--logit-scale", type=float, default=None,
@@ -417,10 +417,17 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fr
     if exact and estimator not in ("auto", "exact"):
         raise click.UsageError(f"--exact contradicts --estimator {estimator}")
     chosen = "exact" if exact else estimator
-    given = [f for f, v in (("--k", k), ("--tail-sample", tail_sample), ("--nprobe", nprobe)) if v is not None]
-    if given and chosen in ("exact", "paper"):
-        verb = "applies" if len(given) == 1 else "apply"
-        raise click.UsageError(f"{' / '.join(given)} only {verb} to --estimator mimps, not to {chosen}")
+    for only, options in (("mimps", (("--k", k), ("--tail-sample", tail_sample), ("--nprobe", nprobe))),
+                          ("strata", (("--strata-target", strata_target), ("--max-fraction", max_fraction))),
+                          ("paper", (("--paper-sample", paper_sample),))):
+        given = [f for f, v in options if v is not None]
+        if given and chosen not in (only, "auto") or given and only == "paper" and chosen != "paper":
+            verb = "applies" if len(given) == 1 else "apply"
+            raise click.UsageError(f"{' / '.join(given)} only {verb} to --estimator {only}, not to {chosen}")
+    if paper_sample is None:
+        from queries.score import PAPER_SAMPLE
+
+        paper_sample = PAPER_SAMPLE
     metric_list = None if metrics is None else [m.strip() for m in metrics.split(",") if m.strip()]
     report = score(index_dir, estimator=chosen, k=k, tail_sample=tail_sample, side=side,
                    logit_scale=logit_scale, logit_bias=logit_bias, metrics=metric_list, seed=seed,

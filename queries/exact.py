@@ -189,7 +189,7 @@ class Moments:
     @classmethod
     def of(cls, mx: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> "Moments":
         m = cls(0)
-        m.max, m.s0, m.s1 = (np.asarray(x, np.float64) for x in (mx, s0, s1))
+        m.max, m.s0, m.s1 = (np.array(x, np.float64) for x in (mx, s0, s1))  # own, writable copies
         return m
 
     def merge(self, sl, mx: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> None:

@@ -80,6 +80,8 @@ TARGET_SPEARMAN = 0.999
 TARGET_OVERLAP = 0.99
 #: The paper's DataComp filter: a softmax over a uniform sample of this fraction of the pool.
 PAPER_SAMPLE = 0.002
+#: The fewest candidates a paper sample may have (one candidate makes every KL 0).
+PAPER_MIN = 16
 #: Largest logit scale accepted (CLIP's is ~100; e^(a * 2) must stay within float64 after the shift).
 MAX_LOGIT_SCALE = 1e4
 
@@ -220,6 +222,10 @@ def _resolve(pool: PoolIndex, *, estimator, k, tail_sample, side, logit_scale, l
         raise InvalidParameter(f"check={check} compares kl/klr columns, but metrics {list(metrics)} has neither")
     if not (isinstance(paper_sample, (int, float)) and 0 < paper_sample <= 1):
         raise InvalidParameter(f"paper_sample must be a fraction of the pool in (0, 1], got {paper_sample!r}")
+    if estimator == "paper" and kl and math.ceil(paper_sample * n) < PAPER_MIN:
+        raise InvalidParameter(
+            f"paper_sample {paper_sample:g} of N={n:,} is {math.ceil(paper_sample * n)} candidate(s); the paper "
+            f"estimator needs at least {PAPER_MIN} (raise paper_sample to {PAPER_MIN / n:.3g} or more)")
     for name, v in (("target_spearman", target_spearman), ("target_overlap", target_overlap)):
         if not (isinstance(v, (int, float)) and 0 <= v <= 1):
             raise InvalidParameter(f"{name} must be between 0 and 1, got {v!r}")
@@ -505,8 +511,10 @@ def _kl_exact_both(pool: PoolIndex, p: _Params, work: Path, report: ScoreReport,
     """Both sides exactly from one pass over ``S = a T I'`` (``queries.exact.exact_moments``).
 
     Resumable like the one-sided chunks: chunk ``c`` (captions ``start..stop``) writes the captions'
-    finished kl_text / klr_text and the images' column partials over those captions; the image
-    side is the merge of every chunk's column partials (associative, float64).
+    finished kl_text / klr_text, then folds the images' column partials over those captions into
+    one running file (``imagecols.parquet``, O(n) on disk whatever the number of chunks) that
+    records which chunks it holds. A chunk counts as done when its rows file exists and the running
+    partials hold it; a crash between the two writes recomputes the chunk and folds it in once.
     """
     from queries.exact import Moments, exact_moments
 
@@ -516,28 +524,35 @@ def _kl_exact_both(pool: PoolIndex, p: _Params, work: Path, report: ScoreReport,
     names = ("kl_text", "klr_text")
     mean_text = mean_scores(texts, _cand_sum(pool, "image"), p.a, n)
     mean_image = mean_scores(images, _cand_sum(pool, "text"), p.a, n)
-    columns = Moments(n)
+    cols_path = work / "imagecols.parquet"
+    columns, merged = Moments(n), set()
+    if _done(cols_path, ("max", "s0", "s1"), n):
+        part = pq.read_table(cols_path)
+        columns = Moments.of(*(part.column(c).to_numpy() for c in ("max", "s0", "s1")))
+        merged = set(json.loads(part.schema.metadata[b"chunks"]))
     with progress("KL scores (both sides, exact)", n) as advance:
         for start in range(0, n, p.batch_size):
             stop = min(start + p.batch_size, n)
-            rows_path, cols_path = _chunk_path(work, "text", start), _chunk_path(work, "imagecols", start)
-            if _done(rows_path, names, stop - start) and _done(cols_path, ("max", "s0", "s1"), n):
+            rows_path = _chunk_path(work, "text", start)
+            if start in merged and _done(rows_path, names, stop - start):
                 report.chunks_reused += 1
-                part = pq.read_table(cols_path)
-                columns.merge_all(Moments.of(*(part.column(c).to_numpy() for c in ("max", "s0", "s1"))))
                 advance(stop - start)
                 continue
             t0 = time.perf_counter()
-            rows, cols = exact_moments(texts[start:stop], images, p.a, rows=True, cols=True, device=device,
-                                       precision=p.precision, progress=lambda label, total: _forward(advance))
+            rows, cols = exact_moments(texts[start:stop], images, p.a, rows=True, cols=start not in merged,
+                                       device=device, precision=p.precision,
+                                       progress=lambda label, total: _forward(advance))
             kl, klr = rows.kl(mean_text[start:stop], n, p.b)
             secs["kl_both.exact"] = secs.get("kl_both.exact", 0.0) + time.perf_counter() - t0
             t0 = time.perf_counter()
-            _write_atomic(pa.table({"max": cols.max, "s0": cols.s0, "s1": cols.s1}), cols_path)
             _write_atomic(pa.table({"vec_id": np.arange(start, stop, dtype=np.int64), names[0]: kl,
                                     names[1]: klr}), rows_path)
+            if cols is not None:
+                columns.merge_all(cols)
+                merged.add(start)
+                table = pa.table({"max": columns.max, "s0": columns.s0, "s1": columns.s1})
+                _write_atomic(table.replace_schema_metadata({"chunks": json.dumps(sorted(merged))}), cols_path)
             secs["kl_both.write"] = secs.get("kl_both.write", 0.0) + time.perf_counter() - t0
-            columns.merge_all(cols)
             report.chunks_computed += 1
     out = _read_side(work, "text", n)
     out["kl_image"], out["klr_image"] = columns.kl(mean_image, n, p.b)
@@ -821,8 +836,13 @@ def score(
     if exact:
         estimator = "exact"
     mimps_options = [name for name, v in (("k", k), ("tail_sample", tail_sample), ("nprobe", nprobe)) if v is not None]
-    if mimps_options and estimator in ("exact", "paper"):
+    if mimps_options and estimator in ("exact", "paper", "strata"):
         raise InvalidParameter(f"{' / '.join(mimps_options)} only apply to the mimps estimator, not {estimator}")
+    strata_options = [name for name, v in (("strata_target", strata_target), ("max_fraction", max_fraction))
+                      if v is not None]
+    if strata_options and estimator not in ("strata", "auto") or strata_options and mimps_options:
+        raise InvalidParameter(f"{' / '.join(strata_options)} only apply to the strata estimator, not "
+                               f"{'mimps' if mimps_options else estimator}")
     with contextlib.ExitStack() as held:
         held.enter_context(lock.using(pool.root, "score"))  # a rebuild must not swap the index from under us
         from indexer.device import resolve_device
@@ -843,7 +863,8 @@ def score(
             p = resolve(estimator="exact")
             estimator, reason = _choose(pool, p, device) if p.kl else ("exact", "")
         p = replace(resolve(estimator=estimator), reason=reason)
-        report = _run(pool, p, held, progress or null_progress, device, started, fallback=auto_chose)
+        report = _run(pool, p, held, progress or null_progress, device, started,
+                      fallback=auto_chose and not p.exact)
         if report is None:  # auto's strata missed the targets on its held-out rows: accuracy first
             p = replace(resolve(estimator="exact"), reason=f"exact: {_MISSED.pop(str(pool.root))}")
             report = _run(pool, p, held, progress or null_progress, device, started)
@@ -902,7 +923,8 @@ def _run(pool: PoolIndex, p: _Params, held: contextlib.ExitStack, progress: Prog
                or c.rsplit("_", 1)[0] in p.metrics and c.rsplit("_", 1)[1] in p.sides]
     report = ScoreReport(run_id=0, path=pool.root, columns=columns, n=pool.n, exact=p.exact,
                          estimator=p.estimator if p.kl else None, reason=p.reason if p.kl else "",
-                         precision=p.precision if p.kl and p.estimator != "mimps" else None, sides=p.sides,
+                         precision=p.precision if p.kl and p.estimator in ("exact", "paper") else None,
+                         sides=p.sides,
                          k=p.k, m=p.m, logit_scale=p.a, logit_bias=p.b, seed=p.seed, targets=p.targets)
     cols: dict[str, np.ndarray] = {}
     work = pool.paths.work_dir(_work_name(pool, p))

@@ -61,6 +61,14 @@ def test_option_clashes_are_usage_errors(tmp_path):
     assert result.exit_code == 0
     result = runner.invoke(cli.cli, ["score", str(tmp_path / "i"), "--exact", "--k", "3"])
     assert result.exit_code == 2 and "--k only applies to --estimator mimps, not to exact" in result.output
+    for args, message in [
+        (["--estimator", "strata", "--nprobe", "2"], "--nprobe only applies to --estimator mimps, not to strata"),
+        (["--estimator", "exact", "--max-fraction", "0.2"], "--max-fraction only applies to --estimator strata"),
+        (["--estimator", "mimps", "--paper-sample", "0.1"], "--paper-sample only applies to --estimator paper"),
+        (["--paper-sample", "0.1"], "--paper-sample only applies to --estimator paper, not to auto"),
+    ]:
+        result = runner.invoke(cli.cli, ["score", str(tmp_path / "i"), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
     result = runner.invoke(cli.cli, ["score", str(tmp_path / "i"), "--metrics", ""])
     assert result.exit_code == 1 and "metrics is empty" in result.output
     result = runner.invoke(cli.cli, ["sample", str(tmp_path / "i"), "--prompt", "a dog", "-n", "2", "--seed", "-1"])

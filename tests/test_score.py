@@ -222,6 +222,10 @@ def test_siglip_bias_and_unknown_raw_norms(built):
         (dict(estimator="paper", paper_sample=0.0), "paper_sample"),
         (dict(target_overlap=1.5), "target_overlap"),
         (dict(precision="int8"), "'int8'"),
+        (dict(estimator="strata", k=5), "k only apply to the mimps"),
+        (dict(estimator="exact", strata_target=0.9), "strata_target only apply to the strata"),
+        (dict(k=5, max_fraction=0.2), "max_fraction only apply to the strata estimator, not mimps"),
+        (dict(estimator="paper", paper_sample=0.001), "paper_sample 0.001 of N=1,200 is 2 candidate(s)"),
     ],
 )
 def test_bad_parameters_name_the_value(built, kw, value):
@@ -556,3 +560,44 @@ def test_a_failed_checkpoint_after_the_commit_says_the_scores_are_stored(index, 
     monkeypatch.undo()
     assert "the scores are stored (run 1)" in caplog.text
     assert report.run_id == 1 and not np.isnan(scores(index)["dc_text"]).all()
+
+
+def test_an_interrupted_exact_run_resumes_with_one_running_column_file(index, monkeypatch):
+    """The images' column partials are folded into one running file (O(n) on disk), and a resumed
+    run equals an uninterrupted one."""
+    import queries.exact as qe
+
+    params = dict(estimator="exact", metrics=["kl", "klr"], batch_size=300, precision="float64")
+    real, calls = qe.exact_moments, []
+
+    def dying(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(qe, "exact_moments", dying)
+    with pytest.raises(KeyboardInterrupt):
+        score(index, **params)
+    [work] = (index / "work").iterdir()
+    assert sorted(f.name for f in work.glob("*.parquet")) == [
+        "imagecols.parquet", "text-000000000000.parquet", "text-000000000300.parquet"]
+    (work / "text-000000000300.parquet").unlink()  # rows lost after their columns were folded in
+    monkeypatch.setattr(qe, "exact_moments", real)
+    report = score(index, **params)
+    assert report.chunks_reused == 1 and report.chunks_computed == 3
+    resumed = scores(index)
+    fresh = index.parent / "fresh"
+    shutil.copytree(index, fresh)
+    score(fresh, **params)
+    pool = open_index(index)
+    for side, other in (("text", "image"), ("image", "text")):
+        kl, klr = exact_kl(pool.embeddings(side), pool.embeddings(other), 100.0)
+        np.testing.assert_allclose(resumed[f"kl_{side}"], kl, rtol=1e-9)
+        np.testing.assert_allclose(resumed[f"klr_{side}"], klr, rtol=1e-9)
+        np.testing.assert_allclose(resumed[f"kl_{side}"], scores(fresh)[f"kl_{side}"], rtol=1e-12)
+
+
+def test_auto_never_recomputes_an_exact_run_whose_check_misses(index, monkeypatch):
+    report = score(index, metrics=["kl"], side="text", check=200, target_spearman=1.0, precision="bfloat16")
+    assert report.estimator == "exact" and "missed" not in report.reason and report.chunks_computed == 1
