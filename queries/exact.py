@@ -169,6 +169,19 @@ PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "float16": tor
 STAGE_BYTES = 4 << 30
 
 
+def stage(array: np.ndarray, device: str | torch.device, precision: torch.dtype | str,
+          block: int = 1 << 18) -> torch.Tensor:
+    """The whole ``array`` as one tensor on ``device`` in the GEMM dtype, copied block by block
+    (a float16 memmap is never materialised whole in host memory). Score runs on a GPU stage the
+    candidates once instead of once per chunk of queries."""
+    dtype = _precision(precision)
+    dev = torch.device(device)
+    out = torch.empty(tuple(array.shape), dtype=dtype, device=dev)
+    for s in range(0, len(array), block):
+        out[s : s + block] = to_tensor(array[s : s + block], dev, dtype)
+    return out
+
+
 def _precision(p: torch.dtype | str) -> torch.dtype:
     if isinstance(p, torch.dtype) and p in PRECISIONS.values():
         return p
@@ -254,7 +267,10 @@ def exact_moments(
     floor = -0.9 * math.log(torch.finfo(work).max)
     tiny = math.exp(-math.log(torch.finfo(work).max) / 2)
     staged = None
-    if n * candidates.shape[1] * torch.finfo(dtype).bits // 8 <= STAGE_BYTES:
+    budget = STAGE_BYTES
+    if dev.type == "cuda":  # a GPU holds far more: half of what is free now
+        budget = max(budget, torch.cuda.mem_get_info(dev)[0] // 2)
+    if n * candidates.shape[1] * torch.finfo(dtype).bits // 8 <= budget:
         staged = [to_tensor(candidates[c0 : c0 + chunk_n], dev, dtype) for c0 in range(0, n, chunk_n)]
     with (progress or null_progress)("exact KL", q) as advance:
         for q0 in range(0, q, chunk_q):

@@ -158,3 +158,19 @@ def test_float32_fused_pass_error_is_small():
 def test_unknown_precision():
     with pytest.raises(InvalidParameter, match="precision"):
         exact_kl_both(np.eye(3), np.eye(3), 10.0, precision="int8")
+
+
+def test_staged_candidates_give_the_same_partials(tmp_path):
+    from queries.exact import stage
+
+    r = np.random.default_rng(8)
+    q, c = unit(r.standard_normal((50, 16))), unit(r.standard_normal((300, 16)))
+    np.save(tmp_path / "c.npy", c.astype(np.float16))
+    mm = np.load(tmp_path / "c.npy", mmap_mode="r")
+    staged = stage(mm, "cpu", "float32", block=64)
+    assert staged.shape == (300, 16) and staged.dtype == torch.float32
+    a = exact_moments(q, mm, 60.0, rows=True, cols=True, precision="float32", device="cpu")
+    b = exact_moments(q, staged, 60.0, rows=True, cols=True, precision="float32", device="cpu")
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.s0, y.s0)
+        np.testing.assert_array_equal(x.max, y.max)
