@@ -33,10 +33,10 @@ import pyarrow as pa
 
 from indexer.errors import InvalidParameter
 from queries.select import (
-    SUBSET_SUFFIXES,
     _base_relation,
     _evaluate_once,
     check_fraction,
+    check_subset_out,
     check_where,
     kept_count,
     write_selection,
@@ -193,13 +193,7 @@ def select_keep(
         raise InvalidParameter(f"Unknown count rule {count!r}; choose one of {', '.join(COUNT_RULES)}")
     if where is not None:
         check_where(where)
-    out_path = None
-    if out is not None:
-        out_path = Path(out)
-        if out_path.suffix.lower() not in SUBSET_SUFFIXES:
-            raise InvalidParameter(f"Output {str(out_path)!r}: unknown suffix; use one of "
-                                   f"{', '.join(SUBSET_SUFFIXES)} (.npy = DataComp subset format)")
-        check_out(out_path, force)
+    out_path = check_subset_out(out, force)
     steps: list[KeepStep] = []
     with read_only_store(index) as store:
         con = store.con

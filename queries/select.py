@@ -156,6 +156,19 @@ def _evaluate_once(rel: duckdb.DuckDBPyRelation, where: str | None, q: str) -> N
                                else f"select failed: {msg}{hint}") from None
 
 
+def check_subset_out(out: str | Path | None, force: bool) -> Path | None:
+    """The subset file a selection writes, checked before any work: a known suffix, and no
+    existing file without ``force``."""
+    if out is None:
+        return None
+    out_path = Path(out)
+    if out_path.suffix.lower() not in SUBSET_SUFFIXES:
+        raise InvalidParameter(f"Output {str(out_path)!r}: unknown suffix; use one of "
+                               f"{', '.join(SUBSET_SUFFIXES)} (.npy = DataComp subset format)")
+    check_out(out_path, force)
+    return out_path
+
+
 def select(
     index,
     by: str,
@@ -188,15 +201,7 @@ def select(
     fraction = check_fraction(top_fraction)
     if where is not None:
         check_where(where)
-    out_path = None
-    if out is not None:
-        out_path = Path(out)
-        if out_path.suffix.lower() not in SUBSET_SUFFIXES:
-            raise InvalidParameter(
-                f"Output {str(out_path)!r}: unknown suffix; use one of {', '.join(SUBSET_SUFFIXES)} "
-                "(.npy = DataComp subset format)"
-            )
-        check_out(out_path, force)
+    out_path = check_subset_out(out, force)
     with read_only_store(index) as store:
         con = store.con
         col = check_score_column(con, by)
