@@ -45,7 +45,6 @@ from queries.sqlrun import (
     _NUMERIC,
     _arrow,
     _query_failed,
-    check_out,
     check_score_column,
     quote_identifier,
     read_only_store,
