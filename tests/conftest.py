@@ -23,3 +23,8 @@ def clustered_pairs(n: int, d: int, seed: int = 0, clusters: int = 20):
     image = (z + 0.8 * r.standard_normal((n, d)) + gap) * r.uniform(5, 15, (n, 1))
     text = (z + 0.8 * r.standard_normal((n, d)) - gap) * r.uniform(5, 15, (n, 1))
     return image.astype(np.float32), text.astype(np.float32)
+
+
+def unit32(x):
+    """Rows scaled to unit length, as float32 (what an index stores)."""
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)

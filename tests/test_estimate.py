@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import clustered_pairs
+from conftest import unit32 as unit
 from indexer.errors import InvalidParameter
 from indexer.faiss_index import search as faiss_search
 from queries.estimate import (
@@ -30,10 +31,6 @@ from queries.estimate import (
 from queries.exact import exact_kl
 
 A = 100.0
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

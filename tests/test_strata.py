@@ -8,15 +8,12 @@ import pytest
 import torch
 
 from conftest import clustered_pairs
+from conftest import unit32 as unit
 from indexer.errors import InvalidParameter
 from queries import strata
 from queries.exact import exact_kl
 
 A = 100.0
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
