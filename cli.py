@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from indexer.errors import ClipIndexError
-from indexer.synthetic import GEOMETRIES
+from clip_density_index.indexer.errors import ClipIndexError
+from clip_density_index.indexer.synthetic import GEOMETRIES
 
 SOURCES = ("synthetic", "open_clip", "datacomp", "clip-retrieval")
 #: Seeds are what numpy's generators and DuckDB's BIGINT columns take.
@@ -63,7 +63,7 @@ class Cli(click.Group):
 def _low_level_error(e: Exception, ctx: click.Context) -> click.ClickException | None:
     """A full disk or a catalog DuckDB finds damaged, wherever it surfaced, as one line; None for
     anything else (its traceback is a bug to report)."""
-    from indexer.diskspace import is_disk_full
+    from clip_density_index.indexer.diskspace import is_disk_full
 
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
@@ -85,7 +85,7 @@ class MemoryType(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
-        from indexer.choose import parse_memory
+        from clip_density_index.indexer.choose import parse_memory
 
         try:
             return parse_memory(value)
@@ -95,7 +95,7 @@ class MemoryType(click.ParamType):
 
 def _logit_scale(a: float | None, log_a: float | None) -> float | None:
     """a from --logit-scale / --log-logit-scale; warns on stderr when a looks like the log form."""
-    from queries.conventions import log_like_warning, resolve_logit_scale
+    from clip_density_index.queries.conventions import log_like_warning, resolve_logit_scale
 
     warning = log_like_warning(a) if log_a is None else None
     if warning:
@@ -104,15 +104,15 @@ def _logit_scale(a: float | None, log_a: float | None) -> float | None:
 
 
 def _progress(quiet: bool):
-    from indexer.progress import null_progress, tqdm_progress
+    from clip_density_index.indexer.progress import null_progress, tqdm_progress
 
     return null_progress if quiet else tqdm_progress()
 
 
 def _note_synthetic(index_dir) -> None:
     """Label output from the built-in synthetic world, on stderr (keeps CSV / JSON output clean)."""
-    from indexer.errors import ClipIndexError
-    from indexer.pool import open_index
+    from clip_density_index.indexer.errors import ClipIndexError
+    from clip_density_index.indexer.pool import open_index
 
     try:
         synthetic = open_index(index_dir).synthetic
@@ -250,8 +250,8 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, log_logit_sca
       python cli.py build-index --source open_clip --input images/ --captions caps.csv \\
           --model ViT-B-32 --pretrained laion2b_s34b_b79k --out mine
     """
-    from indexer.build import build_index
-    from indexer.sources import make_source
+    from clip_density_index.indexer.build import build_index
+    from clip_density_index.indexer.sources import make_source
 
     ctx = click.get_current_context()
     for name, sources in SOURCE_OPTIONS.items():
@@ -309,7 +309,7 @@ def info_cmd(index_dir, as_json, verify):
       python cli.py info index
       python cli.py info index --verify
     """
-    from indexer.info import index_info, verify_index
+    from clip_density_index.indexer.info import index_info, verify_index
 
     if verify:
         checks = verify_index(index_dir)
@@ -412,7 +412,7 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fr
     """
     _note_synthetic(index_dir)
     logit_scale = _logit_scale(logit_scale, log_logit_scale)
-    from queries.score import report_dict, score
+    from clip_density_index.queries.scoring import report_dict, score
 
     if exact and estimator not in ("auto", "exact"):
         raise click.UsageError(f"--exact contradicts --estimator {estimator}")
@@ -425,7 +425,7 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fr
             verb = "applies" if len(given) == 1 else "apply"
             raise click.UsageError(f"{' / '.join(given)} only {verb} to --estimator {only}, not to {chosen}")
     if paper_sample is None:
-        from queries.score import PAPER_SAMPLE
+        from clip_density_index.queries.scoring import PAPER_SAMPLE
 
         paper_sample = PAPER_SAMPLE
     metric_list = None if metrics is None else [m.strip() for m in metrics.split(",") if m.strip()]
@@ -513,7 +513,7 @@ def _need_prompt(prompt, prompt_embedding) -> None:
 
 def _emit(table, fmt, out, force, width, what: str = "rows") -> None:
     """Print a result table to stdout, or write it to ``out`` and say so on stderr."""
-    from queries.sqlrun import write_result
+    from clip_density_index.queries.sqlrun import write_result
 
     text = write_result(table, fmt, out, force=force, max_width=width)
     if out is None:
@@ -545,7 +545,7 @@ def sql_cmd(index_dir, query, fmt, out, force, width):
       python cli.py sql index "FROM scores" --out scores.parquet
     """
     _note_synthetic(index_dir)
-    from queries.sqlrun import format_for, run_sql
+    from clip_density_index.queries.sqlrun import format_for, run_sql
 
     fmt = format_for(out, fmt)
     _emit(run_sql(index_dir, query), fmt, out, force, width)
@@ -577,7 +577,7 @@ def query_cmd(index_dir, name, list_, params, fmt, out, force, width):
     """
     if index_dir is not None:
         _note_synthetic(index_dir)
-    from queries.sqlrun import format_for, list_queries, run_query
+    from clip_density_index.queries.sqlrun import format_for, list_queries, run_query
 
     if list_:
         import textwrap
@@ -602,7 +602,7 @@ def query_cmd(index_dir, name, list_, params, fmt, out, force, width):
     fmt = format_for(out, fmt)
     table = run_query(index_dir, name, **values)
     if fmt == "table" and out is None:  # a title, so that two tables in a row can be told apart
-        from queries.sqlrun import get_query
+        from clip_density_index.queries.sqlrun import get_query
 
         about = get_query(name).description.split(": ", 1)[0].split(". ", 1)[0].rstrip(".")
         given = ", ".join(f"{k}={v}" for k, v in values.items())
@@ -659,7 +659,7 @@ def select_cmd(index_dir, by, top_fraction, keeps, mode, count, where, lowest, o
     _note_synthetic(index_dir)
     kind = {".npy": "DataComp subset format", ".txt": "one uid per line", ".parquet": "parquet"}
     if keeps or count != "floor":
-        from queries.keep import Keep, select_keep
+        from clip_density_index.queries.keep import Keep, select_keep
 
         keep_list = list(keeps) or [Keep(by, top_fraction, lowest)]
         ks = select_keep(index_dir, keep_list, where=where, mode=mode or ("pool" if keeps else "filtered"),
@@ -679,7 +679,7 @@ def select_cmd(index_dir, by, top_fraction, keeps, mode, count, where, lowest, o
         if out is not None:
             click.echo(f"Wrote {ks.kept:,} uids to {out} ({kind.get(out.suffix.lower(), '')})")
         return
-    from queries.select import select
+    from clip_density_index.queries.selection import select
 
     sel = select(index_dir, by, top_fraction, where=where, lowest=lowest, out=out, force=force)
     side = "lowest" if lowest else "highest"
@@ -715,7 +715,7 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model,
       python cli.py weights dc --prompt-embedding food.npy --prompt "a photo of food"
     """
     _note_synthetic(index_dir)
-    from queries.weights import weights
+    from clip_density_index.queries.weighting import weights
 
     _need_prompt(prompt, prompt_embedding)
     w = weights(index_dir, prompt, prompt_embedding, logit_scale, out=out, force=force, device=device, model=model,
@@ -756,8 +756,8 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, 
       python cli.py sample index --prompt "a photo of food" -n 20 --mode top
     """
     _note_synthetic(index_dir)
-    from queries.sqlrun import render_table
-    from queries.weights import sample
+    from clip_density_index.queries.sqlrun import render_table
+    from clip_density_index.queries.weighting import sample
 
     _need_prompt(prompt, prompt_embedding)
     if mode == "top" and replace:
@@ -802,7 +802,7 @@ def encode_text_cmd(texts, index_dir, model, pretrained, raw, device, out, force
       clip-density-index encode-text "a photo of food" --model ViT-L-14 --pretrained openai --out food.npy
       clip-density-index weights dc-index --prompt-embedding food.npy --prompt "a photo of food"
     """
-    from queries.prompts import encode_text
+    from clip_density_index.queries.prompts import encode_text
 
     if index_dir is None and (model is None or pretrained is None):
         raise click.UsageError("give --index DIR, or --model NAME and --pretrained TAG_OR_CHECKPOINT")
@@ -826,7 +826,7 @@ def serve_cmd(index_dir, host, port):
       python cli.py serve dc-index --port 8080
     """
     _note_synthetic(index_dir)
-    from explorer.app import serve
+    from clip_density_index.explorer.app import serve
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"Warning: serving on {host}: anyone who can reach it can read the whole catalog", err=True)
@@ -847,7 +847,7 @@ def report_cmd(index_dir, out, force):
       python cli.py report index --out report.html
     """
     _note_synthetic(index_dir)
-    from explorer.report import write_report
+    from clip_density_index.explorer.report import write_report
 
     path = write_report(index_dir, out, force=force)
     click.echo(f"Wrote {path} ({path.stat().st_size:,} bytes)")

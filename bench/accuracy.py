@@ -35,7 +35,7 @@ MS = (0, 1024, 2048, 4096, 16384)
 
 def plan(n: int, quick: bool = False) -> dict:
     """Index settings swept for a pool of n: {key: [nprobe, ...]} (Flat: [0])."""
-    from indexer.choose import default_nlist
+    from clip_density_index.indexer.choose import default_nlist
 
     nl = default_nlist(n)
     if quick:
@@ -50,7 +50,7 @@ def plan(n: int, quick: bool = False) -> dict:
 
 
 def _stats(approx, exact):
-    from queries.score import spearman, top_overlap
+    from clip_density_index.queries.scoring import spearman, top_overlap
 
     err = np.abs(approx - exact)
     return {"spearman": spearman(approx, exact), "mae": float(err.mean()), "max_err": float(err.max()),
@@ -84,9 +84,9 @@ def run(n: int, geometry: str, out: Path, *, q: int = 1000, quick: bool = False,
         side: str = "text") -> dict:
     import torch
 
-    from indexer import choose, faiss_index
-    from queries import estimate
-    from queries.exact import exact_kl, sampled_softmax_kl
+    from clip_density_index.indexer import choose, faiss_index
+    from clip_density_index.queries import estimate
+    from clip_density_index.queries.exact import exact_kl, sampled_softmax_kl
 
     if geometry not in WORLDS:
         raise ValueError(f"unknown synthetic world {geometry!r}; choose one of {', '.join(WORLDS)}")
@@ -169,7 +169,7 @@ def run(n: int, geometry: str, out: Path, *, q: int = 1000, quick: bool = False,
                         "kl": _stats(kl_e, kl_x), "klr": _stats(klr_e, klr_x)})
         # the real estimator, end to end (search + table + tail + SQL), on the default configuration
         if key == choose.choose_index_key(n, cands.shape[1], choose.parse_memory("8G")):
-            from queries.score import DEFAULT_K, DEFAULT_TAIL
+            from clip_density_index.queries.scoring import DEFAULT_K, DEFAULT_TAIL
 
             k, m = min(DEFAULT_K, n), min(DEFAULT_TAIL, n)
             nprobe = choose.default_nprobe(key, n) or None

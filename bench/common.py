@@ -18,7 +18,7 @@ A = 100.0  # logit scale of the synthetic world
 #: Every synthetic world the accuracy tables cover, in table order: the calibrated / flat / clustered
 #: worlds and the heavy-tailed ones (mixture, duplicates, templates, hubs, heavy; issue 14 item 7).
 #: Defined once in indexer/synthetic.py (numpy and pyarrow only; no torch or faiss).
-from indexer.synthetic import GEOMETRIES as WORLDS  # noqa: E402
+from clip_density_index.indexer.synthetic import GEOMETRIES as WORLDS  # noqa: E402
 
 
 def machine() -> dict:
@@ -61,7 +61,7 @@ def command_line() -> str:
 def world(n: int, geometry: str = "calibrated", seed: int = 0, dim: int = 512, normalise: bool = True):
     """(meta, image, text) of the first n samples of the synthetic world, float32 (unit rows when
     ``normalise``); generated block by block to keep peak memory at about the result's size."""
-    from indexer.synthetic import SyntheticWorld
+    from clip_density_index.indexer.synthetic import SyntheticWorld
 
     w = SyntheticWorld(seed=seed, dim=dim, geometry=geometry)
     image = np.empty((n, dim), np.float32)

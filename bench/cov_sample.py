@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from bench.common import world
-from indexer.stats import StatsAccumulator, cov_row_picker, whitened_loglik
+from clip_density_index.indexer.stats import StatsAccumulator, cov_row_picker, whitened_loglik
 
 
 def run(n: int, subsets=(131072, 65536), batch: int = 65536, seed: int = 0) -> list[dict]:

@@ -33,8 +33,8 @@ def run(out: Path, n: int = 2000, batch_size: int = 256) -> dict:
     import torch
     from PIL import Image
 
-    from indexer.build import build_index
-    from indexer.embed import OpenClipSource
+    from clip_density_index.indexer.build import build_index
+    from clip_density_index.indexer.embed import OpenClipSource
 
     work = out / "encode"
     (work / "configs").mkdir(parents=True, exist_ok=True)

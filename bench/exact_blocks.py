@@ -19,7 +19,7 @@ import numpy as np
 
 def main() -> None:
     from bench.common import world
-    from queries.exact import exact_kl
+    from clip_density_index.queries.exact import exact_kl
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000, help="pool size")

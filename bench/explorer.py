@@ -24,8 +24,8 @@ def main(argv=None) -> None:
 
     from starlette.testclient import TestClient
 
-    import queries
-    from explorer.app import create_app
+    from clip_density_index import queries
+    from clip_density_index.explorer.app import create_app
 
     t0 = time.perf_counter()
     app = create_app(a.index)

@@ -47,8 +47,8 @@ def write_clip_retrieval(n: int, folder: Path) -> None:
 
 def _exact_child(index_dir: str, q: int, seed: int = 0) -> None:
     """Child: exact KL of q random queries per side against all candidates; prints JSON."""
-    from indexer.pool import open_index
-    from queries.exact import exact_kl
+    from clip_density_index.indexer.pool import open_index
+    from clip_density_index.queries.exact import exact_kl
 
     pool = open_index(index_dir)
     ids = np.sort(np.random.default_rng(seed).choice(pool.n, size=min(q, pool.n), replace=False))
@@ -64,9 +64,10 @@ def _exact_child(index_dir: str, q: int, seed: int = 0) -> None:
 
 def _latency_child(index_dir: str, reps: int) -> None:
     """Child: latencies of the read side after the index is loaded; prints JSON."""
-    from indexer.pool import open_index
-    from indexer.synthetic import VOCABULARY, SyntheticWorld
-    from queries import sqlrun, weights
+    from clip_density_index.indexer.pool import open_index
+    from clip_density_index.indexer.synthetic import VOCABULARY, SyntheticWorld
+    from clip_density_index.queries import sqlrun
+    from clip_density_index.queries import weighting as weights
 
     t0 = time.perf_counter()
     pool = open_index(index_dir)

@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from indexer.faults import ENV, POINTS  # noqa: E402
+from clip_density_index.indexer.faults import ENV, POINTS  # noqa: E402
 
 CLI = [sys.executable, str(ROOT / "cli.py")]
 N, DIM = 2000, 32

@@ -33,9 +33,9 @@ def run_world(geometry: str, n: int, n_queries: int, n_calib: int, target: float
     import torch
 
     from bench.common import A, world
-    from queries import strata
-    from queries.exact import exact_kl
-    from queries.score import spearman, top_overlap
+    from clip_density_index.queries import strata
+    from clip_density_index.queries.exact import exact_kl
+    from clip_density_index.queries.scoring import spearman, top_overlap
 
     if lists_per_sqrt:
         strata.LISTS_PER_SQRT_N = lists_per_sqrt
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--no-own", action="store_true", help="do not force each caption's own image's list")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = ap.parse_args()
-    from queries import strata
+    from clip_density_index.queries import strata
 
     target = strata.DEFAULT_TARGET if args.target is None else args.target
     for g in args.geometries.split(","):

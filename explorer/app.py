@@ -36,11 +36,11 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from explorer import pages
-from explorer.svg import histogram_svg, scatter_svg
-from indexer.errors import ClipIndexError, InvalidParameter
-from indexer.pool import open_index
-from queries import explore
+from clip_density_index.explorer import pages
+from clip_density_index.explorer.svg import histogram_svg, scatter_svg
+from clip_density_index.indexer.errors import ClipIndexError, InvalidParameter
+from clip_density_index.indexer.pool import open_index
+from clip_density_index.queries import explore
 
 log = logging.getLogger(__name__)
 

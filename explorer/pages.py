@@ -7,7 +7,7 @@ import math
 from html import escape
 from urllib.parse import urlencode
 
-from queries.explore import ORDERS, caption_picture
+from clip_density_index.queries.explore import ORDERS, caption_picture
 
 NAV = (("/", "Gallery"), ("/plots", "Plots"), ("/prompt", "Prompt"), ("/select", "Selection"))
 

@@ -10,12 +10,12 @@ import io
 from html import escape
 from pathlib import Path
 
-from explorer import pages
-from explorer.app import STATIC
-from explorer.svg import histogram_svg
-from indexer.pool import as_pool
-from queries import explore
-from queries.outfile import atomic_write, check_out
+from clip_density_index.explorer import pages
+from clip_density_index.explorer.app import STATIC
+from clip_density_index.explorer.svg import histogram_svg
+from clip_density_index.indexer.pool import as_pool
+from clip_density_index.queries import explore
+from clip_density_index.queries.outfile import atomic_write, check_out
 
 #: Samples shown at each end of each KL column.
 PER_END = 8

@@ -1,3 +1,1 @@
-"""clip-density-index, build side: sources -> FAISS indexes + a DuckDB catalog."""
-
-__version__ = "0.1.0"
+"""clip-density-index, build side and the index it owns: sources -> FAISS indexes + a DuckDB catalog."""

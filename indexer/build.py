@@ -25,16 +25,17 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from indexer import __version__, integrity, lock, swap
-from indexer.arrays import NpyWriter, copy_cast
-from indexer.diskspace import disk_full, is_disk_full
-from indexer.errors import BadInput, ClipIndexError, InvalidParameter
-from indexer.faults import fault_point
-from indexer.layout import FORMAT_VERSION, MODALITIES, IndexPaths
-from indexer.progress import Progress, null_progress
-from indexer.source import Batch, Source, SourceInfo
-from indexer.validate import check_rows, validate_batch
-from queries.store import Store, load_sql
+from clip_density_index import __version__
+from clip_density_index.indexer import integrity, lock, swap
+from clip_density_index.indexer.arrays import NpyWriter, copy_cast
+from clip_density_index.indexer.diskspace import disk_full, is_disk_full
+from clip_density_index.indexer.errors import BadInput, ClipIndexError, InvalidParameter
+from clip_density_index.indexer.faults import fault_point
+from clip_density_index.indexer.layout import FORMAT_VERSION, MODALITIES, IndexPaths
+from clip_density_index.indexer.progress import Progress, null_progress
+from clip_density_index.indexer.source import Batch, Source, SourceInfo
+from clip_density_index.indexer.validate import check_rows, validate_batch
+from clip_density_index.indexer.store import Store, load_sql
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,8 @@ def build_index(
         BudgetTooSmall: no FAISS index fits ``max_memory``.
         IndexBusy: a ``score`` is running in the index at ``out``.
     """
-    from indexer import choose, faiss_index
-    from indexer.stats import StatsAccumulator, cov_row_picker
+    from clip_density_index.indexer import choose, faiss_index
+    from clip_density_index.indexer.stats import StatsAccumulator, cov_row_picker
 
     progress = progress or null_progress
     if dtype not in ("float32", "float16", "auto"):
@@ -369,7 +370,7 @@ def build_index(
 def _needed_bytes(info: SourceInfo, dtype: str, index_key: str | None, max_memory: int, tmp: Path) -> int:
     """About how many bytes a build of ``info`` writes: embeddings, raw norms, FAISS files and the
     catalog (at least what it had reached when the build failed)."""
-    from indexer import choose
+    from clip_density_index.indexer import choose
 
     n, dim = info.n, info.dim
     total = 2 * n * dim * (2 if dtype == "float16" else 4) + (2 * 4 * n if info.raw_known else 0)

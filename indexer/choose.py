@@ -26,7 +26,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from indexer.errors import BudgetTooSmall, InvalidParameter
+from clip_density_index.indexer.errors import BudgetTooSmall, InvalidParameter
 
 #: Pools up to this size get exact (``Flat``) search when it fits the budget.
 FLAT_MAX_N = 20_000
@@ -34,7 +34,7 @@ FLAT_MAX_N = 20_000
 MIN_POINTS_PER_CENTROID = 39
 #: The dot-product budget of the default KL estimate, as a fraction of the exact method's n per query.
 SCORE_BUDGET = 0.05
-#: The scorer's default tail sample m (``queries.score.DEFAULT_TAIL`` is this value).
+#: The scorer's default tail sample m (``queries.scoring.DEFAULT_TAIL`` is this value).
 SCORE_TAIL = 2048
 #: At most this many vectors scanned per query by the default nprobe (the 1M wall-time target:
 #: 2000 gives nprobe 8 at 1M, whose whole ``score`` took 396 s with a 1000-sample check, BENCHMARKS.md).
@@ -77,7 +77,7 @@ def parse_memory(text: str) -> int:
     >>> parse_memory("4X")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    indexer.errors.InvalidParameter: Invalid memory size '4X': expected a number with an ...
+    clip_density_index.indexer.errors.InvalidParameter: Invalid memory size '4X': expected a number with an ...
     """
     m = _MEMORY.match(str(text))
     if not m:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from indexer.errors import InvalidParameter
+from clip_density_index.indexer.errors import InvalidParameter
 
 
 def resolve_device(device: str = "auto") -> str:

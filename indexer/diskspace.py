@@ -13,7 +13,7 @@ import errno
 import os
 from pathlib import Path
 
-from indexer.errors import DiskFull
+from clip_density_index.indexer.errors import DiskFull
 
 #: Below this many free bytes right after a failed write, the failure is taken as a full disk.
 NEARLY_FULL = 4 << 20

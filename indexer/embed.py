@@ -33,11 +33,11 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import pyarrow as pa
 
-from indexer.device import resolve_device
-from indexer.errors import BadInput, InvalidParameter
-from indexer.progress import Progress, null_progress
-from indexer.reader import UidDeriver, arrange_meta, natural_key, normalize_uids
-from indexer.source import Batch, SourceInfo
+from clip_density_index.indexer.device import resolve_device
+from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.indexer.progress import Progress, null_progress
+from clip_density_index.indexer.reader import UidDeriver, arrange_meta, natural_key, normalize_uids
+from clip_density_index.indexer.source import Batch, SourceInfo
 
 logger = logging.getLogger(__name__)
 

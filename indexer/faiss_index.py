@@ -20,10 +20,10 @@ from typing import Any, Iterator
 import faiss
 import numpy as np
 
-from indexer import layout
-from indexer.choose import MIN_POINTS_PER_CENTROID
-from indexer.errors import IndexNotFound, InvalidParameter
-from indexer.progress import Progress, null_progress
+from clip_density_index.indexer import layout
+from clip_density_index.indexer.choose import MIN_POINTS_PER_CENTROID
+from clip_density_index.indexer.errors import IndexNotFound, InvalidParameter
+from clip_density_index.indexer.progress import Progress, null_progress
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.integrity import verify
-from indexer.layout import MODALITIES
-from indexer.pool import open_index
-from queries.store import load_sql
+from clip_density_index.indexer.integrity import verify
+from clip_density_index.indexer.layout import MODALITIES
+from clip_density_index.indexer.pool import open_index
+from clip_density_index.indexer.store import load_sql
 
 
 def verify_index(path: str | Path) -> list[dict]:

@@ -24,8 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
-from indexer.errors import BrokenIndex
-from indexer.layout import MODALITIES, IndexPaths
+from clip_density_index.indexer.errors import BrokenIndex
+from clip_density_index.indexer.layout import MODALITIES, IndexPaths
 
 #: An embedding row whose norm is further than this from 1 cannot be a stored unit vector (float16
 #: storage is off by about 1e-3 at most).
@@ -83,7 +83,7 @@ def stats_crc(stats: dict[tuple[str, str], np.ndarray]) -> int:
 
 def row_norms(emb: np.ndarray, chunk: int = 16384) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, norms) of ``emb`` block by block, in float32 (float64 for tiny blocks)."""
-    from indexer.arrays import copy_cast
+    from clip_density_index.indexer.arrays import copy_cast
 
     scratch = np.empty((min(chunk, emb.shape[0]),) + emb.shape[1:], np.float32)
     for i in range(0, emb.shape[0], chunk):
@@ -205,7 +205,7 @@ def check_crc(path: Path, records: dict[str, dict]) -> None:
 
 def verify(pool) -> list[tuple[str, str, str]]:
     """Check everything: (name, "ok" | "FAILED" | "unchecked", detail) per data file of ``pool``."""
-    from indexer.errors import ClipIndexError
+    from clip_density_index.indexer.errors import ClipIndexError
 
     out = []
     records = pool.file_records

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from indexer.errors import IndexBusy
+from clip_density_index.indexer.errors import IndexBusy
 
 try:
     import fcntl

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from indexer.errors import TooMuchMemory
+from clip_density_index.indexer.errors import TooMuchMemory
 
 #: Share of the available memory one request may plan to use (the rest: the interpreter, libraries,
 #: the page cache of memory-mapped files, estimation error).

@@ -13,12 +13,12 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from indexer import integrity
-from indexer.errors import (BrokenIndex, FormatVersionMismatch, IndexNotFound, IndexReplaced,
+from clip_density_index.indexer import integrity
+from clip_density_index.indexer.errors import (BrokenIndex, FormatVersionMismatch, IndexNotFound, IndexReplaced,
                             MissingStatistic)
-from indexer.layout import FLAT_KEY, FORMAT_VERSION, MODALITIES, IndexPaths, check_modality
-from indexer.swap import recover
-from queries.store import Store
+from clip_density_index.indexer.layout import FLAT_KEY, FORMAT_VERSION, MODALITIES, IndexPaths, check_modality
+from clip_density_index.indexer.swap import recover
+from clip_density_index.indexer.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class PoolIndex:
         check_modality(modality)
         self.check_current()
         if modality not in self._faiss:
-            from indexer import faiss_index
+            from clip_density_index.indexer import faiss_index
 
             path = self.paths.faiss(modality)
             params = (self.manifest.get("index_params") or {}).get(modality) or {}

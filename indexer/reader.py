@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexer.errors import BadInput, InvalidParameter
-from indexer.source import Batch, SourceInfo
+from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.indexer.source import Batch, SourceInfo
 
 logger = logging.getLogger(__name__)
 

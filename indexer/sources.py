@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from indexer.errors import InvalidParameter
-from indexer.progress import Progress
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.progress import Progress
 
 DEFAULT_SYNTHETIC_N = 100_000
 DEFAULT_LOGIT_SCALE = 100.0
@@ -34,8 +34,8 @@ def make_source(
 ):
     """Return the source named ``kind`` ("synthetic", "open_clip", "datacomp", "clip-retrieval")."""
     if kind == "synthetic":
-        from indexer import memory
-        from indexer.synthetic import SyntheticSource
+        from clip_density_index.indexer import memory
+        from clip_density_index.indexer.synthetic import SyntheticSource
 
         n = n or DEFAULT_SYNTHETIC_N
         if isinstance(dim, int) and not isinstance(dim, bool) and isinstance(n, int) and dim > 0 and n > 0:
@@ -45,16 +45,16 @@ def make_source(
     if input_path is None:
         raise InvalidParameter(f"source {kind!r} needs an input path")
     if kind == "datacomp":
-        from indexer.reader import DataCompSource
+        from clip_density_index.indexer.reader import DataCompSource
 
         return DataCompSource(input_path, arch=arch, logit_scale=logit_scale or DEFAULT_LOGIT_SCALE)
     if kind == "clip-retrieval":
-        from indexer.reader import ClipRetrievalSource
+        from clip_density_index.indexer.reader import ClipRetrievalSource
 
         return ClipRetrievalSource(input_path, logit_scale=logit_scale or DEFAULT_LOGIT_SCALE,
                                    caption_column=caption_column, uid_column=uid_column)
     if kind == "open_clip":
-        from indexer.embed import OpenClipSource
+        from clip_density_index.indexer.embed import OpenClipSource
 
         return OpenClipSource(
             images=input_path, captions=captions, model=model, pretrained=pretrained,
@@ -87,8 +87,8 @@ class ArraySource:
         import numpy as np
         import pyarrow as pa
 
-        from indexer.reader import RESERVED_COLUMNS
-        from indexer.source import SourceInfo
+        from clip_density_index.indexer.reader import RESERVED_COLUMNS
+        from clip_density_index.indexer.source import SourceInfo
 
         self.image = np.asarray(image)
         self.text = np.asarray(text)
@@ -109,7 +109,7 @@ class ArraySource:
                                logit_scale=logit_scale, logit_bias=logit_bias, model=model)
 
     def batches(self, batch_size: int):
-        from indexer.source import Batch
+        from clip_density_index.indexer.source import Batch
 
         n = self.info.n
         for start in range(0, n, batch_size):

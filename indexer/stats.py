@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from indexer.errors import InvalidParameter, TooMuchMemory
+from clip_density_index.indexer.errors import InvalidParameter, TooMuchMemory
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class _Moments:
         try:
             self.s2 = np.zeros((dim, dim), dtype=np.float64)  # sum (x - shift)(x - shift)^T
         except MemoryError:
-            from indexer.memory import build_bytes, format_bytes
+            from clip_density_index.indexer.memory import build_bytes, format_bytes
 
             raise TooMuchMemory(f"Embeddings of dimension {dim:,} need d x d statistics of "
                                 f"{format_bytes(8 * dim * dim)} each (a build: about "

@@ -30,9 +30,9 @@ import shutil
 import time
 from pathlib import Path
 
-from indexer import lock
-from indexer.errors import IndexNotFound
-from indexer.faults import fault_point
+from clip_density_index.indexer import lock
+from clip_density_index.indexer.errors import IndexNotFound
+from clip_density_index.indexer.faults import fault_point
 
 log = logging.getLogger(__name__)
 

@@ -65,8 +65,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from indexer.errors import InvalidParameter
-from indexer.source import Batch, SourceInfo
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.source import Batch, SourceInfo
 
 WORLD_VERSION = 1  # bump when generation changes, so manifests can tell worlds apart
 BLOCK_SIZE = 4096  # rows per generator block; fixed, so rows do not depend on the batch size

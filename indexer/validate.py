@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from indexer.errors import BadInput, InvalidParameter
-from indexer.source import Batch
+from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.indexer.source import Batch
 
 UID_PATTERN = r"^[0-9a-f]{32}$"
 

@@ -23,10 +23,10 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from indexer.errors import BadInput, InvalidParameter
-from indexer.layout import MODALITIES, check_modality
-from indexer.progress import Progress, null_progress
-from indexer.stats import matmul, whitened_loglik
+from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.indexer.layout import MODALITIES, check_modality
+from clip_density_index.indexer.progress import Progress, null_progress
+from clip_density_index.indexer.stats import matmul, whitened_loglik
 
 __all__ = [
     "METRICS",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from indexer.errors import InvalidParameter
+from clip_density_index.indexer.errors import InvalidParameter
 
 #: Values of ``a`` at or below this look like the log form (exp(7) = 1097 covers CLIP's 100 and
 #: SigLIP's ~112 with room to spare).

@@ -41,9 +41,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from indexer.errors import InvalidParameter
-from queries.exact import candidate_sum, check_scale, resolve_device, sample_ids, to_tensor
-from queries.store import load_sql
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.queries.exact import candidate_sum, check_scale, resolve_device, sample_ids, to_tensor
+from clip_density_index.indexer.store import load_sql
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def needs_rescore(index) -> bool:
     metric other than inner product)."""
     import faiss
 
-    from indexer.faiss_index import returns_exact_scores
+    from clip_density_index.indexer.faiss_index import returns_exact_scores
 
     return index.metric_type != faiss.METRIC_INNER_PRODUCT or not returns_exact_scores(index)
 
@@ -167,7 +167,7 @@ class IvfFlatLists:
         None (Flat, HNSW, SQ / PQ codes, GPU indexes and other list storages go through FAISS)."""
         import faiss
 
-        from indexer.faiss_index import is_gpu_index
+        from clip_density_index.indexer.faiss_index import is_gpu_index
 
         if is_gpu_index(index):
             return None
@@ -242,8 +242,8 @@ class IvfFlatLists:
 def search(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``indexer.faiss_index.search``, with large batches on a CPU IVF-Flat index scored list by
     list (``IvfFlatLists``; same results, faster for whole-pool scoring)."""
-    from indexer.faiss_index import check_search
-    from indexer.faiss_index import search as faiss_search
+    from clip_density_index.indexer.faiss_index import check_search
+    from clip_density_index.indexer.faiss_index import search as faiss_search
 
     lists = IvfFlatLists.of(index) if len(queries) >= BATCH_SEARCH_MIN else None
     if lists is None:

@@ -29,8 +29,8 @@ import warnings
 import numpy as np
 import torch
 
-from indexer.errors import InvalidParameter
-from indexer.progress import Progress, null_progress
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.progress import Progress, null_progress
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ GPU_CHUNKS = (4096, 65536)
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` means CUDA when torch sees a GPU, else CPU (``indexer.device.resolve_device``)."""
-    from indexer.device import resolve_device as resolve
+    from clip_density_index.indexer.device import resolve_device as resolve
 
     return torch.device(resolve(device))
 

@@ -1,11 +1,11 @@
 """The data behind the explorer (``cli.py serve``) and the static report (``cli.py report``).
 
 Everything here reads the catalog through the read-only, sandboxed connection that
-``PoolIndex.reader()`` keeps (``queries.store.READ_ONLY_CONFIG``), and every user value reaches SQL
+``PoolIndex.reader()`` keeps (``indexer.store.READ_ONLY_CONFIG``), and every user value reaches SQL
 the way ``cli.py query`` sends it: named queries from ``sql/*.sql`` whose column parameters are
 checked against the ``scores`` allowlist and whose values are bound (``queries.sqlrun.bind_query``),
-or vec_ids bound one parameter each. Selections and prompts go through ``queries.select`` and
-``queries.weights`` unchanged, so the explorer shows what ``select`` / ``weights`` / ``sample``
+or vec_ids bound one parameter each. Selections and prompts go through ``queries.selection`` and
+``queries.weighting`` unchanged, so the explorer shows what ``select`` / ``weights`` / ``sample``
 compute and downloads the file ``select --out X.npy`` writes.
 
 Images: ``image_file(pool, vec_id)`` is the only way to a file. The user names a vec_id, never a
@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from indexer.errors import InvalidParameter
-from indexer.pool import as_pool
-from queries.sqlrun import _arrow, bind_query, check_read_only, check_score_column, get_query, score_columns
-from queries.store import load_sql
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.pool import as_pool
+from clip_density_index.queries.sqlrun import _arrow, bind_query, check_read_only, check_score_column, get_query, score_columns
+from clip_density_index.indexer.store import load_sql
 
 #: Gallery orders.
 ORDERS = ("top", "bottom", "decile", "random")
@@ -337,13 +337,13 @@ def check_column(index, column: str) -> str:
 # -- prompts and selections ---------------------------------------------------------------------
 def load_uploaded_embedding(data: bytes, dim: int) -> np.ndarray:
     """A prompt embedding from the bytes of an uploaded ``.npy`` (no pickles), checked by
-    ``queries.weights.load_prompt_embedding``.
+    ``queries.weighting.load_prompt_embedding``.
 
     Raises:
         BadInput / InvalidParameter: too large, not a .npy array, wrong shape or dimension.
     """
-    from indexer.errors import BadInput
-    from queries.weights import load_prompt_embedding
+    from clip_density_index.indexer.errors import BadInput
+    from clip_density_index.queries.weighting import load_prompt_embedding
 
     if len(data) > MAX_EMBEDDING_BYTES:
         raise InvalidParameter(f"The uploaded embedding has {len(data):,} bytes; at most {MAX_EMBEDDING_BYTES:,}")
@@ -371,12 +371,12 @@ class PromptView:
 
 def prompt_view(index, prompt: str | None = None, embedding: np.ndarray | None = None, n: int = 24,
                 logit_scale: float = 10.0, distribution: bool = True) -> PromptView:
-    """The top ``n`` samples by weight (``queries.weights.sample(mode="top")``, as
+    """The top ``n`` samples by weight (``queries.weighting.sample(mode="top")``, as
     ``cli.py sample --mode top``) and, with ``distribution``, the weights' summary and histogram of
-    ``log10`` normalised weights (``queries.weights.compute_weights``, as ``cli.py weights``: one
+    ``log10`` normalised weights (``queries.weighting.compute_weights``, as ``cli.py weights``: one
     pass over every image; nothing is stored). Without it, ``summary`` is None and the top samples
     cost what ``sample --mode top`` costs."""
-    from queries.weights import compute_weights, encode_prompt, sample
+    from clip_density_index.queries.weighting import compute_weights, encode_prompt, sample
 
     pool = as_pool(index)
     p = encode_prompt(pool, prompt, embedding)  # once: the synthetic world's encoder takes ~1 s to build
@@ -398,8 +398,8 @@ def prompt_view(index, prompt: str | None = None, embedding: np.ndarray | None =
 
 def selection(index, by: str, fraction: float, where: str | None = None, lowest: bool = False,
               examples: int = 12):
-    """``queries.select.select`` (no file) and cards of the first ``examples`` kept samples."""
-    from queries.select import select
+    """``queries.selection.select`` (no file) and cards of the first ``examples`` kept samples."""
+    from clip_density_index.queries.selection import select
 
     pool = as_pool(index)
     sel = select(pool, by, fraction, where=where, lowest=lowest)
@@ -409,8 +409,8 @@ def selection(index, by: str, fraction: float, where: str | None = None, lowest:
 
 def selection_npy(index, by: str, fraction: float, where: str | None = None, lowest: bool = False) -> bytes:
     """The bytes of the DataComp subset ``.npy`` that ``select --out X.npy`` writes for the same
-    arguments (``queries.select.datacomp_subset`` saved by ``np.save``)."""
-    from queries.select import datacomp_subset, select
+    arguments (``queries.selection.datacomp_subset`` saved by ``np.save``)."""
+    from clip_density_index.queries.selection import datacomp_subset, select
 
     sel = select(as_pool(index), by, fraction, where=where, lowest=lowest)
     buf = io.BytesIO()

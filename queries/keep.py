@@ -13,7 +13,7 @@ more ``Keep(column, fraction, lowest)`` and one of two modes:
   that have a value (``floor(F x left)``; in pool mode rows without a value count in N). ``--keep clipscore:0.3 --keep kl_text:0.25`` keeps 0.3 x 0.25 = 7.5% of the
   pool: a quarter of the best-aligned 30%.
 
-Counting, ranking and ties follow ``queries.select`` exactly (NULL / NaN scores are never kept;
+Counting, ranking and ties follow ``queries.selection`` exactly (NULL / NaN scores are never kept;
 ties broken by uid ascending; at least one row when any can be ranked). ``count="paper"`` keeps
 ``floor(F x N) + 1`` rows per step, as the paper's selection code does (capped at the candidates).
 
@@ -31,8 +31,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from indexer.errors import InvalidParameter
-from queries.select import (
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.queries.selection import (
     _base_relation,
     _evaluate_once,
     check_fraction,
@@ -41,7 +41,7 @@ from queries.select import (
     kept_count,
     write_selection,
 )
-from queries.sqlrun import (
+from clip_density_index.queries.sqlrun import (
     _NUMERIC,
     _arrow,
     _query_failed,
@@ -51,7 +51,7 @@ from queries.sqlrun import (
     score_columns,
     table_columns,
 )
-from queries.store import load_sql
+from clip_density_index.indexer.store import load_sql
 
 KEEP_MODES = ("pool", "filtered")
 COUNT_RULES = ("floor", "paper")
@@ -169,7 +169,7 @@ def select_keep(
         index: index directory or an opened ``PoolIndex``.
         keeps: ``Keep`` or ``"COLUMN:FRACTION[:lowest]"`` strings; any numeric column of
             ``samples`` (e.g. DataComp's ``clip_l14_similarity_score``) or ``scores``.
-        where: a SQL condition over ``samples`` and ``scores`` columns (see ``queries.select``).
+        where: a SQL condition over ``samples`` and ``scores`` columns (see ``queries.selection``).
         mode: "pool" (each fraction of the whole pool, intersected) or "filtered" (``where``
             first, then each keep on what is left, in order).
         count: "floor" (``floor(F x N)``) or "paper" (``floor(F x N) + 1``).

@@ -11,10 +11,10 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from indexer.diskspace import disk_full, is_disk_full
-from indexer.errors import InvalidParameter
-from indexer.layout import CATALOG
-from indexer.swap import BUILD_ID, pid_alive
+from clip_density_index.indexer.diskspace import disk_full, is_disk_full
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.layout import CATALOG
+from clip_density_index.indexer.swap import BUILD_ID, pid_alive
 
 
 def check_out(path: str | Path, force: bool) -> Path:
@@ -47,7 +47,7 @@ def _index_of_own_file(path: Path) -> Path | None:
     """The index directory when ``path`` (symbolic links followed) names one of its own files (the
     catalog and DuckDB's files beside it, FAISS and ``.npy`` files, the locks, the build record,
     ``skipped.tsv``)."""
-    from indexer.layout import MODALITIES
+    from clip_density_index.indexer.layout import MODALITIES
 
     real = Path(os.path.realpath(path))
     if not (real.parent / CATALOG).is_file():

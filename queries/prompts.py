@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from indexer.errors import BadInput, ClipIndexError, InvalidParameter
+from clip_density_index.indexer.errors import BadInput, ClipIndexError, InvalidParameter
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def text_encoder(model: str, pretrained: str, device: str = "auto"):
         ClipIndexError: from ``indexer.embed.load_model`` (unknown model or tag, bad checkpoint,
             weights that cannot be downloaded).
     """
-    from indexer.device import resolve_device
-    from indexer.embed import load_model
+    from clip_density_index.indexer.device import resolve_device
+    from clip_density_index.indexer.embed import load_model
 
     dev = str(resolve_device(device))
     key = (str(model), str(pretrained), dev)
@@ -120,7 +120,7 @@ def encode(texts: Sequence[str], model: str | None, pretrained: str | None, devi
             to match an index).
         BadInput: the weights cannot be loaded; the message says how to pass ``--prompt-embedding``.
     """
-    from indexer.embed import encode_texts
+    from clip_density_index.indexer.embed import encode_texts
 
     texts = [str(t) for t in texts]
     if not texts:
@@ -169,7 +169,7 @@ def encode_text(index=None, texts: Sequence[str] = (), *, model: str | None = No
         InvalidParameter: no texts, no model, a bad ``out`` suffix, ``out`` exists without ``force``.
         BadInput: the weights cannot be loaded, or the embeddings' dimension is not the index's.
     """
-    from queries.sqlrun import atomic_write, check_out
+    from clip_density_index.queries.sqlrun import atomic_write, check_out
 
     texts = [str(t) for t in texts]
     if not texts or any(not t.strip() for t in texts):
@@ -180,7 +180,7 @@ def encode_text(index=None, texts: Sequence[str] = (), *, model: str | None = No
         check_out(out, force)
     pool = None
     if index is not None:
-        from indexer.pool import as_pool
+        from clip_density_index.indexer.pool import as_pool
 
         pool = as_pool(index)
         if pool.synthetic:

@@ -46,10 +46,10 @@ from typing import Any, Iterable
 import duckdb
 import pyarrow as pa
 
-from indexer.errors import ClipIndexError, InvalidParameter, NotReadOnly, UnknownQuery
-from indexer.pool import as_pool
-from queries.outfile import atomic_write, check_out  # noqa: F401 (select, weights import them from here)
-from queries.store import Store
+from clip_density_index.indexer.errors import ClipIndexError, InvalidParameter, NotReadOnly, UnknownQuery
+from clip_density_index.indexer.pool import as_pool
+from clip_density_index.queries.outfile import atomic_write, check_out  # noqa: F401 (select, weights import them from here)
+from clip_density_index.indexer.store import Store
 
 #: Output formats of ``write_result``.
 FORMATS = ("table", "csv", "jsonl", "parquet")
@@ -119,7 +119,7 @@ def _first_line(e: Exception) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-#: DuckDB's words when a read-only connection (``queries.store.READ_ONLY_CONFIG``) refuses a file.
+#: DuckDB's words when a read-only connection (``indexer.store.READ_ONLY_CONFIG``) refuses a file.
 OUTSIDE_REFUSED = "disabled by configuration"
 OUTSIDE_HINT = (" (SQL here reaches the index's catalog tables only: files outside the index cannot be "
                 "read, written, attached or loaded)")
@@ -175,7 +175,7 @@ def check_read_only(sql: str) -> None:
     >>> check_read_only("DELETE FROM samples")
     Traceback (most recent call last):
     ...
-    indexer.errors.NotReadOnly: Not a read-only query: 'DELETE FROM samples' is a DELETE statement; only SELECT / WITH / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN queries may run here (the catalog is opened read-only)
+    clip_density_index.indexer.errors.NotReadOnly: Not a read-only query: 'DELETE FROM samples' is a DELETE statement; only SELECT / WITH / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN queries may run here (the catalog is opened read-only)
     """
     kinds = statement_kinds(sql)
     if kinds == ["EXPLAIN"]:  # EXPLAIN ANALYZE runs its statement: that one must be read-only too
@@ -446,7 +446,7 @@ def _strip_strings(sql: str) -> str:
 @lru_cache(maxsize=None)
 def _named_queries() -> dict[str, NamedQuery]:
     out = {}
-    for res in files("sql").iterdir():
+    for res in files("clip_density_index.sql").iterdir():
         if not res.name.endswith(".sql"):
             continue
         q = parse_named_query(res.name[:-4], res.read_text(encoding="utf-8"))

@@ -53,11 +53,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from indexer.errors import InvalidParameter
-from indexer.progress import Progress, null_progress
-from queries.estimate import candidate_sum
-from queries.exact import check_scale, to_tensor
-from queries.store import load_sql
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.progress import Progress, null_progress
+from clip_density_index.queries.estimate import candidate_sum
+from clip_density_index.queries.exact import check_scale, to_tensor
+from clip_density_index.indexer.store import load_sql
 
 #: Lists per sqrt(N): L = LISTS_PER_SQRT_N * sqrt(N). Lists of ~sqrt(N)/2 rows are large enough for
 #: efficient GEMMs and small enough that a query's mass sits in few of them; the centroid scoring

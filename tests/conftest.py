@@ -1,12 +1,10 @@
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+#: the repository's root (cli.py, examples/, docs/)
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture

@@ -33,9 +33,9 @@ def build_openclip_pool(tmp: Path, n: int = 16) -> tuple[Path, Path]:
     import open_clip
     import torch
 
-    import queries
-    from indexer.build import build_index
-    from indexer.embed import OpenClipSource
+    from clip_density_index import queries
+    from clip_density_index.indexer.build import build_index
+    from clip_density_index.indexer.embed import OpenClipSource
 
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "configs").mkdir(exist_ok=True)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from indexer.arrays import NpyWriter
+from clip_density_index.indexer.arrays import NpyWriter
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

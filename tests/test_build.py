@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import clustered_pairs
-from indexer import faiss_index
-from indexer.build import build_index
-from indexer.errors import BadInput, InvalidParameter
-from indexer.pool import open_index
-from indexer.sources import ArraySource
+from clip_density_index.indexer import faiss_index
+from clip_density_index.indexer.build import build_index
+from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.indexer.pool import open_index
+from clip_density_index.indexer.sources import ArraySource
 
 
 @contextlib.contextmanager
@@ -121,7 +121,7 @@ def test_index_factory_override_and_limit(tmp_path):
     ("IVF8,Flat", "faiss"),  # interrupted while building the FAISS index
 ])
 def test_rebuild_replaces_and_interrupted_build_keeps_old_index(tmp_path, monkeypatch, key, where):
-    import indexer.build as build_module
+    import clip_density_index.indexer.build as build_module
 
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out)
@@ -150,9 +150,9 @@ def test_rebuild_refuses_while_the_index_is_in_use(tmp_path, monkeypatch, caplog
     a score that began during the build is waited for at the swap (both succeed)."""
     import threading
 
-    import indexer.build as build_module
-    from indexer import lock
-    from indexer.errors import IndexBusy
+    import clip_density_index.indexer.build as build_module
+    from clip_density_index.indexer import lock
+    from clip_density_index.indexer.errors import IndexBusy
 
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out)
@@ -174,7 +174,7 @@ def test_rebuild_refuses_while_the_index_is_in_use(tmp_path, monkeypatch, caplog
         return real(*a, **k)
 
     monkeypatch.setattr(build_module, "_insert_stats", score_starts_meanwhile)
-    with caplog.at_level("WARNING", logger="indexer.lock"):
+    with caplog.at_level("WARNING", logger="clip_density_index.indexer.lock"):
         assert build_index(make(n=500, seed=1)[0], out).replaced
     assert "replaces it when that score has finished" in caplog.text
     assert seen == [300] and open_index(out).n == 500
@@ -280,7 +280,7 @@ def test_store_helpers_leave_no_open_result(tmp_path):
     """DuckDB 2.0: a half-read result blocks ``register``; the Store helpers must read fully."""
     import pyarrow as pa
 
-    from queries.store import Store
+    from clip_density_index.indexer.store import Store
 
     with Store(tmp_path / "c.duckdb") as s:
         s.migrate()
@@ -290,7 +290,7 @@ def test_store_helpers_leave_no_open_result(tmp_path):
 
 
 def test_a_damaged_index_is_named_not_a_traceback(tmp_path):
-    from indexer.errors import BrokenIndex
+    from clip_density_index.indexer.errors import BrokenIndex
 
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out, index_key="IVF8,Flat")
@@ -324,11 +324,11 @@ def test_a_damaged_index_is_named_not_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("other_reads", [False, True])
 def test_a_catalog_another_process_holds_is_reported_busy(tmp_path, other_reads, monkeypatch):
-    import indexer.pool
-    from indexer.errors import IndexBusy
-    from queries.store import Store
+    import clip_density_index.indexer.pool as pool_module
+    from clip_density_index.indexer.errors import IndexBusy
+    from clip_density_index.indexer.store import Store
 
-    monkeypatch.setattr(indexer.pool, "READ_WAIT", 0.5)  # a reader waits this long for a writer
+    monkeypatch.setattr(pool_module, "READ_WAIT", 0.5)  # a reader waits this long for a writer
 
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out)
@@ -347,8 +347,8 @@ def test_an_open_pool_notices_a_rebuild_and_a_new_one_sees_it(tmp_path):
     """An old PoolIndex mixed its arrays with the new catalog (scores written into the new index),
     and a fresh open_index in the same process read the old, deleted catalog while the old pool's
     kept reader was open (DuckDB shares one database per path)."""
-    import queries
-    from indexer.errors import IndexReplaced
+    from clip_density_index import queries
+    from clip_density_index.indexer.errors import IndexReplaced
 
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out)
@@ -385,8 +385,8 @@ def test_vectors_too_large_for_float32_statistics_are_named(tmp_path):
 
 
 def test_a_writer_waits_for_a_short_reader_in_another_process(tmp_path):
-    from indexer.errors import IndexBusy
-    from queries.store import Store
+    from clip_density_index.indexer.errors import IndexBusy
+    from clip_density_index.indexer.store import Store
 
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out)
@@ -410,7 +410,7 @@ def test_a_reader_waits_for_a_short_writer_in_another_process(tmp_path):
 
 def test_every_earlier_build_is_noticed_even_when_inodes_are_reused(tmp_path):
     """ext4 gave a new build's directory the inode of the one two builds earlier."""
-    from indexer.errors import IndexReplaced
+    from clip_density_index.indexer.errors import IndexReplaced
 
     out = tmp_path / "idx"
     pools = []
@@ -424,7 +424,7 @@ def test_every_earlier_build_is_noticed_even_when_inodes_are_reused(tmp_path):
 
 
 def test_a_second_store_on_a_new_catalog_keeps_the_first_open(tmp_path):
-    from queries.store import Store
+    from clip_density_index.indexer.store import Store
 
     first = Store(tmp_path / "c.duckdb")  # creates the file
     second = Store(tmp_path / "c.duckdb")
@@ -444,8 +444,8 @@ def test_a_build_waiting_to_swap_turns_new_jobs_away(tmp_path):
     """New shared holders kept a build queued at the swap waiting for ever (flock lets them in)."""
     import threading
 
-    from indexer import lock
-    from indexer.errors import IndexBusy
+    from clip_density_index.indexer import lock
+    from clip_density_index.indexer.errors import IndexBusy
 
     out = tmp_path / "idx"
     build_index(make(n=300)[0], out)

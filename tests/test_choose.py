@@ -6,8 +6,8 @@ import doctest
 
 import pytest
 
-import indexer.choose as choose
-from indexer.choose import (
+import clip_density_index.indexer.choose as choose
+from clip_density_index.indexer.choose import (
     MAX_SCAN,
     SCORE_BUDGET,
     SCORE_TAIL,
@@ -19,7 +19,7 @@ from indexer.choose import (
     parse_key,
     parse_memory,
 )
-from indexer.errors import BudgetTooSmall, InvalidParameter
+from clip_density_index.indexer.errors import BudgetTooSmall, InvalidParameter
 
 K, M, G = 1024, 1024**2, 1024**3
 
@@ -183,7 +183,7 @@ def test_default_cost_is_a_small_fraction_of_n(n):
 
 @pytest.mark.parametrize("n", [50_000, 100_000, 200_000, 300_000, 1_000_000, 3_000_000])
 def test_default_nprobe_spends_the_budget_and_no_more(n):
-    from queries.score import DEFAULT_TAIL
+    from clip_density_index.queries.scoring import DEFAULT_TAIL
 
     assert SCORE_TAIL == DEFAULT_TAIL
     nlist = default_nlist(n)

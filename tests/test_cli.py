@@ -3,8 +3,8 @@
 import pytest
 from click.testing import CliRunner
 
-import cli
-from indexer.pool import open_index
+from clip_density_index import cli
+from clip_density_index.indexer.pool import open_index
 
 
 @pytest.mark.parametrize("name", sorted(cli.cli.commands))

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from indexer.errors import BadInput, InvalidParameter
-from queries import closed_form as cf
+from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.queries import closed_form as cf
 
 A = 100.0
 
@@ -368,9 +368,9 @@ def test_closed_form_scores_on_a_built_synthetic_index(tmp_path):
     """Build a real index (SyntheticSource, raw known) and recompute every column with numpy from
     the source's raw arrays: normalisation, statistics, whitening and scores all independent of
     indexer.stats and of this module."""
-    from indexer.build import build_index
-    from indexer.pool import open_index
-    from indexer.synthetic import SyntheticSource
+    from clip_density_index.indexer.build import build_index
+    from clip_density_index.indexer.pool import open_index
+    from clip_density_index.indexer.synthetic import SyntheticSource
 
     src = SyntheticSource(n=2000, dim=64)
     raw = {"image": [], "text": []}

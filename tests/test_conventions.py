@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cli
+from clip_density_index import cli
 from conftest import clustered_pairs
-from indexer.build import build_index
-from indexer.errors import InvalidParameter
-from indexer.sources import ArraySource
-from queries.conventions import log_like_warning, resolve_logit_scale
+from clip_density_index.indexer.build import build_index
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.sources import ArraySource
+from clip_density_index.queries.conventions import log_like_warning, resolve_logit_scale
 from test_sql import kl_both, unit
 
 
@@ -59,7 +59,7 @@ def test_score_warns_on_a_log_like_scale_and_takes_the_log_form(small):
     rep = json.loads(r.stdout)
     a = math.exp(4.6052)
     assert rep["logit_scale"] == pytest.approx(a)
-    from queries.sqlrun import run_sql
+    from clip_density_index.queries.sqlrun import run_sql
 
     got = run_sql(idx, "SELECT kl_text FROM scores ORDER BY vec_id").column("kl_text").to_numpy()
     want, _ = kl_both(unit(text), unit(image), a)

@@ -22,9 +22,9 @@ open_clip = pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
-from indexer.embed import OpenClipSource, encode_texts, load_model  # noqa: E402
-from indexer.errors import BadInput, InvalidParameter  # noqa: E402
-from indexer.reader import md5_uid  # noqa: E402
+from clip_density_index.indexer.embed import OpenClipSource, encode_texts, load_model  # noqa: E402
+from clip_density_index.indexer.errors import BadInput, InvalidParameter  # noqa: E402
+from clip_density_index.indexer.reader import md5_uid  # noqa: E402
 
 TINY = "cdi-tiny-test"
 TINY_BIASED = "cdi-tiny-biased-test"  # open_clip picks a T5 tokenizer for names with "siglip"
@@ -387,7 +387,7 @@ def test_truncated_shard_stops_the_build_or_keeps_what_it_can_with_skip_bad(mode
 
 def test_tar_reading_keeps_few_files_open(models, bundle, tmp_path, monkeypatch):
     """One descriptor per shard, never closed, hit the open-files limit on large shard sets."""
-    from indexer import embed
+    from clip_density_index.indexer import embed
 
     shards = tmp_path / "many"
     shards.mkdir()
@@ -408,7 +408,7 @@ def _identity(img):
 
 
 def test_images_are_read_upright_and_at_8_bits():
-    from indexer.embed import _load_image
+    from clip_density_index.indexer.embed import _load_image
 
     grad = np.tile(np.linspace(0, 1, 64), (32, 1))  # dark on the left, bright on the right
     eight = _load_image(_identity, _png(Image.fromarray(np.rint(grad * 255).astype(np.uint8))))

@@ -12,9 +12,9 @@ import torch
 
 from conftest import clustered_pairs
 from conftest import unit32 as unit
-from indexer.errors import InvalidParameter
-from indexer.faiss_index import search as faiss_search
-from queries.estimate import (
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.faiss_index import search as faiss_search
+from clip_density_index.queries.estimate import (
     BATCH_SEARCH_MIN,
     IvfFlatLists,
     draw_tail,
@@ -28,7 +28,7 @@ from queries.estimate import (
     search_neighbours,
     tail_sums,
 )
-from queries.exact import exact_kl
+from clip_density_index.queries.exact import exact_kl
 
 A = 100.0
 

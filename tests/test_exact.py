@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
-from indexer.errors import InvalidParameter
-from queries.exact import Moments, exact_kl, exact_kl_both, exact_moments, sample_ids, sampled_softmax_kl
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.queries.exact import Moments, exact_kl, exact_kl_both, exact_moments, sample_ids, sampled_softmax_kl
 
 
 def unit(x):
@@ -161,7 +161,7 @@ def test_unknown_precision():
 
 
 def test_staged_candidates_give_the_same_partials(tmp_path):
-    from queries.exact import stage
+    from clip_density_index.queries.exact import stage
 
     r = np.random.default_rng(8)
     q, c = unit(r.standard_normal((50, 16))), unit(r.standard_normal((300, 16)))

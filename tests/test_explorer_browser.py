@@ -23,10 +23,10 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-import queries  # noqa: E402
-from explorer.app import create_app  # noqa: E402
-from indexer.build import build_index  # noqa: E402
-from indexer.synthetic import SyntheticSource  # noqa: E402
+from clip_density_index import queries  # noqa: E402
+from clip_density_index.explorer.app import create_app  # noqa: E402
+from clip_density_index.indexer.build import build_index  # noqa: E402
+from clip_density_index.indexer.synthetic import SyntheticSource  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -15,12 +15,12 @@ pytest.importorskip("httpx")
 
 from starlette.testclient import TestClient  # noqa: E402
 
-import queries  # noqa: E402
-from explorer.app import create_app  # noqa: E402
-from explorer.report import write_report  # noqa: E402
-from indexer.build import build_index  # noqa: E402
-from indexer.sources import ArraySource  # noqa: E402
-from indexer.synthetic import SyntheticSource  # noqa: E402
+from clip_density_index import queries  # noqa: E402
+from clip_density_index.explorer.app import create_app  # noqa: E402
+from clip_density_index.explorer.report import write_report  # noqa: E402
+from clip_density_index.indexer.build import build_index  # noqa: E402
+from clip_density_index.indexer.sources import ArraySource  # noqa: E402
+from clip_density_index.indexer.synthetic import SyntheticSource  # noqa: E402
 from tests.conftest import clustered_pairs  # noqa: E402
 
 N = 2000
@@ -82,7 +82,7 @@ def test_plots_prompt_and_selection(client, index_dir, tmp_path):
     data = client.get("/select.npy", params=q)
     assert data.status_code == 200 and data.content == (tmp_path / "s.npy").read_bytes()
     # an uploaded prompt embedding (.npy) gives the same top samples as the text prompt's vector
-    from queries.weights import encode_prompt
+    from clip_density_index.queries.weighting import encode_prompt
 
     buf = io.BytesIO()
     np.save(buf, encode_prompt(index_dir, "a photo of a dog").vector.astype(np.float32))
@@ -174,7 +174,7 @@ def test_images_only_from_the_paths_the_catalog_records(tmp_path, monkeypatch):
 def test_report_is_self_contained(index_dir, tmp_path):
     from click.testing import CliRunner
 
-    import cli
+    from clip_density_index import cli
 
     out = tmp_path / "r.html"
     r = CliRunner().invoke(cli.cli, ["report", str(index_dir), "--out", str(out)])
@@ -210,9 +210,9 @@ def test_open_clip_pool_serves_its_own_images_only(tmp_path):
 
 
 def test_large_pools_get_the_correlation_table_on_request(index_dir, monkeypatch):
-    import explorer.app
+    import clip_density_index.explorer.app as explorer_app
 
-    monkeypatch.setattr(explorer.app, "CORR_INLINE_MAX", 10)
+    monkeypatch.setattr(explorer_app, "CORR_INLINE_MAX", 10)
     with TestClient(create_app(index_dir), base_url="http://127.0.0.1") as c:
         r = c.get("/plots")
         assert 'id="compute-correlations"' in r.text and 'id="correlations"' not in r.text
@@ -261,9 +261,9 @@ def test_cli_serve_binds_localhost_and_stops(index_dir):
 
 
 def test_large_pools_get_the_weight_distribution_on_request(index_dir, monkeypatch):
-    import explorer.app
+    import clip_density_index.explorer.app as explorer_app
 
-    monkeypatch.setattr(explorer.app, "DIST_INLINE_MAX", 10)
+    monkeypatch.setattr(explorer_app, "DIST_INLINE_MAX", 10)
     top = queries.sample(index_dir, "a photo of a cat", n=24, mode="top").column("vec_id").to_pylist()
     with TestClient(create_app(index_dir), base_url="http://127.0.0.1") as c:
         r = c.get("/prompt", params={"prompt": "a photo of a cat"})
@@ -277,7 +277,7 @@ def test_cli_serve_port_in_use_is_one_line(index_dir):
 
     from click.testing import CliRunner
 
-    import cli
+    from clip_density_index import cli
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

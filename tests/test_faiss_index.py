@@ -9,9 +9,9 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer.choose import estimate_bytes
-from indexer.errors import IndexNotFound, InvalidParameter
-from indexer.faiss_index import (
+from clip_density_index.indexer.choose import estimate_bytes
+from clip_density_index.indexer.errors import IndexNotFound, InvalidParameter
+from clip_density_index.indexer.faiss_index import (
     build_index,
     gpu_available,
     index_key,
@@ -206,7 +206,7 @@ def test_progress_hook_receives_total(data):
 
 
 def test_phase_timings_are_logged(data, caplog):
-    with caplog.at_level(logging.INFO, logger="indexer.faiss_index"):
+    with caplog.at_level(logging.INFO, logger="clip_density_index.indexer.faiss_index"):
         build_index("IVF64,Flat", data)
     text = caplog.text
     assert "Training IVF64,Flat on 2,496 vectors:" in text  # default 39 * nlist
@@ -214,7 +214,7 @@ def test_phase_timings_are_logged(data, caplog):
 
 
 def test_train_size(data, caplog):
-    with caplog.at_level(logging.WARNING, logger="indexer.faiss_index"):
+    with caplog.at_level(logging.WARNING, logger="clip_density_index.indexer.faiss_index"):
         index = build_index("IVF64,Flat", data, train_size=500)
     assert "fewer than 39 per list" in caplog.text
     assert index.ntotal == N

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, clustered_pairs
-from indexer.build import build_index
-from indexer.errors import BrokenIndex, DiskFull
-from indexer.faults import ENV
-from indexer.pool import open_index
-from indexer.sources import ArraySource
+from clip_density_index.indexer.build import build_index
+from clip_density_index.indexer.errors import BrokenIndex, DiskFull
+from clip_density_index.indexer.faults import ENV
+from clip_density_index.indexer.pool import open_index
+from clip_density_index.indexer.sources import ArraySource
 
 CLI = [sys.executable, str(ROOT / "cli.py")]
 
@@ -149,8 +149,8 @@ def test_a_full_disk_at_each_stage_of_a_build_is_named(tmp_path, monkeypatch, wh
     """Errors as each layer raises them on a full disk (OSError 28, DuckDB, FAISS's RuntimeError)."""
     import errno
 
-    import indexer.build as b
-    from indexer import faiss_index
+    import clip_density_index.indexer.build as b
+    from clip_density_index.indexer import faiss_index
 
     def enospc(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -193,7 +193,7 @@ def test_an_out_file_on_a_full_disk_is_one_line_and_an_old_file_stays(tmp_path, 
 
 
 def test_weights_say_they_were_stored_when_only_the_out_file_failed(tmp_path, monkeypatch):
-    import queries.weights as qw
+    import clip_density_index.queries.weighting as qw
 
     out = tmp_path / "idx"
     build_index(make(300), out)
@@ -257,7 +257,7 @@ def test_a_damaged_catalog_is_one_line_naming_it(tmp_path, damage, command):
 
 # -- 5: damaged data files ----------------------------------------------------------------------------
 def npy_offset(path: Path) -> int:
-    from indexer.integrity import npy_header
+    from clip_density_index.indexer.integrity import npy_header
 
     return npy_header(path)[2]
 
@@ -351,7 +351,7 @@ def test_out_never_overwrites_a_file_of_an_index(tmp_path):
 
 
 def test_a_killed_out_write_leaves_no_temporary_behind(tmp_path):
-    from queries.outfile import atomic_write
+    from clip_density_index.queries.outfile import atomic_write
 
     stale = tmp_path / ".rows.csv.tmp-999999"  # a write killed mid-way (no such process)
     stale.write_text("half")

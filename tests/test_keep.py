@@ -11,13 +11,13 @@ from click.testing import CliRunner
 
 pd = pytest.importorskip("pandas")
 
-import cli  # noqa: E402
+from clip_density_index import cli  # noqa: E402
 from conftest import clustered_pairs  # noqa: E402
-from indexer.build import build_index  # noqa: E402
-from indexer.errors import InvalidParameter  # noqa: E402
-from indexer.sources import ArraySource  # noqa: E402
-from queries.keep import Keep, parse_keep, select_keep  # noqa: E402
-from queries.select import select  # noqa: E402
+from clip_density_index.indexer.build import build_index  # noqa: E402
+from clip_density_index.indexer.errors import InvalidParameter  # noqa: E402
+from clip_density_index.indexer.sources import ArraySource  # noqa: E402
+from clip_density_index.queries.keep import Keep, parse_keep, select_keep  # noqa: E402
+from clip_density_index.queries.selection import select  # noqa: E402
 from test_sql import write_scores  # noqa: E402
 
 N = 500
@@ -167,7 +167,7 @@ def test_recipes_on_the_cli(pool, tmp_path):
 @pytest.mark.parametrize("name,params", [("top_by_score", {}), ("bottom_by_score", {}),
                                          ("caption_search", {"text": "sample"})])
 def test_ranked_queries_show_the_url_where_the_pool_has_one(pool, name, params):
-    from queries.sqlrun import run_query
+    from clip_density_index.queries.sqlrun import run_query
 
     idx, df = pool
     t = run_query(idx, name, column="klr_text", limit=5, **params)

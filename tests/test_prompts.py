@@ -14,14 +14,14 @@ from click.testing import CliRunner
 open_clip = pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")
 
-import cli  # noqa: E402
-import indexer.embed as embed  # noqa: E402
-import indexer.reader as reader  # noqa: E402
-from indexer.build import build_index  # noqa: E402
-from indexer.errors import BadInput, InvalidParameter  # noqa: E402
-from indexer.reader import DataCompSource  # noqa: E402
-from queries import prompts  # noqa: E402
-from queries.weights import compute_weights, sample  # noqa: E402
+from clip_density_index import cli  # noqa: E402
+import clip_density_index.indexer.embed as embed  # noqa: E402
+import clip_density_index.indexer.reader as reader  # noqa: E402
+from clip_density_index.indexer.build import build_index  # noqa: E402
+from clip_density_index.indexer.errors import BadInput, InvalidParameter  # noqa: E402
+from clip_density_index.indexer.reader import DataCompSource  # noqa: E402
+from clip_density_index.queries import prompts  # noqa: E402
+from clip_density_index.queries.weighting import compute_weights, sample  # noqa: E402
 from test_embed import TINY, models  # noqa: E402,F401  (models is a fixture)
 
 DIM = 32  # the tiny model's embed_dim
@@ -54,7 +54,7 @@ def make_datacomp(root, dim=DIM, n=N, seed=0):
 
 def stored_images(idx):
     """The index's stored (normalised, float16) image embeddings."""
-    from indexer.pool import open_index
+    from clip_density_index.indexer.pool import open_index
 
     pool = open_index(idx)
     try:

@@ -11,8 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from indexer.errors import BadInput, InvalidParameter
-from indexer.reader import (ClipRetrievalSource, DataCompSource, UidDeriver, md5_uid,
+from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.indexer.reader import (ClipRetrievalSource, DataCompSource, UidDeriver, md5_uid,
                             normalize_uids)
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -124,8 +124,8 @@ def test_datacomp_reads_everything(tmp_path, rng, arch):
 def test_half_precision_inputs_are_stored_in_half_precision_by_default(tmp_path, rng):
     """build_index(dtype="auto"): float16 DataComp files give a float16 copy (nothing is lost:
     the input had no more precision); float32 inputs stay float32."""
-    from indexer.build import build_index
-    from indexer.pool import open_index
+    from clip_density_index.indexer.build import build_index
+    from clip_density_index.indexer.pool import open_index
 
     exp = make_datacomp(tmp_path / "dc", rng)
     build_index(DataCompSource(tmp_path / "dc", arch="b32"), tmp_path / "idx")
@@ -512,7 +512,7 @@ def test_datacomp_valid_utf8_bytes_are_read_as_captions(tmp_path, rng):
 def test_build_index_cli_reports_hostile_datacomp_inputs_in_one_line(tmp_path, rng):
     from click.testing import CliRunner
 
-    import cli
+    from clip_density_index import cli
 
     make_datacomp(tmp_path / "dc", rng)
     parquet = sorted((tmp_path / "dc").glob("*.parquet"))[0]

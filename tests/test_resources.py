@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cli
+from clip_density_index import cli
 from conftest import clustered_pairs
-from indexer.build import build_index
-from indexer.errors import BrokenIndex
-from indexer.pool import open_index
-from indexer.sources import ArraySource
+from clip_density_index.indexer.build import build_index
+from clip_density_index.indexer.errors import BrokenIndex
+from clip_density_index.indexer.pool import open_index
+from clip_density_index.indexer.sources import ArraySource
 
 N, DIM = 300, 16
 
@@ -76,8 +76,8 @@ def test_build_index_with_a_huge_dim_is_refused_with_the_number_before_any_work(
 
 
 def test_the_stats_of_a_huge_dimension_are_refused_whatever_the_source():
-    from indexer.errors import TooMuchMemory
-    from indexer.stats import StatsAccumulator
+    from clip_density_index.indexer.errors import TooMuchMemory
+    from clip_density_index.indexer.stats import StatsAccumulator
 
     with pytest.raises(TooMuchMemory, match="dimension 1,000,000 .*7.3 TiB each"):
         StatsAccumulator(1_000_000, raw=True)
@@ -86,8 +86,8 @@ def test_the_stats_of_a_huge_dimension_are_refused_whatever_the_source():
 def test_sample_with_replacement_is_refused_before_drawing_when_it_cannot_fit(small_index, tmp_path):
     """``-n 50000000 --replace`` was killed by the kernel after 24 GB; more rows than memory can
     hold (here 10^11) were a numpy MemoryError traceback."""
-    from indexer.errors import TooMuchMemory
-    from queries.weights import sample
+    from clip_density_index.indexer.errors import TooMuchMemory
+    from clip_density_index.queries.weighting import sample
 
     out, prompt = small_index
     with pytest.raises(TooMuchMemory, match=r"sample -n 100,000,000,000 --replace .* would need about .* TiB"):
@@ -99,9 +99,9 @@ def test_sample_with_replacement_is_refused_before_drawing_when_it_cannot_fit(sm
 
 
 def test_the_sample_check_follows_the_memory_available(small_index, tmp_path, monkeypatch):
-    from indexer import memory
-    from indexer.errors import TooMuchMemory
-    from queries.weights import sample, sample_bytes
+    from clip_density_index.indexer import memory
+    from clip_density_index.indexer.errors import TooMuchMemory
+    from clip_density_index.queries.weighting import sample, sample_bytes
 
     out, prompt = small_index
     monkeypatch.setattr(memory, "available_bytes", lambda: 256 * 2**20)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import clustered_pairs
-from indexer.build import build_index
-from indexer.errors import IndexNotFound, InvalidParameter
-from indexer.pool import open_index
-from indexer.sources import ArraySource
-from queries import estimate
-from queries.exact import exact_kl
-from queries.score import SCORE_COLUMNS, score, spearman, top_overlap
+from clip_density_index.indexer.build import build_index
+from clip_density_index.indexer.errors import IndexNotFound, InvalidParameter
+from clip_density_index.indexer.pool import open_index
+from clip_density_index.indexer.sources import ArraySource
+from clip_density_index.queries import estimate
+from clip_density_index.queries.exact import exact_kl
+from clip_density_index.queries.scoring import SCORE_COLUMNS, score, spearman, top_overlap
 
 N = 1200
 
@@ -93,7 +93,7 @@ def test_check_report_and_table(index):
     # the check's numbers, recomputed by hand on the same samples
     pool = open_index(index)
     cols = scores(index)
-    from queries.score import check_sample
+    from clip_density_index.queries.scoring import check_sample
 
     ids = check_sample(N, 300, 3)
     kl, _ = exact_kl(pool.embeddings("text")[ids], pool.embeddings("image"), 100.0)
@@ -153,15 +153,15 @@ def test_a_run_says_when_interrupted_runs_with_other_options_keep_chunks(index, 
     with pytest.raises(KeyboardInterrupt):
         score(index, seed=1, **params)
     monkeypatch.setattr(estimate, "kl_from_lists", real)
-    with caplog.at_level("WARNING", logger="queries.score"):
+    with caplog.at_level("WARNING", logger="clip_density_index.queries.scoring"):
         score(index, seed=2, **params)
     [kept] = (index / "work").iterdir()  # seed 1's chunk, not seed 2's
     assert "1 interrupted score run(s) with other options keep their finished chunks" in caplog.text
     assert len(list(kept.glob("*.parquet"))) == 1
     caplog.clear()
-    from indexer import lock
+    from clip_density_index.indexer import lock
 
-    with lock.sole(kept, "busy"), caplog.at_level("WARNING", logger="queries.score"):  # a run working there
+    with lock.sole(kept, "busy"), caplog.at_level("WARNING", logger="clip_density_index.queries.scoring"):  # a run working there
         score(index, seed=3, **params)
     assert "interrupted" not in caplog.text
 
@@ -261,10 +261,10 @@ def test_scores_table_always_has_every_public_column(tmp_path):
     named queries such as score_correlations run."""
     from conftest import clustered_pairs
 
-    from indexer.build import build_index
-    from indexer.sources import ArraySource
-    from queries.score import SCORE_COLUMNS, score
-    from queries.sqlrun import run_query, run_sql
+    from clip_density_index.indexer.build import build_index
+    from clip_density_index.indexer.sources import ArraySource
+    from clip_density_index.queries.scoring import SCORE_COLUMNS, score
+    from clip_density_index.queries.sqlrun import run_query, run_sql
 
     image, text = clustered_pairs(400, 16, seed=5)
     build_index(ArraySource(image, text), tmp_path / "idx")
@@ -278,7 +278,7 @@ def test_scores_table_always_has_every_public_column(tmp_path):
 
 def test_a_graph_index_reports_its_cost_as_not_counted(tmp_path):
     """HNSW's search cost depends on the data: the run says so instead of NaN (invalid JSON)."""
-    from queries.score import report_dict
+    from clip_density_index.queries.scoring import report_dict
 
     image, text = clustered_pairs(600, 16, seed=6)
     build_index(ArraySource(image, text), tmp_path / "idx", index_key="HNSW16")
@@ -292,11 +292,11 @@ def test_a_graph_index_reports_its_cost_as_not_counted(tmp_path):
 def test_selecting_by_a_column_never_computed_is_a_clear_error(tmp_path):
     from conftest import clustered_pairs
 
-    from indexer.build import build_index
-    from indexer.errors import InvalidParameter
-    from indexer.sources import ArraySource
-    from queries.select import select
-    from queries.sqlrun import run_query
+    from clip_density_index.indexer.build import build_index
+    from clip_density_index.indexer.errors import InvalidParameter
+    from clip_density_index.indexer.sources import ArraySource
+    from clip_density_index.queries.selection import select
+    from clip_density_index.queries.sqlrun import run_query
 
     image, text = clustered_pairs(300, 16, seed=6)
     build_index(ArraySource(image, text), tmp_path / "idx")
@@ -312,8 +312,8 @@ def test_auto_picks_the_exact_softmax_for_a_small_pool(tmp_path):
     """auto runs the exact pass (float32 by default on a CPU) and says why; k / tail_sample force mimps."""
     from conftest import clustered_pairs
 
-    from indexer.build import build_index
-    from indexer.sources import ArraySource
+    from clip_density_index.indexer.build import build_index
+    from clip_density_index.indexer.sources import ArraySource
 
     image, text = clustered_pairs(500, 16, seed=9)
     build_index(ArraySource(image, text), tmp_path / "idx")
@@ -333,7 +333,7 @@ def test_auto_picks_the_exact_softmax_for_a_small_pool(tmp_path):
 
 def test_a_second_score_with_the_same_options_refuses_while_the_first_runs(index, monkeypatch):
     """Both used one chunk folder; the first to finish deleted it under the other (a traceback)."""
-    from indexer.errors import IndexBusy
+    from clip_density_index.indexer.errors import IndexBusy
 
     params = dict(k=16, tail_sample=64, batch_size=300, metrics=["kl"])
     real = estimate.kl_from_lists
@@ -355,7 +355,7 @@ def test_paper_estimator_equals_an_independent_numpy_version(index):
     """The paper's filter: a softmax over ceil(0.05 N) candidates drawn with replacement per side."""
     from scipy.special import logsumexp
 
-    from queries.score import paper_sample_ids
+    from clip_density_index.queries.scoring import paper_sample_ids
 
     report = score(index, estimator="paper", paper_sample=0.05, metrics=["kl", "klr"], precision="float64",
                    check=300)
@@ -376,7 +376,7 @@ def test_paper_estimator_equals_an_independent_numpy_version(index):
 
 def test_held_out_interval_covers_the_error_on_the_whole_pool(index):
     """The check's bootstrap interval (300 of 1,200 rows) holds the agreement measured on all rows."""
-    from queries.score import compare
+    from clip_density_index.queries.scoring import compare
 
     report = score(index, k=8, tail_sample=32, nprobe=1, metrics=["kl", "klr"], check=300, seed=5)
     pool, cols = open_index(index), scores(index)
@@ -413,8 +413,8 @@ def test_a_broken_estimator_is_caught_by_its_own_check(index, monkeypatch):
 
 def test_runs_with_other_sides_or_metrics_do_not_share_a_work_folder(index, monkeypatch):
     """The folder key held neither the side nor the metrics: these two refused each other."""
-    from indexer import lock
-    from queries.score import _resolve, _work_name
+    from clip_density_index.indexer import lock
+    from clip_density_index.queries.scoring import _resolve, _work_name
 
     pool = open_index(index)
     common = dict(estimator="mimps", k=None, tail_sample=None, logit_scale=None, logit_bias=None, seed=0,
@@ -444,7 +444,7 @@ def test_an_empty_chunk_left_by_a_power_loss_is_computed_again(index, monkeypatc
 
 
 def test_info_shows_the_accuracy_the_last_run_measured(index):
-    from indexer.info import index_info
+    from clip_density_index.indexer.info import index_info
 
     report = score(index, k=8, tail_sample=32, metrics=["kl"], side="text", check=100)
     checks = index_info(index)["last_score_run"]["checks"]
@@ -454,7 +454,7 @@ def test_info_shows_the_accuracy_the_last_run_measured(index):
 
 
 def test_an_interrupted_store_leaves_the_old_scores_and_no_half_table(index, monkeypatch):
-    from queries.store import Store
+    from clip_density_index.indexer.store import Store
 
     score(index, metrics=["dc"], side="text")
     before = scores(index)["dc_text"]
@@ -494,7 +494,7 @@ def test_strata_estimator_checks_itself_and_equals_exact_at_full_budget(index):
 
 
 def test_calibration_rows_are_disjoint_from_the_held_out_rows():
-    from queries.score import calibration_ids, check_sample
+    from clip_density_index.queries.scoring import calibration_ids, check_sample
 
     for n, check in ((1200, 300), (50_000, 4000)):
         cal = calibration_ids(n, 512, check, 7, "text")
@@ -502,7 +502,7 @@ def test_calibration_rows_are_disjoint_from_the_held_out_rows():
 
 
 def test_auto_times_both_estimators_above_its_threshold(index, monkeypatch):
-    import queries.score as qs
+    import clip_density_index.queries.scoring as qs
 
     monkeypatch.setattr(qs, "AUTO_EXACT_BELOW", 0)
     report = score(index, metrics=["kl"], side="text")
@@ -511,7 +511,7 @@ def test_auto_times_both_estimators_above_its_threshold(index, monkeypatch):
 
 
 def test_auto_falls_back_to_exact_when_its_approximation_misses_the_targets(index, monkeypatch):
-    import queries.score as qs
+    import clip_density_index.queries.scoring as qs
 
     monkeypatch.setattr(qs, "_choose", lambda pool, p, device: ("strata", "strata: predicted faster (test)"))
     report = score(index, metrics=["kl", "klr"], side="text", target_spearman=1.0, precision="float64")
@@ -532,7 +532,7 @@ def test_a_failed_checkpoint_after_the_commit_says_the_scores_are_stored(index, 
     report success with a warning, not an error (it printed a DuckDB error and exited 1)."""
     import duckdb
 
-    from queries.store import Store
+    from clip_density_index.indexer.store import Store
 
     real = Store.__enter__
 
@@ -555,7 +555,7 @@ def test_a_failed_checkpoint_after_the_commit_says_the_scores_are_stored(index, 
         return s
 
     monkeypatch.setattr(Store, "__enter__", entering)
-    with caplog.at_level("WARNING", logger="queries.score"):
+    with caplog.at_level("WARNING", logger="clip_density_index.queries.scoring"):
         report = score(index, metrics=["dc"], side="text")
     monkeypatch.undo()
     assert "the scores are stored (run 1)" in caplog.text
@@ -565,7 +565,7 @@ def test_a_failed_checkpoint_after_the_commit_says_the_scores_are_stored(index, 
 def test_an_interrupted_exact_run_resumes_with_one_running_column_file(index, monkeypatch):
     """The images' column partials are folded into one running file (O(n) on disk), and a resumed
     run equals an uninterrupted one."""
-    import queries.exact as qe
+    import clip_density_index.queries.exact as qe
 
     params = dict(estimator="exact", metrics=["kl", "klr"], batch_size=300, precision="float64")
     real, calls = qe.exact_moments, []

@@ -1,4 +1,4 @@
-"""KL-guided selection and the DataComp subset writer (queries/select.py, `select`)."""
+"""KL-guided selection and the DataComp subset writer (queries/selection.py, `select`)."""
 
 import math
 import re
@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import cli
-import queries
-from indexer.errors import BadInput, InvalidParameter
-from queries.select import datacomp_subset, kept_count, select
+from clip_density_index import cli
+from clip_density_index import queries
+from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.queries.selection import datacomp_subset, kept_count, select
 from test_sql import N, arrays_index, fingerprint  # noqa: F401  (arrays_index is a fixture)
 
 

@@ -17,13 +17,13 @@ from click.testing import CliRunner
 from scipy import stats
 from scipy.special import logsumexp
 
-import cli
+from clip_density_index import cli
 from conftest import clustered_pairs
-from indexer.build import build_index
-from indexer.errors import InvalidParameter, NotReadOnly, UnknownQuery
-from indexer.sources import ArraySource
-from queries import sqlrun
-from queries.sqlrun import (
+from clip_density_index.indexer.build import build_index
+from clip_density_index.indexer.errors import InvalidParameter, NotReadOnly, UnknownQuery
+from clip_density_index.indexer.sources import ArraySource
+from clip_density_index.queries import sqlrun
+from clip_density_index.queries.sqlrun import (
     QueryError,
     check_read_only,
     list_queries,

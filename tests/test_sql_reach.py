@@ -1,7 +1,7 @@
 """What user SQL can reach (issue 15, item 8): the catalog's tables, and no file outside the index.
 
 ``sql``, ``query`` and ``select --where`` run on read-only catalog connections opened with DuckDB's
-``enable_external_access`` off and the configuration locked (``queries.store.READ_ONLY_CONFIG``).
+``enable_external_access`` off and the configuration locked (``indexer.store.READ_ONLY_CONFIG``).
 Every test here plants a file outside the index holding a unique token and tries to read it (or
 to write beside it); the statement must fail, the token must not appear in any message, and the
 catalog must be unchanged.
@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import cli
-from indexer.errors import ClipIndexError, InvalidParameter
-from indexer.pool import open_index
-from queries import sqlrun
-from queries.select import select
-from queries.sqlrun import QueryError, parse_named_query, read_only_store, run_query, run_sql
+from clip_density_index import cli
+from clip_density_index.indexer.errors import ClipIndexError, InvalidParameter
+from clip_density_index.indexer.pool import open_index
+from clip_density_index.queries import sqlrun
+from clip_density_index.queries.selection import select
+from clip_density_index.queries.sqlrun import QueryError, parse_named_query, read_only_store, run_query, run_sql
 from test_sql import arrays_index, fingerprint  # noqa: F401  (arrays_index is a fixture)
 
 TOKEN = "zq-secret-token-5d1e"

@@ -9,9 +9,9 @@ import pytest
 import scipy.linalg
 import scipy.stats
 
-import indexer.stats as stats_mod
-from indexer.errors import InvalidParameter
-from indexer.stats import StatsAccumulator, whitened_loglik, whitening
+import clip_density_index.indexer.stats as stats_mod
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.stats import StatsAccumulator, whitened_loglik, whitening
 
 N, D = 600, 12
 

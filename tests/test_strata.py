@@ -9,9 +9,9 @@ import torch
 
 from conftest import clustered_pairs
 from conftest import unit32 as unit
-from indexer.errors import InvalidParameter
-from queries import strata
-from queries.exact import exact_kl
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.queries import strata
+from clip_density_index.queries.exact import exact_kl
 
 A = 100.0
 
@@ -87,7 +87,7 @@ def test_partial_budget_scans_less_and_ranks_like_exact():
     of the pairs, calibrated model for the rest, rankings close to exact (the accuracy at scale is
     measured by bench/strata.py)."""
     from bench.common import world
-    from queries.score import spearman
+    from clip_density_index.queries.scoring import spearman
 
     _, image, text = world(2000, "calibrated")
     p = strata.build_plan(image, seed=0, queries=text)

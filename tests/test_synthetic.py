@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from indexer.errors import InvalidParameter
-from indexer.source import Batch
-from indexer.synthetic import BLOCK_SIZE, SCENE, ATTRIBUTE, SyntheticSource, SyntheticWorld
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.source import Batch
+from clip_density_index.indexer.synthetic import BLOCK_SIZE, SCENE, ATTRIBUTE, SyntheticSource, SyntheticWorld
 
 N = 4500  # more than one generator block (BLOCK_SIZE = 4096)
 
@@ -355,8 +355,8 @@ def world_stats(geometry: str, _cache: dict = {}) -> dict:
 
 
 def test_geometries_defined_once_and_offered_by_the_cli():
-    import cli
-    from indexer.synthetic import GEOMETRIES, TAIL_PRESETS
+    from clip_density_index import cli
+    from clip_density_index.indexer.synthetic import GEOMETRIES, TAIL_PRESETS
 
     assert set(HEAVY_WORLDS) <= set(GEOMETRIES) and set(TAIL_PRESETS) == set(HEAVY_WORLDS)
     option = next(p for p in cli.cli.commands["build-index"].params if p.name == "geometry")
@@ -445,7 +445,7 @@ def test_duplicates_world_has_clusters_of_near_identical_images_with_own_caption
 
 
 def test_templates_world_has_generic_captions_that_match_many_images_weakly():
-    from indexer.synthetic import GENERIC_CAPTIONS
+    from clip_density_index.indexer.synthetic import GENERIC_CAPTIONS
 
     cal, tpl = world_stats("calibrated"), world_stats("templates")
     captions = np.array(tpl["meta"].column("caption").to_pylist())
@@ -480,7 +480,7 @@ def test_hubs_world_has_candidates_in_many_top_lists():
 def test_heavy_world_combines_all_four():
     from scipy.stats import skew
 
-    from indexer.synthetic import GENERIC_CAPTIONS
+    from clip_density_index.indexer.synthetic import GENERIC_CAPTIONS
 
     cal, hv = world_stats("calibrated"), world_stats("heavy")
     m_cal = np.einsum("ij,ij->i", cal["vi"], cal["vt"])

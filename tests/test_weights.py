@@ -1,4 +1,4 @@
-"""Importance weights and domain-weighted sampling (queries/weights.py, `weights`, `sample`)."""
+"""Importance weights and domain-weighted sampling (queries/weighting.py, `weights`, `sample`)."""
 
 import duckdb
 import numpy as np
@@ -7,14 +7,14 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-import cli
-import queries
+from clip_density_index import cli
+from clip_density_index import queries
 from conftest import clustered_pairs
-from indexer.build import build_index
-from indexer.errors import BadInput, InvalidParameter
-from indexer.sources import ArraySource
-from queries.sqlrun import run_query, run_sql
-from queries.weights import compute_weights, encode_prompt, gumbel_top_k, sample, weights
+from clip_density_index.indexer.build import build_index
+from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.indexer.sources import ArraySource
+from clip_density_index.queries.sqlrun import run_query, run_sql
+from clip_density_index.queries.weighting import compute_weights, encode_prompt, gumbel_top_k, sample, weights
 from test_sql import N, arrays_index, fingerprint, unit  # noqa: F401  (arrays_index is a fixture)
 
 
@@ -25,7 +25,7 @@ def prompt_vec():
 
 @pytest.fixture(scope="module")
 def synthetic_index(tmp_path_factory):
-    from indexer.synthetic import SyntheticSource
+    from clip_density_index.indexer.synthetic import SyntheticSource
 
     out = tmp_path_factory.mktemp("syn") / "idx"
     build_index(SyntheticSource(n=3000, dim=64, seed=0), out)
@@ -143,8 +143,8 @@ def test_prompt_errors(arrays_index, prompt_vec, tmp_path):
 
 
 def test_synthetic_prompt_uses_the_world_encoder(synthetic_index):
-    from indexer.pool import open_index
-    from indexer.synthetic import SyntheticWorld
+    from clip_density_index.indexer.pool import open_index
+    from clip_density_index.indexer.synthetic import SyntheticWorld
 
     pool = open_index(synthetic_index)
     world = SyntheticWorld(seed=0, dim=64)
@@ -167,7 +167,7 @@ def test_synthetic_prompt_uses_the_world_encoder(synthetic_index):
 
 
 def test_open_clip_prompt_dispatch(tmp_path, monkeypatch):
-    import indexer.embed as embed
+    import clip_density_index.indexer.embed as embed
 
     image, text = clustered_pairs(100, 16, seed=5)
     out = tmp_path / "oc"
@@ -198,7 +198,7 @@ def test_top_equals_numpy_argsort_flat(arrays_index, prompt_vec):
 
 
 def test_top_with_ivf_probes_a_quarter_of_the_lists_or_all_with_exact(tmp_path, monkeypatch):
-    from indexer import faiss_index
+    from clip_density_index.indexer import faiss_index
 
     image, text = clustered_pairs(3000, 16, seed=8)
     out = tmp_path / "ivf"
@@ -334,7 +334,7 @@ def test_api_reexports(arrays_index, prompt_vec):
 def test_caption_lookup_by_index_or_join_gives_the_same_rows(arrays_index, monkeypatch):
     """``lookup_samples``: point lookups (few ids) and the join (many ids) agree, keep the order and
     the repeats of the requested vec_ids."""
-    from queries import weights as wmod
+    from clip_density_index.queries import weighting as wmod
 
     idx, _, _, caps, uids, _ = arrays_index
     want = np.array([7, 3, 7, 399, 0, 3], dtype=np.int64)

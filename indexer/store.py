@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import duckdb
 
-from indexer.errors import BrokenIndex, IndexBusy, IndexNotFound, UnknownQuery
+from clip_density_index.indexer.errors import BrokenIndex, IndexBusy, IndexNotFound, UnknownQuery
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 def available() -> list[str]:
     """Names of the SQL files shipped in ``sql/``."""
-    return sorted(p.name[:-4] for p in files("sql").iterdir() if p.name.endswith(".sql"))
+    return sorted(p.name[:-4] for p in files("clip_density_index.sql").iterdir() if p.name.endswith(".sql"))
 
 
 @lru_cache(maxsize=None)
@@ -41,7 +41,7 @@ def load_sql(name: str) -> str:
     parts = name.split("/")
     if not all(_NAME.match(p) or re.match(r"^\d{3}_[a-z0-9_]+$", p) for p in parts):
         raise UnknownQuery(f"Unknown query {name!r}; available: {', '.join(available())}")
-    res = files("sql").joinpath(*parts[:-1], f"{parts[-1]}.sql")
+    res = files("clip_density_index.sql").joinpath(*parts[:-1], f"{parts[-1]}.sql")
     if not res.is_file():
         raise UnknownQuery(f"Unknown query {name!r}; available: {', '.join(available())}")
     return res.read_text(encoding="utf-8")
@@ -50,7 +50,7 @@ def load_sql(name: str) -> str:
 def migrations() -> list[tuple[int, str]]:
     """(version, name) of every migration, in order."""
     out = []
-    for p in files("sql").joinpath("migrations").iterdir():
+    for p in files("clip_density_index.sql").joinpath("migrations").iterdir():
         m = re.match(r"^(\d{3})_([a-z0-9_]+)\.sql$", p.name)
         if m:
             out.append((int(m.group(1)), p.name[:-4]))

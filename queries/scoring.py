@@ -35,13 +35,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexer import lock
-from indexer.choose import SCORE_TAIL
-from indexer.errors import InvalidParameter
-from indexer.layout import MODALITIES
-from indexer.pool import PoolIndex, as_pool
-from indexer.progress import Progress, null_progress
-from indexer.validate import check_seed
+from clip_density_index.indexer import lock
+from clip_density_index.indexer.choose import SCORE_TAIL
+from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.layout import MODALITIES
+from clip_density_index.indexer.pool import PoolIndex, as_pool
+from clip_density_index.indexer.progress import Progress, null_progress
+from clip_density_index.indexer.validate import check_seed
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def _resolve(pool: PoolIndex, *, estimator, k, tail_sample, side, logit_scale, l
              device, strata_target=None, max_fraction=None) -> _Params:
     """Defaults from the index, and every value checked; raises ``InvalidParameter`` naming it.
     ``estimator`` is already one of exact / mimps / paper (``_choose`` resolves auto)."""
-    from queries.exact import PRECISIONS
+    from clip_density_index.queries.exact import PRECISIONS
 
     n = pool.n
     if side not in SIDES:
@@ -229,7 +229,7 @@ def _resolve(pool: PoolIndex, *, estimator, k, tail_sample, side, logit_scale, l
     for name, v in (("target_spearman", target_spearman), ("target_overlap", target_overlap)):
         if not (isinstance(v, (int, float)) and 0 <= v <= 1):
             raise InvalidParameter(f"{name} must be between 0 and 1, got {v!r}")
-    from queries import strata
+    from clip_density_index.queries import strata
 
     strata_target = strata.DEFAULT_TARGET if strata_target is None else strata_target
     max_fraction = strata.DEFAULT_MAX_FRACTION if max_fraction is None else max_fraction
@@ -237,7 +237,7 @@ def _resolve(pool: PoolIndex, *, estimator, k, tail_sample, side, logit_scale, l
         if not (isinstance(v, (int, float)) and 0 < v <= 1):
             raise InvalidParameter(f"{name} must be in (0, 1], got {v!r}")
     if precision is None:
-        from indexer.device import resolve_device
+        from clip_density_index.indexer.device import resolve_device
 
         precision = "float16" if resolve_device(device).startswith("cuda") else "float32"
     if precision not in PRECISIONS:
@@ -337,7 +337,7 @@ def _chunk_scorer(pool: PoolIndex, side: str, p: _Params, report: ScoreReport,
 
     Records the side's cost (dot products per query), index key, nprobe and rescoring in ``report``.
     """
-    from queries.exact import exact_kl
+    from clip_density_index.queries.exact import exact_kl
 
     n, other, secs = pool.n, other_modality(side), report.seconds
     candidates = pool.embeddings(other)
@@ -388,7 +388,7 @@ def _strata_scorer(pool, side, p, report, device, candidates):
     (``queries.strata``)."""
     import duckdb
 
-    from queries import strata
+    from clip_density_index.queries import strata
 
     n, secs = pool.n, report.seconds
     queries = pool.embeddings(side)
@@ -440,9 +440,9 @@ def _mimps_scorer(pool, side, p, report, device, candidates):
     """SPEC 3.1: FAISS top-k head + one shared uniform tail sample (``queries.estimate``)."""
     import duckdb
 
-    from indexer import choose, faiss_index
-    from queries import estimate
-    from queries.exact import resolve_device
+    from clip_density_index.indexer import choose, faiss_index
+    from clip_density_index.queries import estimate
+    from clip_density_index.queries.exact import resolve_device
 
     n, other, secs = pool.n, other_modality(side), report.seconds
     t0 = time.perf_counter()
@@ -516,7 +516,7 @@ def _kl_exact_both(pool: PoolIndex, p: _Params, work: Path, report: ScoreReport,
     records which chunks it holds. A chunk counts as done when its rows file exists and the running
     partials hold it; a crash between the two writes recomputes the chunk and folds it in once.
     """
-    from queries.exact import Moments, exact_moments, resolve_device, stage
+    from clip_density_index.queries.exact import Moments, exact_moments, resolve_device, stage
 
     n, secs = pool.n, report.seconds
     texts, images = pool.embeddings("text"), pool.embeddings("image")
@@ -574,7 +574,7 @@ def _cand_sum(pool: PoolIndex, modality: str) -> np.ndarray:
     try:
         return pool.stat(modality, "sum")  # sum of the normalised vectors, from the build
     except KeyError:
-        from queries.exact import candidate_sum
+        from clip_density_index.queries.exact import candidate_sum
 
         return candidate_sum(pool.embeddings(modality))
 
@@ -645,7 +645,7 @@ def check_sample(n: int, size: int, seed: int) -> np.ndarray:
 
 def _check(pool: PoolIndex, p: _Params, cols: dict[str, np.ndarray], progress: Progress,
            device: str) -> list[CheckResult]:
-    from queries.exact import exact_kl
+    from clip_density_index.queries.exact import exact_kl
 
     ids = check_sample(pool.n, p.check, p.seed)
     out = []
@@ -848,7 +848,7 @@ def score(
                                f"{'mimps' if mimps_options else estimator}")
     with contextlib.ExitStack() as held:
         held.enter_context(lock.using(pool.root, "score"))  # a rebuild must not swap the index from under us
-        from indexer.device import resolve_device
+        from clip_density_index.indexer.device import resolve_device
 
         resolve_device(device)  # an unknown or unavailable device fails now, not after the search
         with pool.store(read_only=False, wait=CATALOG_WAIT):  # a reader that never lets go: fail now
@@ -884,8 +884,8 @@ def _choose(pool: PoolIndex, p: _Params, device: str) -> tuple[str, str]:
     """
     import torch
 
-    from queries import strata
-    from queries.exact import exact_moments, resolve_device, stage
+    from clip_density_index.queries import strata
+    from clip_density_index.queries.exact import exact_moments, resolve_device, stage
 
     n = pool.n
     if n < AUTO_EXACT_BELOW:
@@ -965,13 +965,13 @@ def _run(pool: PoolIndex, p: _Params, held: contextlib.ExitStack, progress: Prog
     t0 = time.perf_counter()
     closed = [m for m in CLOSED_FORM_METRICS if m in p.metrics]
     if closed:
-        from queries.closed_form import closed_form_scores
+        from clip_density_index.queries.closed_form import closed_form_scores
 
         for s in p.sides:
             cols.update(closed_form_scores(pool, s, a=p.a, metrics=set(closed), progress=progress,
                                            precision="float32"))
     if "clipscore" in p.metrics:
-        from queries.closed_form import clipscore_scores
+        from clip_density_index.queries.closed_form import clipscore_scores
 
         cols["clipscore"] = clipscore_scores(pool, progress=progress)
     if closed or "clipscore" in p.metrics:

@@ -36,11 +36,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from indexer import lock
-from indexer.errors import BadInput, DiskFull, InvalidParameter
-from indexer.pool import as_pool
-from indexer.validate import check_seed
-from queries.sqlrun import _arrow, _first_line, check_out, format_for, write_result
+from clip_density_index.indexer import lock
+from clip_density_index.indexer.errors import BadInput, DiskFull, InvalidParameter
+from clip_density_index.indexer.pool import as_pool
+from clip_density_index.indexer.validate import check_seed
+from clip_density_index.queries.sqlrun import _arrow, _first_line, check_out, format_for, write_result
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def load_prompt_embedding(source: str | Path | np.ndarray, dim: int) -> np.ndarr
 
 
 def _synthetic_prompt(pool, text: str) -> tuple[np.ndarray, str]:
-    from indexer.synthetic import WORLD_VERSION, SyntheticWorld
+    from clip_density_index.indexer.synthetic import WORLD_VERSION, SyntheticWorld
 
     extra = pool.manifest.get("extra") or {}
     try:
@@ -156,7 +156,7 @@ def _synthetic_prompt(pool, text: str) -> tuple[np.ndarray, str]:
 
 def _open_clip_prompt(pool, text: str, device: str, model: str | None = None,
                       pretrained: str | None = None) -> tuple[np.ndarray, str]:
-    from queries.prompts import choose_model, encode
+    from clip_density_index.queries.prompts import choose_model, encode
 
     use_model, use_pretrained = choose_model(pool, model, pretrained)
     what = f"the prompt {text!r} for index {str(pool.root)!r}"
@@ -434,7 +434,7 @@ def weights(
 
 def store_weights(index, w: Weights) -> None:
     """Replace the rows of ``w.prompt`` in the ``weights`` table by ``w`` (one transaction)."""
-    from queries.store import load_sql
+    from clip_density_index.indexer.store import load_sql
 
     pool = as_pool(index)
     table = pa.table({
@@ -519,7 +519,7 @@ def top_by_faiss(index, vector: np.ndarray, n: int, nprobe: int | None = None,
     Returns:
         ``(vec_ids, cosines)``, best first.
     """
-    from indexer import faiss_index
+    from clip_density_index.indexer import faiss_index
 
     pool = as_pool(index)
     if exact and nprobe is not None:
@@ -570,7 +570,7 @@ def lookup_samples(index, vec_ids: np.ndarray) -> pa.Table:
     Uses the index's kept read-only connection (``PoolIndex.reader``) and, for up to
     ``LOOKUP_MAX`` distinct ids, point lookups through the ``samples_vec_id`` index.
     """
-    from queries.store import load_sql
+    from clip_density_index.indexer.store import load_sql
 
     pool = as_pool(index)
     vec_ids = np.asarray(vec_ids, dtype=np.int64)
@@ -629,8 +629,8 @@ def check_sample_memory(pool, n: int, out: str | Path | None = None, printed: bo
     Raises:
         TooMuchMemory: naming the rows, the bytes needed and the bytes available.
     """
-    from indexer import memory
-    from queries.store import load_sql
+    from clip_density_index.indexer import memory
+    from clip_density_index.indexer.store import load_sql
 
     if n < SAMPLE_CHECK_MIN:
         return

@@ -31,8 +31,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from indexer.errors import BadInput, InvalidParameter
-from queries.sqlrun import (
+from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.queries.sqlrun import (
     OUTSIDE_HINT,
     OUTSIDE_REFUSED,
     _arrow,
@@ -45,7 +45,7 @@ from queries.sqlrun import (
     read_only_store,
     table_columns,
 )
-from queries.store import load_sql
+from clip_density_index.indexer.store import load_sql
 
 #: Output suffixes ``select`` writes.
 SUBSET_SUFFIXES = (".npy", ".parquet", ".txt")
