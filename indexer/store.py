@@ -26,25 +26,44 @@ logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+#: Where SQL files live: ``sql/`` holds the user-facing named queries (each with a ``-- name:``
+#: header; ``cli.py query`` lists them), ``sql/internal/`` the statements the code runs itself, and
+#: ``sql/migrations/`` the schema. Named and internal statements are loaded by their bare name, so
+#: a name is unique across both folders (tests/test_sql.py checks it).
+SQL_DIRS = ("", "internal")
+
+
+def _sql_files(sub: str):
+    folder = files("clip_density_index.sql")
+    return (folder.joinpath(sub) if sub else folder).iterdir()
+
+
 def available() -> list[str]:
-    """Names of the SQL files shipped in ``sql/``."""
-    return sorted(p.name[:-4] for p in files("clip_density_index.sql").iterdir() if p.name.endswith(".sql"))
+    """Names of the SQL files shipped in ``sql/`` and ``sql/internal/``."""
+    return sorted(p.name[:-4] for sub in SQL_DIRS for p in _sql_files(sub) if p.name.endswith(".sql"))
 
 
 @lru_cache(maxsize=None)
 def load_sql(name: str) -> str:
-    """Return the text of ``sql/<name>.sql``.
+    """Return the text of ``sql/<name>.sql`` or ``sql/internal/<name>.sql`` (a migration:
+    ``migrations/NNN_name``).
 
     >>> "CREATE" in load_sql("migrations/001_create_tables").upper()
+    True
+    >>> "INSERT" in load_sql("weights_insert").upper()
     True
     """
     parts = name.split("/")
     if not all(_NAME.match(p) or re.match(r"^\d{3}_[a-z0-9_]+$", p) for p in parts):
         raise UnknownQuery(f"Unknown query {name!r}; available: {', '.join(available())}")
-    res = files("clip_density_index.sql").joinpath(*parts[:-1], f"{parts[-1]}.sql")
-    if not res.is_file():
-        raise UnknownQuery(f"Unknown query {name!r}; available: {', '.join(available())}")
-    return res.read_text(encoding="utf-8")
+    root = files("clip_density_index.sql")
+    places = [root.joinpath(*parts[:-1], f"{parts[-1]}.sql")]
+    if len(parts) == 1:
+        places += [root.joinpath(sub, f"{name}.sql") for sub in SQL_DIRS if sub]
+    for res in places:
+        if res.is_file():
+            return res.read_text(encoding="utf-8")
+    raise UnknownQuery(f"Unknown query {name!r}; available: {', '.join(available())}")
 
 
 def migrations() -> list[tuple[int, str]]:

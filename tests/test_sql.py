@@ -470,3 +470,18 @@ def test_missing_scores_table_says_what_to_run(tmp_path):
         run_query(out, "score_correlations")
     with pytest.raises(QueryError, match="cli.py weights"):
         run_query(out, "weights_summary")
+
+
+def test_sql_files_are_named_queries_or_internal_statements_with_unique_names():
+    from importlib.resources import files
+
+    from clip_density_index.indexer.store import SQL_DIRS, load_sql
+
+    root = files("clip_density_index.sql")
+    names = {sub: {p.name[:-4] for p in (root.joinpath(sub) if sub else root).iterdir() if p.name.endswith(".sql")}
+             for sub in SQL_DIRS}
+    assert not names[""] & names["internal"], "a name in both sql/ and sql/internal/"
+    for name in names[""]:  # user-facing: every file in sql/ is a named query with a header
+        assert load_sql(name).startswith("-- name: "), f"sql/{name}.sql has no '-- name:' header"
+    for name in names["internal"]:
+        assert not load_sql(name).startswith("-- name: "), f"sql/internal/{name}.sql is a named query"
