@@ -1,0 +1,67 @@
+"""indexer.engine: the same task results from the local engine and a real local Ray cluster, and a
+worker killed mid-task costs only its own item."""
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clip_density_index.indexer.engine import LocalEngine, open_engine
+from clip_density_index.indexer.errors import InvalidParameter
+
+ray = pytest.importorskip("ray")
+
+
+def _row_sums(item, shared):
+    lo, hi = item
+    return shared[lo:hi].sum(axis=1)
+
+
+def _dies_once(item, shared):
+    """Kills its own worker process the first time it sees item 2 (a marker file remembers)."""
+    marker = Path(shared) / f"died-{item}"
+    if item == 2 and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    (Path(shared) / f"ran-{item}-{os.getpid()}").write_text("")
+    return item * item
+
+
+@pytest.fixture(scope="module")
+def ray_engine():
+    # the workers import this test module's task functions: they start with this environment
+    here = str(Path(__file__).parent)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([here] + ([old] if old else []))
+    try:
+        engine = open_engine("ray", num_cpus=2)
+    finally:
+        os.environ.pop("PYTHONPATH") if old is None else os.environ.__setitem__("PYTHONPATH", old)
+    yield engine
+    engine.close()
+
+
+def test_ray_and_local_give_the_same_results(ray_engine):
+    x = np.random.default_rng(0).standard_normal((1000, 8))
+    items = [(lo, min(lo + 128, 1000)) for lo in range(0, 1000, 128)]
+    local = dict(LocalEngine().map(_row_sums, items, x))
+    remote = dict(ray_engine.map(_row_sums, items, ray_engine.put(x)))
+    assert set(remote) == set(items)
+    for it in items:
+        np.testing.assert_array_equal(remote[it], local[it])
+
+
+def test_a_killed_worker_costs_only_its_item(ray_engine, tmp_path):
+    got = list(ray_engine.map(_dies_once, range(6), str(tmp_path)))
+    assert sorted(got) == [(i, i * i) for i in range(6)]  # every item once, item 2 included
+    assert (tmp_path / "died-2").exists()
+    assert len(list(tmp_path.glob("ran-2-*"))) == 1  # the retry ran it once more, not twice
+
+
+def test_bad_engine_options_are_one_line():
+    with pytest.raises(InvalidParameter, match="Unknown --engine 'spark'"):
+        open_engine("spark")
+    with pytest.raises(InvalidParameter, match="--address needs --engine ray"):
+        open_engine("local", address="auto")
