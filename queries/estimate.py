@@ -34,7 +34,6 @@ import logging
 import math
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +43,7 @@ import torch
 from clip_density_index.indexer.errors import InvalidParameter
 from clip_density_index.queries.exact import candidate_sum, check_scale, resolve_device, sample_ids, to_tensor
 from clip_density_index.indexer.store import load_sql
+from clip_density_index.queries.threads import deal_to_threads
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,8 @@ class IvfFlatLists:
     on the 2-core reference machine (a FAISS build without AVX2), 1M vectors, IVF4096, 32,768
     queries: 4,900 vs 4,000 queries/s (FAISS) at nprobe 4, k 256; 8,800 vs 4,700 at k 16; 2,700 vs
     1,100 at nprobe 16, all with one thread for the lists (the coarse quantizer, shared by both, is
-    the floor). Two threads for the lists (fourth session), the same 32,768 queries: 2.3-2.7 s
-    instead of 4.1-4.3 s at nprobe 4, 4.3-5.5 s instead of 5.8-5.9 s at nprobe 8, k 256.
+    the floor). Two threads for the lists, the same 32,768 queries: 2.3-2.7 s instead of 4.1-4.3 s
+    at nprobe 4, 4.3-5.5 s instead of 5.8-5.9 s at nprobe 8, k 256.
 
     The lists are zero-copy views of the index's memory: keep the index alive while this is used.
     """
@@ -205,7 +205,6 @@ class IvfFlatLists:
         best_i = torch.full((len(q), nprobe, k), -1, dtype=torch.int64)
 
         def scan(lists: np.ndarray) -> None:
-            torch.set_num_threads(1)  # a worker thread starts with the process default
             for lst in lists.tolist():
                 slots = order_t[starts[lst] : starts[lst] + counts[lst]]
                 qi, pj = slots // nprobe, slots % nprobe
@@ -220,21 +219,7 @@ class IvfFlatLists:
                 best_i[qi, pj, :width] = ids     # the workers never write the same cells
 
         lists = np.flatnonzero((counts > 0) & (self.sizes > 0))
-        threads = torch.get_num_threads()
-        workers = max(1, min(threads, len(lists)))
-        # thousands of small GEMMs: one thread each, and the lists dealt to `workers` Python threads
-        # (torch releases the GIL inside its kernels), the most expensive first for balance
-        lists = lists[np.argsort(-(counts[lists] * self.sizes[lists]), kind="stable")]
-        torch.set_num_threads(1)
-        try:
-            if workers == 1:
-                scan(lists)
-            else:
-                with ThreadPoolExecutor(workers) as pool:
-                    for done in [pool.submit(scan, lists[w::workers]) for w in range(workers)]:
-                        done.result()
-        finally:
-            torch.set_num_threads(threads)
+        deal_to_threads(scan, lists, counts[lists] * self.sizes[lists])  # thousands of small GEMMs
         top_s, pos = torch.topk(best_s.view(len(q), -1), k, dim=1)  # merge the nprobe lists, sorted
         return top_s.numpy(), torch.gather(best_i.view(len(q), -1), 1, pos).numpy()
 
@@ -333,24 +318,14 @@ def neighbour_table(query_ids: np.ndarray, nb: Neighbours) -> pa.Table:
     return pa.table({"query": query, "candidate": cand, "rank": rank, "score": score})
 
 
-def neighbour_lists(
-    index,
-    queries: np.ndarray,
-    candidates: np.ndarray,
-    k: int,
-    a: float,
-    *,
-    nprobe: int | None = None,
-    rescore: bool | None = None,
-    query_ids: np.ndarray | None = None,
-    own_ids: np.ndarray | None = None,
-) -> pa.Table:
+def neighbour_lists(index, queries: np.ndarray, candidates: np.ndarray, k: int, a: float, *,
+                    query_ids: np.ndarray | None = None, **search_options) -> pa.Table:
     """``search_neighbours`` + ``neighbour_table``: the arrow neighbour list of ``queries``.
 
-    ``query_ids`` are the queries' vec_ids (default ``0..q-1``); ``own_ids`` see ``search_neighbours``.
+    ``query_ids`` are the queries' vec_ids (default ``0..q-1``); ``search_options`` are the keywords
+    of ``search_neighbours`` (``nprobe``, ``rescore_scores``, ``own_ids``, ``dtype``).
     """
-    nb = search_neighbours(index, queries, candidates, k, a, nprobe=nprobe, rescore_scores=rescore,
-                           own_ids=own_ids)
+    nb = search_neighbours(index, queries, candidates, k, a, **search_options)
     qids = np.arange(len(queries), dtype=np.int64) if query_ids is None else query_ids
     return neighbour_table(qids, nb)
 
@@ -414,36 +389,14 @@ def tail_sums(
     t_sum_s = np.zeros(q)
     t_m = np.full(q, m, dtype=np.int64)
     tail_ids = np.asarray(tail_ids, dtype=np.int64)
-    if m and exclude is not None:  # candidate id -> its position in R, or -1 (a lookup, not a search)
-        where_in_r = np.full(n + 1, -1, dtype=np.int32)  # slot n: the -1 of empty neighbour slots
-        where_in_r[tail_ids] = np.arange(m, dtype=np.int32)
     if m:
-        dev = resolve_device(device)
-        np_dtype = np.float32 if dtype == torch.float32 else np.float64
-        tv = np.ascontiguousarray(candidates[tail_ids] if tail_vectors is None else tail_vectors, dtype=np_dtype)
-        tv_dev = None if dev.type == "cpu" else to_tensor(tv, dev, dtype)
-        f64 = torch.float64
+        where_in_r = None if exclude is None else _positions_in_tail(tail_ids, n)
+        gemm = _TailGemm(candidates[tail_ids] if tail_vectors is None else tail_vectors, a, device, dtype)
         for s in range(0, q, chunk):
-            if tv_dev is None:  # CPU: numpy's BLAS is the faster GEMM on the reference machine
-                sc = torch.from_numpy((np.asarray(queries[s : s + chunk], dtype=np_dtype) * a) @ tv.T)
-            else:
-                sc = (to_tensor(queries[s : s + chunk], dev, dtype) * a) @ tv_dev.T  # (b, m) tail scores
-            top = torch.from_numpy(shift[s : s + chunk]).to(dev)
-            sh = torch.maximum(top, sc.max(dim=1).values.to(f64))
-            e = torch.exp(sc - sh.to(dtype)[:, None])
-            if exclude is not None:  # R ∩ K: the query's own neighbours are its head, not its tail
-                pos = where_in_r[exclude[s : s + chunk]]  # id -1 reads slot n: -1
-                rows, cols = np.nonzero(pos >= 0)
-                if len(rows):
-                    hit = (torch.from_numpy(rows).to(e.device),
-                           torch.from_numpy(pos[rows, cols].astype(np.int64)).to(e.device))
-                    e[hit] = 0
-                t_m[s : s + chunk] -= np.bincount(rows, minlength=len(pos))
-            # per-row sums of m terms in [0, 1] in the GEMM dtype (torch sums pairwise: relative
-            # error ~1e-7 in float32, far below the sampling error), stored as float64
-            t_sum[s : s + chunk] = e.sum(dim=1).to(f64).cpu().numpy()
-            t_sum_s[s : s + chunk] = e.mul_(sc).sum(dim=1).to(f64).cpu().numpy()
-            shift[s : s + chunk] = sh.cpu().numpy()
+            sl = slice(s, s + chunk)
+            t_sum[sl], t_sum_s[sl], shift[sl], dropped = gemm.block_sums(
+                queries[sl], shift[sl], None if exclude is None else where_in_r[exclude[sl]])
+            t_m[sl] -= dropped
     shift[~np.isfinite(shift)] = 0.0  # no neighbour and no tail: nothing to shift
     return pa.table({
         "query": qids,
@@ -453,6 +406,56 @@ def tail_sums(
         "tail_m": t_m,
         "mean_s": mean_s,
     })
+
+
+def _positions_in_tail(tail_ids: np.ndarray, n: int) -> np.ndarray:
+    """(n + 1,) int32: each candidate id's position in R, or -1 (a lookup, not a search). Slot ``n``
+    answers the id -1 of empty neighbour slots with -1."""
+    where_in_r = np.full(n + 1, -1, dtype=np.int32)
+    where_in_r[tail_ids] = np.arange(len(tail_ids), dtype=np.int32)
+    return where_in_r
+
+
+class _TailGemm:
+    """The tail vectors R, ready for one GEMM per block of queries (``tail_sums``)."""
+
+    def __init__(self, tail_vectors: np.ndarray, a: float, device: str, dtype: torch.dtype):
+        self.a, self.dtype = a, dtype
+        self.dev = resolve_device(device)
+        self.np_dtype = np.float32 if dtype == torch.float32 else np.float64
+        self.tv = np.ascontiguousarray(tail_vectors, dtype=self.np_dtype)
+        self.tv_dev = None if self.dev.type == "cpu" else to_tensor(self.tv, self.dev, dtype)
+
+    def scores(self, queries: np.ndarray) -> torch.Tensor:
+        """(b, m) tail scores ``a <q, r>`` in the GEMM dtype."""
+        if self.tv_dev is None:  # CPU: numpy's BLAS is the faster GEMM on the reference machine
+            return torch.from_numpy((np.asarray(queries, dtype=self.np_dtype) * self.a) @ self.tv.T)
+        return (to_tensor(queries, self.dev, self.dtype) * self.a) @ self.tv_dev.T
+
+    def block_sums(self, queries: np.ndarray, top: np.ndarray, pos: np.ndarray | None):
+        """One block's ``(tail_sum, tail_sum_s, shift, dropped)`` as float64 / int64 arrays.
+
+        ``top`` is each query's best neighbour score; ``pos`` (b, k) the position in R of each of
+        its neighbours (-1: not in R), whose terms are left out of its sums (``dropped`` counts
+        them per query); None leaves nothing out.
+        """
+        f64 = torch.float64
+        sc = self.scores(queries)
+        sh = torch.maximum(torch.from_numpy(top).to(self.dev), sc.max(dim=1).values.to(f64))
+        e = torch.exp(sc - sh.to(self.dtype)[:, None])
+        dropped = 0
+        if pos is not None:  # R ∩ K: the query's own neighbours are its head, not its tail
+            rows, cols = np.nonzero(pos >= 0)
+            if len(rows):
+                hit = (torch.from_numpy(rows).to(e.device),
+                       torch.from_numpy(pos[rows, cols].astype(np.int64)).to(e.device))
+                e[hit] = 0
+            dropped = np.bincount(rows, minlength=len(pos))
+        # per-row sums of m terms in [0, 1] in the GEMM dtype (torch sums pairwise: relative
+        # error ~1e-7 in float32, far below the sampling error), stored as float64
+        t_sum = e.sum(dim=1).to(f64).cpu().numpy()
+        t_sum_s = e.mul_(sc).sum(dim=1).to(f64).cpu().numpy()
+        return t_sum, t_sum_s, sh.cpu().numpy(), dropped
 
 
 # -- 3. the estimator in SQL ---------------------------------------------------------------------
@@ -535,8 +538,6 @@ def estimate_kl(
     Returns:
         Arrow table ``(query, kl, klr)`` ordered by query.
     """
-    import duckdb
-
     check_scale(a, b, len(candidates))
     qids = np.arange(len(queries), dtype=np.int64) if query_ids is None else np.asarray(query_ids, np.int64)
     clock = _Clock(timings, prefix)
@@ -548,14 +549,23 @@ def estimate_kl(
     with clock("tail"):
         tails = tail_sums(queries, candidates, tail_ids, a, nb.top, exclude=nb.ids, query_ids=qids,
                           cand_sum=cand_sum, tail_vectors=tail_vectors, device=device)
-    own = con is None
-    con = duckdb.connect() if own else con
+    with _connection(con) as con, clock("sql"):
+        return kl_from_lists(con, neighbours, tails, len(candidates), b)
+
+
+@contextlib.contextmanager
+def _connection(con):
+    """``con``, or a new in-memory DuckDB connection closed on leaving when ``con`` is None."""
+    if con is not None:
+        yield con
+        return
+    import duckdb
+
+    own = duckdb.connect()
     try:
-        with clock("sql"):
-            return kl_from_lists(con, neighbours, tails, len(candidates), b)
+        yield own
     finally:
-        if own:
-            con.close()
+        own.close()
 
 
 class _Clock:
