@@ -44,9 +44,7 @@ The partials table is what DuckDB turns into scores (``sql/kl_strata.sql``), lik
 
 from __future__ import annotations
 
-import contextlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,9 +53,9 @@ import torch
 
 from clip_density_index.indexer.errors import InvalidParameter
 from clip_density_index.indexer.progress import Progress, null_progress
-from clip_density_index.queries.estimate import candidate_sum
 from clip_density_index.queries.exact import check_scale, to_tensor
 from clip_density_index.indexer.store import load_sql
+from clip_density_index.queries.threads import deal_to_threads, one_torch_thread
 
 #: Lists per sqrt(N): L = LISTS_PER_SQRT_N * sqrt(N). Lists of ~sqrt(N)/2 rows are large enough for
 #: efficient GEMMs and small enough that a query's mass sits in few of them; the centroid scoring
@@ -156,8 +154,6 @@ def build_plan(
     Returns:
         A :class:`Plan`.
     """
-    import faiss
-
     n, d = candidates.shape
     if n < 1:
         raise InvalidParameter("need at least one candidate")
@@ -165,50 +161,93 @@ def build_plan(
     if not 1 <= L <= n:
         raise InvalidParameter(f"n_lists must be between 1 and N={n}, got {L}")
     rng = np.random.default_rng([seed, 7])
-    half = np.eye(d, dtype=np.float32)
-    if queries is not None and len(queries):
-        q = np.asarray(queries[np.sort(rng.choice(len(queries), min(len(queries), 20_000), replace=False))],
-                       dtype=np.float32)
-        w, U = _eigh((q.T @ q).astype(np.float64) / len(q))
-        half = ((U * np.sqrt(np.clip(w, 0, None))) @ U.T).astype(np.float32)
+    half = _query_metric(queries, rng, d)
     train = np.sort(rng.choice(n, min(n, max(TRAIN_MIN, TRAIN_PER_LIST * L)), replace=False))
-    xw = np.asarray(candidates[train], dtype=np.float32) @ half
-    if L > 1:
-        km = faiss.Kmeans(d, L, niter=KMEANS_ITER, seed=int(seed) % (2**31), max_points_per_centroid=10**9,
-                          min_points_per_centroid=1)
-        km.train(np.ascontiguousarray(xw))
-        cw = km.centroids.astype(np.float32)
-    else:
-        cw = xw.mean(0, keepdims=True)
-    # nearest centroid in the whitened metric: argmax x (W c)' - |c|^2 / 2, one GEMM per block
-    proj = np.ascontiguousarray((half @ cw.T).astype(np.float32))  # (d, L)
-    half_norm = 0.5 * (cw.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    centroids = _centroids(np.asarray(candidates[train], dtype=np.float32) @ half, L, seed)
+    assign, counts = _drop_empty_lists(_assign(candidates, half, centroids, progress), L)
+    order = np.argsort(assign, kind="stable").astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    vectors = _list_major(candidates, order)
+    sums = np.add.reduceat(vectors, offsets[:-1], axis=0, dtype=np.float64)
+    means = sums / counts[:, None]
+    basis, along, rest = _list_variances(candidates, train, assign, vectors, offsets, means)
+    return Plan(order=order, offsets=offsets, vectors=vectors, means=means, var_basis=basis,
+                var_along=along, var_rest=rest, cand_sum=sums.sum(0),
+                list_of=assign.astype(np.int32), seed=int(seed))
+
+
+def _query_metric(queries: np.ndarray | None, rng: np.random.Generator, d: int) -> np.ndarray:
+    """``Sigma^(1/2)``, ``Sigma = E[q q']`` over a sample of at most 20,000 queries (float32, d x d);
+    the identity when no queries are given."""
+    if queries is None or not len(queries):
+        return np.eye(d, dtype=np.float32)
+    q = np.asarray(queries[np.sort(rng.choice(len(queries), min(len(queries), 20_000), replace=False))],
+                   dtype=np.float32)
+    w, U = _eigh((q.T @ q).astype(np.float64) / len(q))
+    return ((U * np.sqrt(np.clip(w, 0, None))) @ U.T).astype(np.float32)
+
+
+def _centroids(xw: np.ndarray, L: int, seed: int) -> np.ndarray:
+    """(L, d) float32 k-means centroids of the training rows ``xw`` (already in the query metric);
+    their mean when ``L`` is 1."""
+    import faiss
+
+    if L == 1:
+        return xw.mean(0, keepdims=True)
+    km = faiss.Kmeans(xw.shape[1], L, niter=KMEANS_ITER, seed=int(seed) % (2**31), max_points_per_centroid=10**9,
+                      min_points_per_centroid=1)
+    km.train(np.ascontiguousarray(xw))
+    return km.centroids.astype(np.float32)
+
+
+def _assign(candidates: np.ndarray, half: np.ndarray, centroids: np.ndarray,
+            progress: Progress | None) -> np.ndarray:
+    """(N,) int64, the nearest centroid of every candidate in the query metric ``x half``:
+    ``argmax x (half c)' - |c|^2 / 2``, one GEMM per block of ``ASSIGN_BLOCK`` candidates."""
+    n = len(candidates)
+    proj = np.ascontiguousarray((half @ centroids.T).astype(np.float32))  # (d, L)
+    half_norm = 0.5 * (centroids.astype(np.float64) ** 2).sum(1).astype(np.float32)
     assign = np.empty(n, dtype=np.int64)
     with (progress or null_progress)("strata lists", n) as advance:
         for s in range(0, n, ASSIGN_BLOCK):
             x = np.asarray(candidates[s : s + ASSIGN_BLOCK], dtype=np.float32)
             assign[s : s + len(x)] = np.argmax(x @ proj - half_norm, axis=1)
             advance(len(x))
-    # drop empty lists, store list-major
+    return assign
+
+
+def _drop_empty_lists(assign: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """The assignment renumbered without the lists no candidate went to, and the lists' sizes."""
     counts = np.bincount(assign, minlength=L)
     keep = np.flatnonzero(counts)
     remap = np.full(L, -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
-    assign = remap[assign]
-    counts = counts[keep]
-    L = len(keep)
-    order = np.argsort(assign, kind="stable").astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return remap[assign], counts[keep]
+
+
+def _list_major(candidates: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``candidates[order]``, copied block by block in row order (memmap friendly); float16 stays
+    float16, anything else becomes float32."""
+    n, d = candidates.shape
     store = np.float16 if np.dtype(candidates.dtype) == np.float16 else np.float32
     vectors = np.empty((n, d), dtype=store)
     for s in range(0, n, ASSIGN_BLOCK):
         rows = order[s : s + ASSIGN_BLOCK]
-        inv = np.argsort(rows, kind="stable")  # read in row order (memmap friendly), place list-major
+        inv = np.argsort(rows, kind="stable")  # read in row order, place list-major
         vectors[s + inv] = candidates[rows[inv]]
-    # list means (float64), then per-list variances along the top directions of the pooled
-    # within-list covariance (estimated on the training rows: d x d from 30k rows is plenty)
-    sums = np.add.reduceat(vectors, offsets[:-1], axis=0, dtype=np.float64)
-    means = sums / counts[:, None]
+    return vectors
+
+
+def _list_variances(candidates: np.ndarray, train: np.ndarray, assign: np.ndarray, vectors: np.ndarray,
+                    offsets: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's ``var_l(q)``: ``(basis (r, d), along (L, r), rest (L,))``.
+
+    ``basis`` holds the top ``VAR_RANK`` directions of the pooled within-list covariance, estimated
+    on the training rows (d x d from 30k rows is plenty); ``along`` each list's variance along them
+    and ``rest`` its remaining variance per dimension (isotropic).
+    """
+    d = vectors.shape[1]
+    L = len(offsets) - 1
     r = (np.asarray(candidates[train], dtype=np.float32) - means[assign[train]].astype(np.float32))
     w, U = _eigh((r.T @ r).astype(np.float64) / len(r))
     r_dim = min(VAR_RANK, d)
@@ -221,27 +260,13 @@ def build_plan(
         along[lst] = ((r @ basis32.T).astype(np.float64) ** 2).mean(0)
         total[lst] = (r.astype(np.float64) ** 2).sum(1).mean()
     rest = np.clip(total - along.sum(1), 0, None) / max(d - r_dim, 1)
-    return Plan(order=order, offsets=offsets, vectors=vectors, means=means, var_basis=basis,
-                var_along=along, var_rest=rest, cand_sum=sums.sum(0),
-                list_of=assign.astype(np.int32), seed=int(seed))
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """torch on one thread for the small (batch x L) array work: on a busy 2-core machine torch's
-    intra-op threads wait on each other (a 256 x 141 sort took 50 ms instead of 1 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return basis, along, rest
 
 
 def _eigh(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigen-decomposition of a small symmetric matrix (torch, one thread: numpy's threaded LAPACK
     took 5 s for 512 x 512 on the shared machine)."""
-    with _one_thread():
+    with one_torch_thread():
         w, U = torch.linalg.eigh(torch.from_numpy(np.ascontiguousarray(sym, dtype=np.float64)))
     return w.numpy(), U.numpy()
 
@@ -323,7 +348,6 @@ def _scan(plan: Plan, qa: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype):
     vectors = plan.vectors
 
     def run(lists: np.ndarray) -> None:
-        torch.set_num_threads(1)  # a worker thread starts with the process default
         for li in lists.tolist():
             a0, a1 = int(starts[li]), int(starts[li + 1])
             block = torch.from_numpy(vectors[offsets[li] : offsets[li + 1]]).to(dtype)
@@ -336,19 +360,7 @@ def _scan(plan: Plan, qa: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype):
             out_s1[a0:a1] = e.mul_(x).sum(dim=1)
 
     lists = np.flatnonzero(counts)
-    threads = torch.get_num_threads()
-    workers = max(1, min(threads, len(lists)))
-    lists = lists[np.argsort(-(counts[lists] * np.diff(offsets)[lists]), kind="stable")]
-    torch.set_num_threads(1)
-    try:
-        if workers == 1:
-            run(lists)
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                for done in [pool.submit(run, lists[w::workers]) for w in range(workers)]:
-                    done.result()
-    finally:
-        torch.set_num_threads(threads)
+    deal_to_threads(run, lists, counts[lists] * np.diff(offsets)[lists])
     f64 = torch.float64
     return query, lst, out_m.to(f64), out_s0.to(f64), out_s1.to(f64)
 
@@ -359,12 +371,12 @@ def _batch(plan: Plan, queries: np.ndarray, a: float, gamma: float, target: floa
     b = len(queries)
     q64 = to_tensor(queries, torch.device("cpu"), torch.float64)
     sizes = torch.from_numpy(plan.sizes)
-    with _one_thread():
+    with one_torch_thread():
         m, v = _model(plan, q64, a)
         mask = _probe_mask(_log_mass(plan, m, v, PROBE_GAMMA), sizes, plan.n, target, max_fraction, force)
         log_mass = _log_mass(plan, m, v, gamma)
     query, _, sm, s0, s1 = _scan(plan, (q64 * a).to(dtype), mask, dtype)
-    with _one_thread():
+    with one_torch_thread():
         shift = torch.full((b,), -math.inf, dtype=torch.float64).scatter_reduce_(0, query, sm, "amax")
         w = torch.exp(sm - shift[query])
         scanned_sum = torch.zeros(b, dtype=torch.float64).index_add_(0, query, s0 * w)
@@ -424,29 +436,42 @@ def partials(
         score), ``scanned_n`` their size, ``model_sum`` / ``model_sum_s`` the same moments modelled
         for the other lists (relative to the same shift; may exceed 1), ``mean_s`` exact.
     """
+    _check_partials(plan, a, target, max_fraction, dtype)
+    q = len(queries)
+    qids = np.arange(q, dtype=np.int64) if query_ids is None else np.asarray(query_ids, dtype=np.int64)
+    if len(qids) != q:
+        raise InvalidParameter(f"{len(qids)} query ids for {q} queries")
+    force = _own_lists(plan, own_ids, q)
+    step = _batch_size(plan)
+    parts = []
+    with (progress or null_progress)("strata scan", q) as advance:
+        for s in range(0, q, step):
+            part = _batch(plan, np.asarray(queries[s : s + step]), a, gamma, target, max_fraction, dtype,
+                          None if force is None else force[s : s + step])
+            parts.append(part)
+            advance(len(part["shift"]))
+    return _partials_table(qids, parts)
+
+
+#: The columns of a partials table after ``query`` (what ``_batch`` returns for each batch).
+PARTIALS_COLUMNS = ("shift", "scanned_sum", "scanned_sum_s", "scanned_n", "model_sum", "model_sum_s", "mean_s")
+
+
+def _check_partials(plan: Plan, a: float, target: float, max_fraction: float, dtype: torch.dtype) -> None:
+    """Raise ``InvalidParameter`` for a bad scale, GEMM dtype or scan budget of :func:`partials`."""
     check_scale(a, None, plan.n)
     if dtype not in (torch.float32, torch.float64):
         raise InvalidParameter(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
     if not target > 0 or not max_fraction > 0:
         raise InvalidParameter(f"target and max_fraction must be positive, got {target!r}, {max_fraction!r}")
-    q = len(queries)
-    qids = np.arange(q, dtype=np.int64) if query_ids is None else np.asarray(query_ids, dtype=np.int64)
-    if len(qids) != q:
-        raise InvalidParameter(f"{len(qids)} query ids for {q} queries")
-    names = ["shift", "scanned_sum", "scanned_sum_s", "scanned_n", "model_sum", "model_sum_s", "mean_s"]
-    cols = {k: [] for k in names}
-    force = _own_lists(plan, own_ids, q)
-    step = _batch_size(plan)
-    with (progress or null_progress)("strata scan", q) as advance:
-        for s in range(0, q, step):
-            part = _batch(plan, np.asarray(queries[s : s + step]), a, gamma, target, max_fraction, dtype,
-                          None if force is None else force[s : s + step])
-            for k in names:
-                cols[k].append(part[k])
-            advance(len(part["shift"]))
+
+
+def _partials_table(qids: np.ndarray, parts: list[dict[str, np.ndarray]]) -> pa.Table:
+    """The batches' columns concatenated under their query ids (typed empty columns for no query)."""
     out = {"query": qids}
-    for k in names:
-        out[k] = np.concatenate(cols[k]) if cols[k] else np.zeros(0, np.int64 if k == "scanned_n" else np.float64)
+    for k in PARTIALS_COLUMNS:
+        out[k] = (np.concatenate([part[k] for part in parts]) if parts
+                  else np.zeros(0, np.int64 if k == "scanned_n" else np.float64))
     return pa.table(out)
 
 
@@ -580,8 +605,8 @@ def calibrate(
 
     The calibration queries' exact per-list sums (:func:`list_sums`, N dot products each) are
     replayed under the same probing rule as :func:`partials` with ``target`` / ``max_fraction``; the
-    gamma with the smallest RMS error of KL and KLR is returned (a grid over [0, 3], then a finer one
-    around the best). One scale for all lists: per-list fitted log-normals collapsed on
+    gamma with the smallest RMS error of KL and KLR is returned (a grid over [0, 4] in steps of 0.25,
+    then a golden-section search around the best). One scale for all lists: per-list fitted log-normals collapsed on
     heavy-tailed pools (issue 14), and the scale absorbs the model's bias where lists are not
     log-normal. Use a random set of queries, disjoint from the held-out check.
 
@@ -602,17 +627,22 @@ def calibrate(
     exact = _exact_moments(sums)
 
     def err(g: float) -> float:
-        with _one_thread():
+        with one_torch_thread():
             return calibration_error(plan, sums, g, target, max_fraction, exact)
 
-    grid = np.linspace(0.0, 4.0, 17)  # coarse, then a golden-section search around the best
+    return _minimise(err, np.linspace(0.0, 4.0, 17))
+
+
+def _minimise(err, grid: np.ndarray, steps: int = 12) -> float:
+    """The argument of the smallest ``err`` found: over ``grid``, then by a golden-section search of
+    ``steps`` steps between the best grid point's neighbours."""
     errs = [err(g) for g in grid]
     i = int(np.argmin(errs))
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
     ratio = (math.sqrt(5) - 1) / 2
     x1, x2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
     f1, f2 = err(x1), err(x2)
-    for _ in range(12):
+    for _ in range(steps):
         if f1 <= f2:
             hi, x2, f2 = x2, x1, f1
             x1 = hi - ratio * (hi - lo)
