@@ -252,26 +252,14 @@ def exact_moments(
     q, n = len(queries), len(candidates)
     dtype = _precision(precision)
     dev = resolve_device(device)
-    dq, dn = GPU_CHUNKS if dev.type == "cuda" else CPU_CHUNKS
-    chunk_q, chunk_n = int(chunk_q or dq), int(chunk_n or dn)
-    if chunk_q < 1 or chunk_n < 1:
-        raise InvalidParameter(f"chunk sizes must be >= 1, got chunk_q={chunk_q}, chunk_n={chunk_n}")
+    chunk_q, chunk_n = _chunk_sizes(dev, chunk_q, chunk_n)
     row_m = Moments(q) if rows else None
     col_m = Moments(n) if cols else None
     if q == 0 or n == 0:
         return row_m, col_m
     work = torch.float64 if dtype == torch.float64 else torch.float32  # exponentials and sums
-    # e^x for x below ``floor`` is taken as e^floor: relative to a row's largest term it is
-    # < 1e-34 (float32), far below the rounding of the sums; exponentials that underflow run ~11x
-    # slower on this x86 CPU (BENCHMARKS.md section 1), so clamping first is the faster path.
-    floor = -0.9 * math.log(torch.finfo(work).max)
-    tiny = math.exp(-math.log(torch.finfo(work).max) / 2)
-    staged = None
-    budget = STAGE_BYTES
-    if dev.type == "cuda":  # a GPU holds far more: half of what is free now
-        budget = max(budget, torch.cuda.mem_get_info(dev)[0] // 2)
-    if n * candidates.shape[1] * torch.finfo(dtype).bits // 8 <= budget:
-        staged = [to_tensor(candidates[c0 : c0 + chunk_n], dev, dtype) for c0 in range(0, n, chunk_n)]
+    floor, tiny = _exp_limits(work)
+    staged = _stage_blocks(candidates, dev, dtype, chunk_n)
     with (progress or null_progress)("exact KL", q) as advance:
         for q0 in range(0, q, chunk_q):
             qa = (to_tensor(queries[q0 : q0 + chunk_q], dev, torch.float64) * a).to(dtype)
@@ -284,18 +272,64 @@ def exact_moments(
                 if rows:
                     row_m.merge(slice(q0, q0 + chunk_q), _np(rmax), _np(e.sum(dim=1)), _np(es.sum(dim=1)))
                 if cols:
-                    c = rmax.max()
-                    w = torch.exp(rmax - c)
-                    c0s, c1s, cmax = w @ e, w @ es, c.expand(s.shape[1]).clone()
-                    low = c0s < tiny
-                    if bool(low.any()):  # columns far below the block's best: their own shift
-                        sub = s[:, low]
-                        m2 = sub.amax(dim=0)
-                        e2 = torch.sub(sub, m2[None, :]).clamp_(min=floor).exp_()
-                        c0s[low], c1s[low], cmax[low] = e2.sum(dim=0), (e2 * sub).sum(dim=0), m2
-                    col_m.merge(slice(c0, c0 + chunk_n), _np(cmax), _np(c0s), _np(c1s))
+                    col_m.merge(slice(c0, c0 + chunk_n), *_column_partials(s, rmax, e, es, floor, tiny))
             advance(min(chunk_q, q - q0))
     return row_m, col_m
+
+
+def _chunk_sizes(dev: torch.device, chunk_q: int | None, chunk_n: int | None) -> tuple[int, int]:
+    """The queries x candidates of a score block: the given sizes, else the device's defaults."""
+    dq, dn = GPU_CHUNKS if dev.type == "cuda" else CPU_CHUNKS
+    chunk_q, chunk_n = int(chunk_q or dq), int(chunk_n or dn)
+    if chunk_q < 1 or chunk_n < 1:
+        raise InvalidParameter(f"chunk sizes must be >= 1, got chunk_q={chunk_q}, chunk_n={chunk_n}")
+    return chunk_q, chunk_n
+
+
+def _exp_limits(work: torch.dtype) -> tuple[float, float]:
+    """``(floor, tiny)`` for exponentials in ``work`` precision.
+
+    e^x for x below ``floor`` is taken as e^floor: relative to a row's largest term it is < 1e-34
+    (float32), far below the rounding of the sums; exponentials that underflow run ~11x slower on
+    this x86 CPU (BENCHMARKS.md section 1), so clamping first is the faster path. A column whose
+    block sum falls below ``tiny`` is recomputed with its own maximum (``_column_partials``).
+    """
+    big = math.log(torch.finfo(work).max)
+    return -0.9 * big, math.exp(-big / 2)
+
+
+def _stage_blocks(candidates: np.ndarray, dev: torch.device, dtype: torch.dtype,
+                  chunk_n: int) -> list[torch.Tensor] | None:
+    """The candidate blocks on ``dev`` in the GEMM dtype, converted once, when they fit in
+    ``STAGE_BYTES`` (on a GPU: in half of its free memory when that is more); else None (every pass
+    converts its blocks again)."""
+    n = len(candidates)
+    budget = STAGE_BYTES
+    if dev.type == "cuda":  # a GPU holds far more: half of what is free now
+        budget = max(budget, torch.cuda.mem_get_info(dev)[0] // 2)
+    if n * candidates.shape[1] * torch.finfo(dtype).bits // 8 > budget:
+        return None
+    return [to_tensor(candidates[c0 : c0 + chunk_n], dev, dtype) for c0 in range(0, n, chunk_n)]
+
+
+def _column_partials(s: torch.Tensor, rmax: torch.Tensor, e: torch.Tensor, es: torch.Tensor, floor: float,
+                     tiny: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One block's column partials ``(max, s0, s1)`` from its row exponentials ``e = exp(s - rmax)``.
+
+    Each row is weighted by ``w_i = exp(rmax_i - c)`` with ``c`` the block's maximum: two
+    matrix-vector products ``w' e`` and ``w' (e * s)``, relative to ``c``. A column whose sum falls
+    below ``tiny`` (all its scores far below the block's best) is recomputed with its own maximum.
+    """
+    c = rmax.max()
+    w = torch.exp(rmax - c)
+    c0s, c1s, cmax = w @ e, w @ es, c.expand(s.shape[1]).clone()
+    low = c0s < tiny
+    if bool(low.any()):  # columns far below the block's best: their own shift
+        sub = s[:, low]
+        m2 = sub.amax(dim=0)
+        e2 = torch.sub(sub, m2[None, :]).clamp_(min=floor).exp_()
+        c0s[low], c1s[low], cmax[low] = e2.sum(dim=0), (e2 * sub).sum(dim=0), m2
+    return _np(cmax), _np(c0s), _np(c1s)
 
 
 def _scores(qa: torch.Tensor, cand: torch.Tensor, work: torch.dtype) -> torch.Tensor:
