@@ -19,6 +19,7 @@ known, else on the normalised ones.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
 import numpy as np
@@ -334,12 +335,7 @@ def closed_form_scores(
     check_modality(modality)
     other = _other(modality)
     chunk = _check_chunk(chunk)
-    wanted = set(METRICS) if metrics is None else set(metrics)
-    unknown = wanted - METRICS
-    if unknown:
-        raise InvalidParameter(
-            f"Unknown closed-form metric(s) {sorted(unknown)}; choose from {sorted(METRICS)}"
-        )
+    wanted = _check_metrics(metrics)
     a = float(pool.logit_scale if a is None else a)
     if not math.isfinite(a):
         raise InvalidParameter(f"logit scale a must be finite, got {a!r}")
@@ -347,43 +343,83 @@ def closed_form_scores(
         raise InvalidParameter(f"precision must be 'float64' or 'float32', got {precision!r}")
 
     emb = _embeddings(pool, modality)
-    n, d = pool.n, emb.shape[1]
+    n = pool.n
     norms = _raw_norms(pool, modality) if wanted & {"rawnorm", "loglik"} else None
-
-    mean = _stat(pool, modality, "mean", (d,)) if wanted & {"dc", "dw", "conformity_est"} else None
-    G = _stat(pool, other, "cov", (d, d)) if "dw" in wanted else None
-    sum_vec = _stat(pool, modality, "sum", (d,)) if "conformity" in wanted else None
-    if "loglik" in wanted:
-        w_mu = _stat(pool, modality, "whiten_mean", (d,))
-        W = _stat(pool, modality, "whiten", (d, d))
-        w_logdet = _scalar_stat(pool, modality, "whiten_logdet")
+    stats = _load_stats(pool, modality, other, wanted, emb.shape[1])
 
     out = {f"{m}_{modality}": np.empty(n, dtype=np.float64) for m in sorted(wanted)}
     if "rawnorm" in wanted:
-        if norms is None:
-            out[f"rawnorm_{modality}"][:] = np.nan
-        else:
-            out[f"rawnorm_{modality}"][:] = rawnorm(norms, a)
-    per_chunk = wanted - {"rawnorm"}
-    if not per_chunk:
+        out[f"rawnorm_{modality}"][:] = np.nan if norms is None else rawnorm(norms, a)
+    if not wanted - {"rawnorm"}:
         return out
-
     with (progress or null_progress)(f"closed-form {modality}", n) as advance:
         for s, e in _chunks(n, chunk):
             v = _f64(emb[s:e])
-            if "dc" in wanted:
-                out[f"dc_{modality}"][s:e] = dc(v, mean, a)
-            if "dw" in wanted:
-                out[f"dw_{modality}"][s:e] = dw(v, mean, G, a, precision)
-            if "conformity" in wanted:
-                out[f"conformity_{modality}"][s:e] = conformity(v, sum_vec, n)
-            if "conformity_est" in wanted:
-                out[f"conformity_est_{modality}"][s:e] = conformity_est(v, mean)
+            u = None
             if "loglik" in wanted:
                 u = v if norms is None else v * _f64(norms[s:e])[:, None]
-                out[f"loglik_{modality}"][s:e] = loglik(u, w_mu, W, w_logdet, precision)
+            for metric, value in _chunk_scores(v, u, wanted, stats, a, n, precision).items():
+                out[f"{metric}_{modality}"][s:e] = value
             advance(e - s)
     return out
+
+
+def _check_metrics(metrics: set[str] | None) -> set[str]:
+    """The requested metrics (all of ``METRICS`` for None); raise naming any unknown one."""
+    wanted = set(METRICS) if metrics is None else set(metrics)
+    unknown = wanted - METRICS
+    if unknown:
+        raise InvalidParameter(
+            f"Unknown closed-form metric(s) {sorted(unknown)}; choose from {sorted(METRICS)}"
+        )
+    return wanted
+
+
+@dataclass
+class _Stats:
+    """The index statistics the requested metrics read (None where no requested metric needs one)."""
+
+    mean: np.ndarray | None = None  # mean of the normalised vectors of the modality (dc, dw, conformity_est)
+    other_cov: np.ndarray | None = None  # covariance of the OTHER modality (dw)
+    sum: np.ndarray | None = None  # sum of the normalised vectors (conformity)
+    whiten_mean: np.ndarray | None = None  # loglik
+    whiten: np.ndarray | None = None
+    whiten_logdet: float | None = None
+
+
+def _load_stats(pool: _Pool, modality: str, other: str, wanted: set[str], d: int) -> _Stats:
+    """The statistics the ``wanted`` metrics read, each checked (``_stat``, ``_scalar_stat``)."""
+    st = _Stats()
+    if wanted & {"dc", "dw", "conformity_est"}:
+        st.mean = _stat(pool, modality, "mean", (d,))
+    if "dw" in wanted:
+        st.other_cov = _stat(pool, other, "cov", (d, d))
+    if "conformity" in wanted:
+        st.sum = _stat(pool, modality, "sum", (d,))
+    if "loglik" in wanted:
+        st.whiten_mean = _stat(pool, modality, "whiten_mean", (d,))
+        st.whiten = _stat(pool, modality, "whiten", (d, d))
+        st.whiten_logdet = _scalar_stat(pool, modality, "whiten_logdet")
+    return st
+
+
+def _chunk_scores(v: np.ndarray, u: np.ndarray | None, wanted: set[str], st: _Stats, a: float, n: int,
+                  precision: str) -> dict[str, np.ndarray]:
+    """The per-chunk metrics of one chunk of rows, by metric name: ``v`` the normalised rows
+    (float64), ``u`` the rows ``loglik`` reads (raw when the norms are known; None when ``loglik``
+    is not wanted)."""
+    scores = {}
+    if "dc" in wanted:
+        scores["dc"] = dc(v, st.mean, a)
+    if "dw" in wanted:
+        scores["dw"] = dw(v, st.mean, st.other_cov, a, precision)
+    if "conformity" in wanted:
+        scores["conformity"] = conformity(v, st.sum, n)
+    if "conformity_est" in wanted:
+        scores["conformity_est"] = conformity_est(v, st.mean)
+    if "loglik" in wanted:
+        scores["loglik"] = loglik(u, st.whiten_mean, st.whiten, st.whiten_logdet, precision)
+    return scores
 
 
 def clipscore_scores(
