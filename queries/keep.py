@@ -181,17 +181,7 @@ def select_keep(
             valid ones), a bad ``where``, an unknown ``out`` suffix, ``out`` exists without
             ``force``, or nothing is kept while ``out`` is asked for.
     """
-    parsed = [k if isinstance(k, Keep) else parse_keep(k) for k in keeps]
-    if not parsed:
-        raise InvalidParameter("Give at least one --keep COLUMN:FRACTION")
-    for k in parsed:
-        check_fraction(k.fraction)
-    if mode not in KEEP_MODES:
-        raise InvalidParameter(f"Unknown selection mode {mode!r}; choose one of {', '.join(KEEP_MODES)}")
-    if count not in COUNT_RULES:
-        raise InvalidParameter(f"Unknown count rule {count!r}; choose one of {', '.join(COUNT_RULES)}")
-    if where is not None:
-        check_where(where)
+    parsed = _check_request(keeps, where, mode, count)
     out_path = check_subset_out(out, force)
     steps: list[KeepStep] = []
     with read_only_store(index) as store:
@@ -209,40 +199,12 @@ def select_keep(
             ids = _ids_of(con)
             passed_where = len(ids)
         for k in parsed:
-            q = quote_identifier(k.column)
-            rel = base
-            if mode == "filtered" and ids is not None:
-                con.register("_keep_left", pa.table({"vec_id": pa.array(ids, pa.int64())}))
-                rel = base.filter("vec_id IN (SELECT vec_id FROM _keep_left)")
-            _evaluate_once(rel, None, q)
-            try:
-                of, candidates = store.run("select_counts").fetchall()[0]
-                # pool: a fraction of every row (DataComp); filtered: of the rows left that can be
-                # ranked, exactly as select --by --top-fraction counts
-                n = min(_count(k.fraction, of if mode == "pool" else candidates, count), candidates)
-                top = _arrow(con.sql(load_sql("select_kept"), params={"kept": n, "lowest": bool(k.lowest)}))
-            except duckdb.Error as e:
-                raise _query_failed(e, "select", store) from None
-            finally:
-                if mode == "filtered" and ids is not None:
-                    con.unregister("_keep_left")
-            kept_ids = top.column("vec_id").to_numpy()
-            threshold = top.column("score")[-1].as_py() if top.num_rows else None
-            steps.append(KeepStep(k, of, candidates, len(kept_ids), threshold))
+            step, kept_ids = _keep_step(store, con, base, k, mode, count,
+                                        left=ids if mode == "filtered" else None)
+            steps.append(step)
             ids = kept_ids if ids is None else np.intersect1d(ids, kept_ids)
-        con.register("_keep_ids", pa.table({"vec_id": pa.array(np.sort(ids), pa.int64())}))
-        try:
-            rows = _arrow(base.filter("vec_id IN (SELECT vec_id FROM _keep_ids)").project(
-                "uid, vec_id, " + ", ".join(quote_identifier(c) for c in dict.fromkeys(cols))))
-        except duckdb.Error as e:
-            raise _query_failed(e, "select", store) from None
-        finally:
-            con.unregister("_keep_ids")
-    first = parsed[0]
-    rows = rows.sort_by([(first.column, "ascending" if first.lowest else "descending"), ("uid", "ascending")])
-    table = pa.table({"rank": pa.array(np.arange(1, rows.num_rows + 1, dtype=np.int64)),
-                      **{name: rows.column(name) for name in rows.column_names}})
-    sel = KeepSelection(parsed, mode, count, where, total, passed_where, steps, table)
+        rows = _rows_of(store, con, base, ids, cols)
+    sel = KeepSelection(parsed, mode, count, where, total, passed_where, steps, _ranked(rows, parsed[0]))
     if out_path is not None:
         if not sel.kept:
             raise InvalidParameter(f"Nothing to select: the keeps {', '.join(map(str, parsed))} have no row in "
@@ -250,3 +212,65 @@ def select_keep(
         write_selection(sel, out_path, force=True)
         sel.out = out_path
     return sel
+
+
+def _check_request(keeps: list[Keep | str], where: str | None, mode: str, count: str) -> list[Keep]:
+    """The keeps parsed, after checking them, ``mode``, ``count`` and ``where`` (InvalidParameter)."""
+    parsed = [k if isinstance(k, Keep) else parse_keep(k) for k in keeps]
+    if not parsed:
+        raise InvalidParameter("Give at least one --keep COLUMN:FRACTION")
+    for k in parsed:
+        check_fraction(k.fraction)
+    if mode not in KEEP_MODES:
+        raise InvalidParameter(f"Unknown selection mode {mode!r}; choose one of {', '.join(KEEP_MODES)}")
+    if count not in COUNT_RULES:
+        raise InvalidParameter(f"Unknown count rule {count!r}; choose one of {', '.join(COUNT_RULES)}")
+    if where is not None:
+        check_where(where)
+    return parsed
+
+
+def _keep_step(store, con: duckdb.DuckDBPyConnection, base: duckdb.DuckDBPyRelation, k: Keep, mode: str,
+               count: str, left: np.ndarray | None) -> tuple[KeepStep, np.ndarray]:
+    """One keep: its step and the vec_ids it keeps, ranked among the pool's rows, or among ``left``
+    (the vec_ids still selected in filtered mode; None: the whole pool)."""
+    q = quote_identifier(k.column)
+    rel = base
+    if left is not None:
+        con.register("_keep_left", pa.table({"vec_id": pa.array(left, pa.int64())}))
+        rel = base.filter("vec_id IN (SELECT vec_id FROM _keep_left)")
+    _evaluate_once(rel, None, q)
+    try:
+        of, candidates = store.run("select_counts").fetchall()[0]
+        # pool: a fraction of every row (DataComp); filtered: of the rows left that can be
+        # ranked, exactly as select --by --top-fraction counts
+        n = min(_count(k.fraction, of if mode == "pool" else candidates, count), candidates)
+        top = _arrow(con.sql(load_sql("select_kept"), params={"kept": n, "lowest": bool(k.lowest)}))
+    except duckdb.Error as e:
+        raise _query_failed(e, "select", store) from None
+    finally:
+        if left is not None:
+            con.unregister("_keep_left")
+    kept_ids = top.column("vec_id").to_numpy()
+    threshold = top.column("score")[-1].as_py() if top.num_rows else None
+    return KeepStep(k, of, candidates, len(kept_ids), threshold), kept_ids
+
+
+def _rows_of(store, con: duckdb.DuckDBPyConnection, base: duckdb.DuckDBPyRelation, ids: np.ndarray,
+             cols: list[str]) -> pa.Table:
+    """``uid, vec_id`` and the keep columns of the kept rows ``ids``."""
+    con.register("_keep_ids", pa.table({"vec_id": pa.array(np.sort(ids), pa.int64())}))
+    try:
+        return _arrow(base.filter("vec_id IN (SELECT vec_id FROM _keep_ids)").project(
+            "uid, vec_id, " + ", ".join(quote_identifier(c) for c in dict.fromkeys(cols))))
+    except duckdb.Error as e:
+        raise _query_failed(e, "select", store) from None
+    finally:
+        con.unregister("_keep_ids")
+
+
+def _ranked(rows: pa.Table, first: Keep) -> pa.Table:
+    """The kept rows in rank order of the first keep (ties by uid), numbered from 1 in ``rank``."""
+    rows = rows.sort_by([(first.column, "ascending" if first.lowest else "descending"), ("uid", "ascending")])
+    return pa.table({"rank": pa.array(np.arange(1, rows.num_rows + 1, dtype=np.int64)),
+                     **{name: rows.column(name) for name in rows.column_names}})
