@@ -24,9 +24,9 @@ raw results written to ``OUT/ray.json``.
     PYTHONPATH=$PWD/.pkg python -m bench.ray --sizes 200000 --commands exact --workers 2
 
 It needs ``build-index`` / ``score`` with ``--engine ray --address``: without them it stops with one
-line before running anything. ``--workers none`` runs the local engine only. The cluster runs with
-``RAY_AUTH_MODE=disabled`` on 127.0.0.1 unless ``RAY_AUTH_MODE`` is set (then the driver and the
-cluster share it).
+line before running anything. ``--workers none`` runs the local engine only. The cluster (this
+machine only, for the length of the run) is started with ``RAY_AUTH_MODE=disabled`` unless
+``RAY_AUTH_MODE`` is set; the commands get the same setting (a driver and its cluster must agree).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class Sampler:
 
 
 class LocalCluster:
-    """``ray start --head --block`` on 127.0.0.1 with ``workers`` CPUs, in its own process group
+    """``ray start --head --block`` on this machine with ``workers`` CPUs, in its own process group
     (stopped by signalling that group: never ``ray stop``, which stops every Ray on the machine)."""
 
     def __init__(self, workers: int, port: int, log: Path, object_store_bytes: int | None = None):
