@@ -93,6 +93,20 @@ class MemoryType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class InputType(click.Path):
+    """An input that exists on this machine, or a URI (s3://..., memory://...) read through fsspec."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        from clip_density_index.indexer.fs import is_uri
+
+        if isinstance(value, str) and is_uri(value):
+            return value
+        return super().convert(value, param, ctx)
+
+
 def _logit_scale(a: float | None, log_a: float | None) -> float | None:
     """a from --logit-scale / --log-logit-scale; warns on stderr when a looks like the log form."""
     from clip_density_index.queries.conventions import log_like_warning, resolve_logit_scale
@@ -186,9 +200,9 @@ def _terminate(signum, frame) -> None:
 @cli.command("build-index")
 @click.option("--source", type=click.Choice(SOURCES), default="synthetic", show_default=True,
               help="Where the pool comes from. 'synthetic' is the built-in synthetic CLIP-like world.")
-@click.option("--input", "input_path", type=click.Path(exists=True, path_type=Path),
-              help="Input: DataComp metadata dir, clip-retrieval embeddings dir, or (open_clip) an "
-                   "image folder / .tar shard(s).")
+@click.option("--input", "input_path", type=InputType(),
+              help="Input: DataComp metadata dir, clip-retrieval embeddings dir (either as a path or a URI "
+                   "such as s3://bucket/metadata), or (open_clip) a local image folder / .tar shard(s).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("index"),
               show_default=True, help="Index directory to write (replaced only when the build succeeds).")
 @click.option("--n", "n", type=click.IntRange(min=2), default=None,

@@ -6,6 +6,11 @@ and paired, array keys, row counts, dimensions), so a bad input fails before a l
 memory-mapped and converted to float32 one batch at a time; compressed ``.npz`` members are loaded
 one array at a time. Only the metadata of the current shard is held in memory.
 
+Both also read a URI (``s3://bucket/metadata``, ``memory://pool``; see ``indexer.fs``): headers are
+read through fsspec, array rows are streamed one batch at a time with ranged reads (a compressed
+``.npz`` member is read whole, as locally), parquet through a file object. A plain path or a
+``file://`` URI keeps the local code path above.
+
 Vectors are neither normalised nor validated here (see ``indexer.source``); uids are lowercased and
 checked (32 hex digits) because the reader can name the file and row.
 
@@ -31,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.indexer.fs import RemotePath, input_path
 from clip_density_index.indexer.source import Batch, SourceInfo
 
 logger = logging.getLogger(__name__)
@@ -215,7 +221,7 @@ def _check_batch_size(batch_size: int) -> int:
 class _ArrayRef:
     """One 2-D embedding array on disk: a ``.npy`` file or a member ``key`` of an ``.npz``."""
 
-    path: Path
+    path: Path | RemotePath
     key: str | None  # npz member name (without .npy); None for a plain .npy file
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -226,12 +232,15 @@ class _ArrayRef:
     def label(self) -> str:
         return f"{self.path}[{self.key}]" if self.key else str(self.path)
 
-    def load(self) -> np.ndarray:
-        """The array: memory-mapped where possible, else read (one npz member only)."""
+    def load(self) -> np.ndarray | _RemoteRows:
+        """The array: memory-mapped where possible, else read (one npz member only). A remote
+        array whose data can be addressed is a ``_RemoteRows`` that reads the rows sliced."""
         n = self.shape[0] if self.shape else 0
         try:
             if n == 0:
                 return np.zeros(self.shape, dtype=self.dtype)
+            if isinstance(self.path, RemotePath):
+                return self._load_remote()
             if self.data_offset is not None:
                 return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.data_offset,
                                  shape=self.shape, order="F" if self.fortran else "C")
@@ -239,6 +248,40 @@ class _ArrayRef:
                 return npz[self.key]
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
             raise BadInput(f"Cannot read {self.label}: {exc}") from exc
+
+    def _load_remote(self) -> np.ndarray | _RemoteRows:
+        if self.data_offset is not None and not self.fortran:
+            return _RemoteRows(self)
+        if self.data_offset is not None:  # column-major: no row is contiguous, read it whole
+            size = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+            data = self.path.read_range(self.data_offset, self.data_offset + size)
+            return np.ndarray(self.shape, dtype=self.dtype, buffer=data, order="F")
+        with self.path.open("rb") as fp, np.load(fp, allow_pickle=False) as npz:
+            return npz[self.key]
+
+
+class _RemoteRows:
+    """Rows of a remote C-order array, read on slicing (``rows[start:stop]``) with one ranged read:
+    a remote shard is streamed batch by batch as a local one is through its memory map."""
+
+    def __init__(self, ref: _ArrayRef) -> None:
+        self.ref = ref
+        self.shape, self.dtype = ref.shape, ref.dtype
+        self.row_bytes = int(np.prod(ref.shape[1:], dtype=np.int64)) * ref.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice):
+            raise TypeError("remote rows are read by slices")
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise TypeError("remote rows are read by contiguous slices")
+        stop = max(start, stop)
+        base = self.ref.data_offset
+        data = self.ref.path.read_range(base + start * self.row_bytes, base + stop * self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape((stop - start, *self.shape[1:]))
 
 
 def _read_npy_header(fp) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -248,10 +291,10 @@ def _read_npy_header(fp) -> tuple[tuple[int, ...], bool, np.dtype]:
     return np.lib.format.read_array_header_2_0(fp)
 
 
-def _npy_ref(path: Path) -> _ArrayRef:
+def _npy_ref(path: Path | RemotePath) -> _ArrayRef:
     """Header of a ``.npy`` file (nothing else is read)."""
     try:
-        with open(path, "rb") as fp:
+        with path.open("rb") as fp:
             shape, fortran, dtype = _read_npy_header(fp)
             offset = fp.tell()
         size = path.stat().st_size
@@ -264,11 +307,11 @@ def _npy_ref(path: Path) -> _ArrayRef:
     return _ArrayRef(path, None, tuple(shape), np.dtype(dtype), bool(fortran), offset)
 
 
-def _npz_refs(path: Path) -> dict[str, _ArrayRef]:
+def _npz_refs(path: Path | RemotePath) -> dict[str, _ArrayRef]:
     """Headers of every array in an ``.npz`` file; stored (uncompressed) members are mappable."""
     refs: dict[str, _ArrayRef] = {}
     try:
-        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+        with path.open("rb") as raw, zipfile.ZipFile(path if isinstance(path, Path) else raw) as zf:
             for info in zf.infolist():
                 if not info.filename.endswith(".npy"):
                     continue
@@ -296,7 +339,7 @@ def _check_embedding_ref(ref: _ArrayRef) -> None:
         raise BadInput(f"{ref.label}: expected floating-point embeddings, got dtype {ref.dtype}")
 
 
-def _parquet_footer(path: Path) -> tuple[int, pa.Schema]:
+def _parquet_footer(path: Path | RemotePath) -> tuple[int, pa.Schema]:
     """Row count and Arrow schema from a parquet footer.
 
     Raises:
@@ -304,8 +347,13 @@ def _parquet_footer(path: Path) -> tuple[int, pa.Schema]:
             ``UID``): the catalog's column names ignore case, so one would hide the other.
     """
     try:
-        pf = pq.ParquetFile(path)
-        num_rows, schema = pf.metadata.num_rows, pf.schema_arrow
+        if isinstance(path, RemotePath):
+            with path.open("rb") as fp:
+                pf = pq.ParquetFile(fp)
+                num_rows, schema = pf.metadata.num_rows, pf.schema_arrow
+        else:
+            pf = pq.ParquetFile(path)
+            num_rows, schema = pf.metadata.num_rows, pf.schema_arrow
     except (OSError, pa.ArrowException) as exc:
         raise BadInput(f"Cannot read {path}: not a valid parquet file ({exc})") from exc
     seen: dict[str, int] = {}
@@ -396,8 +444,11 @@ def conform_to_schema(table: pa.Table, schema: pa.Schema, origin: str) -> pa.Tab
     return pa.table(arrays, schema=schema)
 
 
-def _read_parquet(path: Path) -> pa.Table:
+def _read_parquet(path: Path | RemotePath) -> pa.Table:
     try:
+        if isinstance(path, RemotePath):
+            with path.open("rb") as fp:
+                return pq.read_table(fp)
         return pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
         raise BadInput(f"Cannot read {path}: {exc}") from exc
@@ -407,7 +458,7 @@ def _read_parquet(path: Path) -> pa.Table:
 class _Shard:
     """One metadata file and its row-aligned image and text arrays."""
 
-    meta_path: Path
+    meta_path: Path | RemotePath
     image: _ArrayRef
     text: _ArrayRef
     n: int
@@ -471,8 +522,7 @@ def _storage_dtype(shards: Sequence[_Shard]) -> str:
     return "float16" if shards and half else "float32"
 
 
-def _require_dir(path: Path, what: str) -> Path:
-    path = Path(path)
+def _require_dir(path: Path | RemotePath, what: str) -> Path | RemotePath:
     if not path.exists():
         raise BadInput(f"{what} directory {path} does not exist")
     if not path.is_dir():
@@ -497,7 +547,7 @@ class DataCompSource:
     ``origin`` is the parquet path (its npz has the same stem and the same row order).
 
     Args:
-        path: the metadata directory.
+        path: the metadata directory: a path, or a URI (``s3://bucket/metadata``; see ``indexer.fs``).
         arch: ``"b32"`` or ``"l14"``: which pair of arrays to read.
         logit_scale: ``a`` of the model that produced the arrays (100 for OpenAI CLIP).
 
@@ -505,13 +555,14 @@ class DataCompSource:
         BadInput: the directory is missing or holds no parquet files; a parquet has no npz (or an
             npz no parquet); an array key is missing; row counts or dimensions disagree; a file is
             unreadable; the ``uid`` or ``text`` column is missing.
-        InvalidParameter: unknown ``arch`` or a non-positive ``logit_scale``.
+        InvalidParameter: unknown ``arch`` or a non-positive ``logit_scale``; a URI whose filesystem
+            is not installed.
     """
 
-    def __init__(self, path: Path | str, arch: str = "b32", logit_scale: float = 100.0) -> None:
+    def __init__(self, path: Path | str | RemotePath, arch: str = "b32", logit_scale: float = 100.0) -> None:
         if arch not in DATACOMP_ARCHS:
             raise InvalidParameter(f"arch must be one of {sorted(DATACOMP_ARCHS)}, got {arch!r}")
-        self.path = _require_dir(Path(path), "DataComp metadata")
+        self.path = _require_dir(input_path(path), "DataComp metadata")
         self.arch = arch
         logit_scale = _check_logit_scale(logit_scale)
         parquets = sorted(self.path.glob("*.parquet"), key=lambda p: natural_key(p.name))
@@ -576,8 +627,8 @@ class DataCompSource:
 # --------------------------------------------------------------------------------------------------
 
 
-def _indexed_files(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
-    found: dict[int, Path] = {}
+def _indexed_files(folder: Path | RemotePath, pattern: re.Pattern) -> dict[int, Path | RemotePath]:
+    found: dict[int, Path | RemotePath] = {}
     if not folder.is_dir():
         return found
     for p in folder.iterdir():
@@ -605,7 +656,7 @@ class ClipRetrievalSource:
     ``image_path``, else of ``url``, else of ``f"{i}:{row}"`` (see ``UidDeriver`` for repeats).
 
     Args:
-        path: the clip-retrieval output folder.
+        path: the clip-retrieval output folder: a path, or a URI (see ``indexer.fs``).
         logit_scale: ``a`` of the model that produced the embeddings (100 for OpenAI CLIP).
         caption_column: metadata column holding the caption.
         uid_column: metadata column holding 32-hex-digit uids, or None to derive them.
@@ -615,13 +666,13 @@ class ClipRetrievalSource:
     Raises:
         BadInput: the folder is missing or holds no shards; a shard lacks one of its three files;
             row counts or dimensions disagree; a file is unreadable; a column is missing.
-        InvalidParameter: a non-positive ``logit_scale``.
+        InvalidParameter: a non-positive ``logit_scale``; a URI whose filesystem is not installed.
     """
 
-    def __init__(self, path: Path | str, logit_scale: float = 100.0, caption_column: str = "caption",
+    def __init__(self, path: Path | str | RemotePath, logit_scale: float = 100.0, caption_column: str = "caption",
                  uid_column: str | None = None, model: str | None = None,
                  pretrained: str | None = None) -> None:
-        self.path = _require_dir(Path(path), "clip-retrieval output")
+        self.path = _require_dir(input_path(path), "clip-retrieval output")
         self.caption_column = caption_column
         self.uid_column = uid_column
         logit_scale = _check_logit_scale(logit_scale)

@@ -55,9 +55,14 @@ def make_source(
                                    caption_column=caption_column, uid_column=uid_column)
     if kind == "open_clip":
         from clip_density_index.indexer.embed import OpenClipSource
+        from clip_density_index.indexer import fs
 
+        if fs.is_uri(input_path) and not str(input_path).startswith("file://"):
+            raise InvalidParameter(f"--input {input_path}: the open_clip source reads a local image folder "
+                                   "or .tar shards; URIs are read by --source datacomp and clip-retrieval")
+        images = fs.input_path(input_path)
         return OpenClipSource(
-            images=input_path, captions=captions, model=model, pretrained=pretrained,
+            images=images, captions=captions, model=model, pretrained=pretrained,
             image_column=image_column, caption_column=caption_column, uid_column=uid_column,
             num_workers=workers, device=device, skip_bad=skip_bad, progress=progress,
         )
