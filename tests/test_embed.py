@@ -339,7 +339,7 @@ def test_tar_bad_image_raises_or_is_skipped(models, bundle, tmp_path):
     with pytest.raises(BadInput, match=rf"uid_column='uid' but the shards at {re.escape(str(tar))} have no"):
         OpenClipSource(tar, None, uid_column="uid", **kw)
     with pytest.raises(InvalidParameter, match=r"name columns of a captions file; .tar shards pair"):
-        OpenClipSource(tar, None, caption_column="text", **kw)  # was silently ignored
+        OpenClipSource(tar, None, caption_column="text", **kw)  # not silently ignored
 
 
 def test_truncated_shard_stops_the_build_or_keeps_what_it_can_with_skip_bad(models, bundle, tmp_path):

@@ -97,7 +97,7 @@ def test_explain_analyze_cannot_write_a_file(arrays_index, tmp_path):
 
 
 def test_repeated_column_names_are_kept_apart(arrays_index, tmp_path):
-    """A join's two vec_id columns were shown as one (the first, twice) and CSV lost a value."""
+    """A join's two vec_id columns stay two (not the first, twice), and CSV keeps every value."""
     idx, *_ = arrays_index
     sql = "SELECT s.vec_id, w.vec_id FROM samples s JOIN samples w ON s.vec_id = w.vec_id + 1 ORDER BY 1 LIMIT 2"
     t = run_sql(idx, sql)
