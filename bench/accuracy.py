@@ -1,4 +1,4 @@
-"""Accuracy vs cost of the KL estimators (issue 5, item 1).
+"""Accuracy vs cost of the KL estimators.
 
 For one synthetic world (n, geometry; every world of ``bench.common.WORLDS``, the heavy-tailed ones
 included, belongs in each accuracy table) and one side (``text``: queries are captions, candidates the

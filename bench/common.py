@@ -16,7 +16,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 A = 100.0  # logit scale of the synthetic world
 #: Every synthetic world the accuracy tables cover, in table order: the calibrated / flat / clustered
-#: worlds and the heavy-tailed ones (mixture, duplicates, templates, hubs, heavy; issue 14 item 7).
+#: worlds and the heavy-tailed ones (mixture, duplicates, templates, hubs, heavy).
 #: Defined once in indexer/synthetic.py (numpy and pyarrow only; no torch or faiss).
 from clip_density_index.indexer.synthetic import GEOMETRIES as WORLDS  # noqa: E402
 

@@ -1,7 +1,7 @@
-"""open_clip encoding throughput with a tiny randomly initialised model (issue 5 related target e).
+"""open_clip encoding throughput with a tiny randomly initialised model.
 
-No pretrained weights and no network: a tiny architecture is registered with open_clip (as in
-``tests/test_embed.py``), its random weights are saved to a local checkpoint, and an image folder of
+No pretrained weights and no network: the tests' tiny architecture (``tests/tiny_clip.py``) is
+registered with open_clip, its random weights are saved to a local checkpoint, and an image folder of
 small PNGs + a captions CSV is encoded by ``indexer.embed.OpenClipSource`` (the code path of
 ``build-index --source open_clip``). The number measures the pipeline around the model (image
 decoding, preprocessing, tokenising, batching, the DataLoader) plus a very small network; a real
@@ -10,39 +10,27 @@ ViT-B/32 on a CPU is far slower and bounded by the network.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from bench.common import log, save_json
+from tests.tiny_clip import TINY_CFG, save_tiny_model
 
 TINY = "cdi-tiny-bench"
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-}
 
 
 def run(out: Path, n: int = 2000, batch_size: int = 256) -> dict:
-    import open_clip
     import pyarrow as pa
     import pyarrow.csv as pacsv
-    import torch
     from PIL import Image
 
     from clip_density_index.indexer.build import build_index
     from clip_density_index.indexer.embed import OpenClipSource
 
     work = out / "encode"
-    (work / "configs").mkdir(parents=True, exist_ok=True)
-    (work / "configs" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(work / "configs")
-    torch.manual_seed(0)
-    ckpt = work / f"{TINY}.pt"
-    torch.save(open_clip.create_model(TINY).state_dict(), ckpt)
+    ckpt = save_tiny_model(work, TINY)
     images = work / "images"
     images.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)

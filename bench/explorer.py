@@ -1,4 +1,4 @@
-"""Server time of the explorer's views on an existing index (issue 18's target: a gallery page in
+"""Server time of the explorer's views on an existing index (the target: a gallery page in
 <= 300 ms p50 at 1M; a prompt as fast as ``sample --mode top``).
 
     python -m bench.explorer INDEX [--repeat 7] [--prompt "a photo of a dog"]

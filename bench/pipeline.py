@@ -1,4 +1,4 @@
-"""Throughput, scaling and latency (issue 5, items 2-4): the real CLI, end to end, in child processes.
+"""Throughput, scaling and latency: the real CLI, end to end, in child processes.
 
 For each n (calibrated synthetic world, d = 512):
 

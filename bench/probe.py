@@ -1,4 +1,4 @@
-"""The fault probe of issue 15, rerunnable: kills at named and random points of ``build-index`` and
+"""The fault probe, rerunnable: kills at named and random points of ``build-index`` and
 ``score``, byte flips in every data file and the catalog, and a full disk (a small tmpfs, where one
 can be mounted), each on a small synthetic index, through the CLI as a user runs it.
 

@@ -98,7 +98,7 @@ def write(out: Path) -> Path:
                 continue
             bf, ba, sc, ex = r["build_flat"], r["build_auto"], r["score"], r["exact"]
             from bench.pipeline import approx_kl_seconds
-            kl_s = approx_kl_seconds(sc.get("report"))  # recomputed (older runs summed sub-phases twice)
+            kl_s = approx_kl_seconds(sc.get("report"))  # from the phases (saved totals can count some twice)
             ex = {**ex, "approx_kl_seconds": kl_s, "ratio_vs_approx_kl": ex["extrapolated_seconds"] / max(kl_s, 1e-9)}
             lines.append(
                 f"| {r['n']:,} | {bf['seconds']:.1f} | {bf['samples_per_s']:,.0f} | {bf['peak_rss_bytes'] / 2**30:.2f} "

@@ -1,12 +1,14 @@
-"""Run the benchmarks of issue 5 and write results, plots and a markdown fragment under --out.
+"""Run the benchmarks of BENCHMARKS.md (sections 2 and 4) and write results, plots and a markdown
+fragment under --out.
 
     python bench/run.py                 # everything (~1.5-2 h on 2 CPU cores, BENCHMARKS.md)
     python bench/run.py --quick         # a minutes-long subset
     python bench/run.py --sections accuracy --accuracy-n 100000 --geometries calibrated
 
-Sections: accuracy (item 1), pipeline (items 2-4: throughput, scaling, latency; aliases throughput,
-scaling, latency), encode (open_clip encoding throughput with a tiny random model). Results: ``OUT/*.json``; plots: ``OUT/*.png``; summary: ``OUT/results.md``
-(``python -m bench.report OUT`` regenerates it from the JSON files).
+Sections: accuracy (accuracy against cost), pipeline (throughput, scaling, latency; aliases
+throughput, scaling, latency), encode (open_clip encoding throughput with a tiny random model).
+Results: ``OUT/*.json``; plots: ``OUT/*.png``; summary: ``OUT/results.md`` (``python -m bench.report
+OUT`` regenerates it from the JSON files).
 """
 
 from __future__ import annotations

@@ -135,8 +135,8 @@ class IvfFlatLists:
     on the 2-core reference machine (a FAISS build without AVX2), 1M vectors, IVF4096, 32,768
     queries: 4,900 vs 4,000 queries/s (FAISS) at nprobe 4, k 256; 8,800 vs 4,700 at k 16; 2,700 vs
     1,100 at nprobe 16, all with one thread for the lists (the coarse quantizer, shared by both, is
-    the floor). Two threads for the lists, the same 32,768 queries: 2.3-2.7 s instead of 4.1-4.3 s
-    at nprobe 4, 4.3-5.5 s instead of 5.8-5.9 s at nprobe 8, k 256.
+    the floor). With two threads for the lists (the machine's two cores), the same 32,768 queries:
+    2.3-2.7 s against 4.1-4.3 s with one at nprobe 4, 4.3-5.5 s against 5.8-5.9 s at nprobe 8, k 256.
 
     The lists are zero-copy views of the index's memory: keep the index alive while this is used.
     """

@@ -29,7 +29,7 @@ def check_out(path: str | Path, force: bool) -> Path:
     if path.is_dir():
         raise InvalidParameter(f"Output {str(path)!r} is a directory; give a file name")
     index_dir = _index_of_own_file(path)
-    if index_dir is not None:  # even with --force: `sql --out idx/catalog.duckdb --force` replaced the catalog
+    if index_dir is not None:  # even with --force: `sql --out idx/catalog.duckdb --force` would overwrite it
         raise InvalidParameter(f"Output {str(path)!r} is a file of the index at {str(index_dir)!r}; "
                                "write the output elsewhere")
     if path.exists() and not force:

@@ -23,7 +23,8 @@ query-aware metric when a sample of the queries is given). For a query q with ``
 ``gamma`` is the one fitted constant: :func:`calibrate` computes the exact per-list sums of a random
 set of calibration queries in the same run and picks the gamma whose estimates are closest to their
 exact KL / KLR under the same probing rule (SPEC 3.2: never a constant from another pool). One
-pooled scale survived heavy-tailed worlds where per-list fitted log-normals collapsed (issue 14).
+pooled scale, because per-list fitted log-normals collapse on the heavy-tailed synthetic worlds
+where one scale holds.
 
 Consistency (SPEC 3.2): with ``target >= 1`` and ``max_fraction >= 1`` every list is scanned, the
 model part is zero and the result is section 2's exact KL (float64 mode agrees with
@@ -147,8 +148,8 @@ def build_plan(
         queries: optional sample of the queries (the other modality). When given, the lists are
             clustered in the metric ``x Sigma^(1/2)``, ``Sigma = E[q q']``: k-means then minimises
             the score variance within lists for typical queries, which is what the log-normal model
-            and the probing order need (on image-space lists the model tail was worse than the
-            uniform tail in the issue-3 research).
+            and the probing order need (with lists clustered in image space, the model's tail
+            measured worse than a uniform tail).
         progress: hook advanced by candidates assigned.
 
     Returns:
@@ -606,9 +607,10 @@ def calibrate(
     The calibration queries' exact per-list sums (:func:`list_sums`, N dot products each) are
     replayed under the same probing rule as :func:`partials` with ``target`` / ``max_fraction``; the
     gamma with the smallest RMS error of KL and KLR is returned (a grid over [0, 4] in steps of 0.25,
-    then a golden-section search around the best). One scale for all lists: per-list fitted log-normals collapsed on
-    heavy-tailed pools (issue 14), and the scale absorbs the model's bias where lists are not
-    log-normal. Use a random set of queries, disjoint from the held-out check.
+    then a golden-section search around the best). One scale for all lists: per-list fitted
+    log-normals collapse on heavy-tailed pools (the heavy-tailed synthetic worlds), and the scale
+    absorbs the model's bias where lists are not log-normal. Use a random set of queries, disjoint
+    from the held-out check.
 
     Args:
         calib_queries: (c, d) unit queries, a random sample (default size ``CALIBRATION_QUERIES``).

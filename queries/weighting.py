@@ -54,8 +54,8 @@ SAMPLE_MODES = ("draw", "top")
 #: Output suffixes of ``weights --out`` and ``sample --out``.
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
 
-# Memory of ``sample`` (checked before anything is drawn: ``sample -n 50000000 --replace`` was killed
-# by the kernel after 24 GB). Measured on a 2,000-sample index, 1-2M rows drawn with replacement,
+# Memory of ``sample`` (checked before anything is drawn: unchecked, ``sample -n 50000000 --replace``
+# is killed by the kernel after 24 GB). Measured on a 2,000-sample index, 1-2M rows drawn with replacement,
 # uid + caption 62 bytes a row: 196-225 B/row returned or written to parquet, 949 B/row to CSV,
 # 1,902 B/row more to print the table.
 #: Bytes per drawn row, plus 1.5x its uid and caption: ids, cosines, weights, lookup positions, strings.
@@ -611,7 +611,7 @@ def sample_bytes(n: int, pool_n: int, text_bytes: float, out_format: str | None 
     uid + caption take ``text_bytes`` on average; ``out_format`` of the ``--out`` file (None: none),
     ``printed``: every row is printed as a table.
 
-    >>> round(sample_bytes(50_000_000, 100_000, 62) / 2**30, 1)  # the issue's request, to parquet
+    >>> round(sample_bytes(50_000_000, 100_000, 62) / 2**30, 1)  # 50M rows drawn, to parquet
     11.8
     """
     per_row = SAMPLE_ROW_BYTES + 1.5 * text_bytes

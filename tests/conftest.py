@@ -1,3 +1,8 @@
+"""Fixtures shared by several test modules, and the two data helpers most modules use
+(``from conftest import clustered_pairs, unit32``). Helpers for one kind of data live in named
+modules beside this one: ``arrays_pool.py`` (the arrays index and its numpy scores),
+``tiny_clip.py`` (a tiny random open_clip model) and ``explorer_pools.py``."""
+
 from pathlib import Path
 
 import numpy as np
@@ -26,3 +31,37 @@ def clustered_pairs(n: int, d: int, seed: int = 0, clusters: int = 20):
 def unit32(x):
     """Rows scaled to unit length, as float32 (what an index stores)."""
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def arrays_index(tmp_path_factory):
+    """(index dir, raw image, raw text, captions, uids, numpy scores) of a 400-sample Flat index
+    with a ``scores`` table computed in numpy (``arrays_pool``)."""
+    from arrays_pool import A, DIM, N, captions, numpy_scores, write_scores
+
+    from clip_density_index.indexer.build import build_index
+    from clip_density_index.indexer.sources import ArraySource
+
+    root = tmp_path_factory.mktemp("arrays")
+    image, text = clustered_pairs(N, DIM, seed=3)
+    caps = captions(N)
+    src = ArraySource(image, text, captions=caps, logit_scale=A)
+    uids = src.meta.column("uid").to_pylist()
+    out = root / "idx"
+    build_index(src, out)
+    cols = numpy_scores(image, text)
+    write_scores(out, cols)
+    return out, image, text, caps, uids, cols
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{name: checkpoint path} of the tiny open_clip configs (``tiny_clip``), registered with
+    open_clip, with random weights."""
+    pytest.importorskip("open_clip")
+    pytest.importorskip("torch")
+    from tiny_clip import TINY, TINY_BIASED, TINY_CFG, save_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {TINY: save_tiny_model(root, TINY),
+            TINY_BIASED: save_tiny_model(root, TINY_BIASED, TINY_CFG | {"init_logit_bias": -10.0})}

@@ -261,8 +261,8 @@ def test_bad_parameters(tmp_path):
 
 
 def test_index_key_is_checked_before_reading_whatever_the_nprobe(tmp_path):
-    """Wrapped keys (a rotation, a PCA, an id map) skipped the check when --nprobe was given, and
-    then scored unrotated queries against rotated vectors as if exact."""
+    """Wrapped keys (a rotation, a PCA, an id map) are checked with --nprobe too: unchecked, they
+    would score unrotated queries against rotated vectors as if exact."""
     src = make(n=300)[0]
 
     def unread(batch_size):
@@ -344,9 +344,10 @@ def test_a_catalog_another_process_holds_is_reported_busy(tmp_path, other_reads,
 
 
 def test_an_open_pool_notices_a_rebuild_and_a_new_one_sees_it(tmp_path):
-    """An old PoolIndex mixed its arrays with the new catalog (scores written into the new index),
-    and a fresh open_index in the same process read the old, deleted catalog while the old pool's
-    kept reader was open (DuckDB shares one database per path)."""
+    """A PoolIndex opened before a rebuild must not mix its arrays with the new catalog (scores
+    written into the new index), and a fresh open_index in the same process must not read the
+    replaced, deleted catalog while the earlier pool's kept reader is open (DuckDB shares one
+    database per path)."""
     from clip_density_index import queries
     from clip_density_index.indexer.errors import IndexReplaced
 
@@ -368,7 +369,8 @@ def test_an_open_pool_notices_a_rebuild_and_a_new_one_sees_it(tmp_path):
 
 @pytest.mark.parametrize("scale", [1e-21, 1e-30, 1e15])
 def test_tiny_and_huge_raw_vectors_are_normalised_exactly(tmp_path, scale):
-    """float32 norms of 1e-21-scaled vectors were off by 2e-4 (subnormal squares)."""
+    """float32 norms of 1e-21-scaled vectors are exact, though their float32 squares are subnormal
+    (off by 2e-4 if summed as they are)."""
     image, text = clustered_pairs(200, 16)
     build_index(ArraySource(image * np.float32(scale), text), tmp_path / "i")
     pool = open_index(tmp_path / "i")
@@ -381,7 +383,7 @@ def test_tiny_and_huge_raw_vectors_are_normalised_exactly(tmp_path, scale):
 def test_vectors_too_large_for_float32_statistics_are_named(tmp_path):
     image, text = clustered_pairs(200, 16)
     with pytest.raises(BadInput, match=r"image embeddings cannot be computed \(Covariance is not finite"):
-        build_index(ArraySource(image * np.float32(1e20), text), tmp_path / "j")  # was a LinAlgError
+        build_index(ArraySource(image * np.float32(1e20), text), tmp_path / "j")  # not a LinAlgError
 
 
 def test_a_writer_waits_for_a_short_reader_in_another_process(tmp_path):
@@ -409,7 +411,7 @@ def test_a_reader_waits_for_a_short_writer_in_another_process(tmp_path):
 
 
 def test_every_earlier_build_is_noticed_even_when_inodes_are_reused(tmp_path):
-    """ext4 gave a new build's directory the inode of the one two builds earlier."""
+    """ext4 can give a new build's directory the inode of the one two builds earlier."""
     from clip_density_index.indexer.errors import IndexReplaced
 
     out = tmp_path / "idx"

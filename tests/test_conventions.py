@@ -16,7 +16,7 @@ from clip_density_index.indexer.build import build_index
 from clip_density_index.indexer.errors import InvalidParameter
 from clip_density_index.indexer.sources import ArraySource
 from clip_density_index.queries.conventions import log_like_warning, resolve_logit_scale
-from test_sql import kl_both, unit
+from arrays_pool import kl_both, unit
 
 
 @pytest.fixture(scope="module")

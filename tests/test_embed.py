@@ -1,7 +1,8 @@
 """load_model / OpenClipSource / encode_texts with a tiny randomly initialised open_clip model.
 
-No pretrained weights: the test registers a tiny architecture, saves its random state dict to a
-local checkpoint and loads it back through ``load_model(name, pretrained=<path>)``.
+No pretrained weights: the ``models`` fixture (conftest.py, ``tiny_clip``) registers a tiny
+architecture and saves its random state dict to a local checkpoint; the tests load it back through
+``load_model(name, pretrained=<path>)``.
 """
 
 from __future__ import annotations
@@ -25,32 +26,9 @@ from PIL import Image  # noqa: E402
 from clip_density_index.indexer.embed import OpenClipSource, encode_texts, load_model  # noqa: E402
 from clip_density_index.indexer.errors import BadInput, InvalidParameter  # noqa: E402
 from clip_density_index.indexer.reader import md5_uid  # noqa: E402
+from tiny_clip import TINY, TINY_BIASED  # noqa: E402
 
-TINY = "cdi-tiny-test"
-TINY_BIASED = "cdi-tiny-biased-test"  # open_clip picks a T5 tokenizer for names with "siglip"
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-}
 N_IMAGES = 10
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Register the tiny configs; return {name: checkpoint path} of their random weights."""
-    root = tmp_path_factory.mktemp("models")
-    (root / "configs").mkdir()
-    (root / "configs" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    (root / "configs" / f"{TINY_BIASED}.json").write_text(json.dumps(TINY_CFG | {"init_logit_bias": -10.0}))
-    open_clip.add_model_config(root / "configs")
-    checkpoints = {}
-    for name in (TINY, TINY_BIASED):
-        torch.manual_seed(0)
-        model = open_clip.create_model(name)
-        checkpoints[name] = root / f"{name}.pt"
-        torch.save(model.state_dict(), checkpoints[name])
-    return checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +339,7 @@ def test_tar_bad_image_raises_or_is_skipped(models, bundle, tmp_path):
     with pytest.raises(BadInput, match=rf"uid_column='uid' but the shards at {re.escape(str(tar))} have no"):
         OpenClipSource(tar, None, uid_column="uid", **kw)
     with pytest.raises(InvalidParameter, match=r"name columns of a captions file; .tar shards pair"):
-        OpenClipSource(tar, None, caption_column="text", **kw)  # was silently ignored
+        OpenClipSource(tar, None, caption_column="text", **kw)  # not silently ignored
 
 
 def test_truncated_shard_stops_the_build_or_keeps_what_it_can_with_skip_bad(models, bundle, tmp_path):

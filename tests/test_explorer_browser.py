@@ -203,7 +203,7 @@ def test_hostile_input_in_the_browser(server, browser, index_dir):
 
 def test_open_clip_pool_shows_real_thumbnails(browser, tmp_path):
     pytest.importorskip("open_clip")
-    from tests.explorer_pools import build_openclip_pool
+    from explorer_pools import build_openclip_pool
 
     idx, _ = build_openclip_pool(tmp_path / "oc")
     with _serve(idx) as url:

@@ -21,7 +21,7 @@ from clip_density_index.explorer.report import write_report  # noqa: E402
 from clip_density_index.indexer.build import build_index  # noqa: E402
 from clip_density_index.indexer.sources import ArraySource  # noqa: E402
 from clip_density_index.indexer.synthetic import SyntheticSource  # noqa: E402
-from tests.conftest import clustered_pairs  # noqa: E402
+from conftest import clustered_pairs  # noqa: E402
 
 N = 2000
 
@@ -191,7 +191,7 @@ def test_report_is_self_contained(index_dir, tmp_path):
 
 def test_open_clip_pool_serves_its_own_images_only(tmp_path):
     pytest.importorskip("open_clip")
-    from tests.explorer_pools import build_openclip_pool
+    from explorer_pools import build_openclip_pool
 
     idx, outside = build_openclip_pool(tmp_path / "oc")
     rows = queries.run_sql(idx, "SELECT vec_id, image FROM samples ORDER BY vec_id").to_pylist()

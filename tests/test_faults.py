@@ -1,4 +1,4 @@
-"""Faults (issue 15): a kill at any point of a build, a full disk, a damaged catalog or data file.
+"""Faults: a kill at any point of a build, a full disk, a damaged catalog or data file.
 
 Kills use the fault points of ``indexer.faults`` (``CLIP_DENSITY_INDEX_FAULT``) in a CLI subprocess;
 a full disk is a small tmpfs (skipped where it cannot be mounted) or an error raised at a chosen

@@ -18,7 +18,7 @@ from clip_density_index.indexer.errors import InvalidParameter  # noqa: E402
 from clip_density_index.indexer.sources import ArraySource  # noqa: E402
 from clip_density_index.queries.keep import Keep, parse_keep, select_keep  # noqa: E402
 from clip_density_index.queries.selection import select  # noqa: E402
-from test_sql import write_scores  # noqa: E402
+from arrays_pool import write_scores  # noqa: E402
 
 N = 500
 

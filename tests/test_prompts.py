@@ -1,7 +1,7 @@
 """Prompts for precomputed pools (queries/prompts.py): the manifest's open_clip model, text tower
 only, cached per process; --model / --pretrained; the error that points to --prompt-embedding;
-`encode-text`. A tiny randomly initialised open_clip config stands in for real weights, as in
-tests/test_embed.py."""
+`encode-text`. A tiny randomly initialised open_clip config (tests/tiny_clip.py, the ``models``
+fixture) stands in for real weights."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from clip_density_index.indexer.errors import BadInput, InvalidParameter  # noqa
 from clip_density_index.indexer.reader import DataCompSource  # noqa: E402
 from clip_density_index.queries import prompts  # noqa: E402
 from clip_density_index.queries.weighting import compute_weights, sample  # noqa: E402
-from test_embed import TINY, models  # noqa: E402,F401  (models is a fixture)
+from tiny_clip import TINY  # noqa: E402
 
 DIM = 32  # the tiny model's embed_dim
 N = 60

@@ -474,7 +474,8 @@ def test_uid_helpers():
 @pytest.mark.parametrize("column,other", [("uid", "UID"), ("text", "Text"), ("url", "URL")])
 @pytest.mark.parametrize("shard", [0, 1])
 def test_datacomp_columns_differing_only_in_case_name_the_file(tmp_path, rng, column, other, shard):
-    """``uid`` next to ``UID`` in one file was a KeyError traceback (or a vague schema message)."""
+    """``uid`` next to ``UID`` in one file is an error naming the file, not a KeyError traceback (or a
+    vague schema message)."""
     make_datacomp(tmp_path / "dc", rng)
     parquet = sorted((tmp_path / "dc").glob("*.parquet"))[shard]
     t = pq.read_table(parquet)
@@ -485,7 +486,8 @@ def test_datacomp_columns_differing_only_in_case_name_the_file(tmp_path, rng, co
 
 
 def test_datacomp_caption_bytes_that_are_not_utf8_name_file_column_and_row(tmp_path, rng):
-    """A binary ``text`` column with invalid UTF-8 was an ArrowInvalid traceback mid-build."""
+    """A binary ``text`` column with invalid UTF-8 is an error naming file, column and row, not an
+    ArrowInvalid traceback mid-build."""
     make_datacomp(tmp_path / "dc", rng)
     for parquet in sorted((tmp_path / "dc").glob("*.parquet")):  # binary in every shard
         t = pq.read_table(parquet)

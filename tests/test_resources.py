@@ -1,4 +1,4 @@
-"""Hostile sizes (issue 15, items 6 and 12): empty data files, and parameters that ask for more memory
+"""Hostile sizes: empty data files, and parameters that ask for more memory
 than the machine has. Each must end in one ``Error:`` line naming the file or the number, never in
 a bare "Aborted!", a traceback or the kernel's OOM killer."""
 
@@ -67,8 +67,8 @@ def test_a_file_emptied_after_the_index_was_opened_is_named(small_index):
 
 # -- 12: resource limits --------------------------------------------------------------------------
 def test_build_index_with_a_huge_dim_is_refused_with_the_number_before_any_work(tmp_path):
-    """``--dim 100000`` was a numpy MemoryError traceback (74.5 GiB for one d x d matrix), after
-    ~30 s of building the synthetic world."""
+    """``--dim 100000`` is refused at once: unchecked, it is a numpy MemoryError traceback (74.5 GiB
+    for one d x d matrix) after ~30 s of building the synthetic world."""
     out = tmp_path / "idx"
     r = CliRunner().invoke(cli.cli, ["build-index", "--dim", "100000", "--n", "1000", "--out", str(out)])
     one_error_line(r, "--dim 100,000", "would need about", "TiB", "available")
@@ -84,8 +84,8 @@ def test_the_stats_of_a_huge_dimension_are_refused_whatever_the_source():
 
 
 def test_sample_with_replacement_is_refused_before_drawing_when_it_cannot_fit(small_index, tmp_path):
-    """``-n 50000000 --replace`` was killed by the kernel after 24 GB; more rows than memory can
-    hold (here 10^11) were a numpy MemoryError traceback."""
+    """Unchecked, ``-n 50000000 --replace`` is killed by the kernel after 24 GB, and more rows than
+    memory can hold (here 10^11) are a numpy MemoryError traceback."""
     from clip_density_index.indexer.errors import TooMuchMemory
     from clip_density_index.queries.weighting import sample
 

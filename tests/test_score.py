@@ -304,7 +304,7 @@ def test_selecting_by_a_column_never_computed_is_a_clear_error(tmp_path):
     with pytest.raises(InvalidParameter, match=r"'dc_text' has no values .*--metrics dc"):
         select(tmp_path / "idx", by="dc_text", top_fraction=0.5)
     with pytest.raises(InvalidParameter, match=r"'klr_image' \(parameter 'column' .*\) has no values .*--metrics klr"):
-        run_query(tmp_path / "idx", "top_by_score", column="klr_image")  # was: 0 rows, silently
+        run_query(tmp_path / "idx", "top_by_score", column="klr_image")  # not 0 rows, silently
     assert select(tmp_path / "idx", by="kl_text", top_fraction=0.5).kept == 150
 
 
@@ -332,7 +332,8 @@ def test_auto_picks_the_exact_softmax_for_a_small_pool(tmp_path):
 
 
 def test_a_second_score_with_the_same_options_refuses_while_the_first_runs(index, monkeypatch):
-    """Both used one chunk folder; the first to finish deleted it under the other (a traceback)."""
+    """Both would use one chunk folder, and the first to finish would delete it under the other (a
+    traceback)."""
     from clip_density_index.indexer.errors import IndexBusy
 
     params = dict(k=16, tail_sample=64, batch_size=300, metrics=["kl"])

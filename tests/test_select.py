@@ -12,7 +12,7 @@ from clip_density_index import cli
 from clip_density_index import queries
 from clip_density_index.indexer.errors import BadInput, InvalidParameter
 from clip_density_index.queries.selection import datacomp_subset, kept_count, select
-from test_sql import N, arrays_index, fingerprint  # noqa: F401  (arrays_index is a fixture)
+from arrays_pool import N, fingerprint
 
 
 def expected_uids(cols, uids, by, fraction, mask=None, lowest=False):
@@ -70,7 +70,7 @@ def test_where_applies_first(arrays_index, tmp_path):
 def test_lowest_and_nulls_and_parquet(arrays_index, tmp_path):
     idx, _, _, _, uids, cols = arrays_index
     partial = np.arange(N, dtype=float)
-    partial[np.arange(N) % 5 == 0] = np.nan  # as written by test_sql.write_scores (NULL)
+    partial[np.arange(N) % 5 == 0] = np.nan  # as written by arrays_pool.write_scores (NULL)
     out = tmp_path / "p.parquet"
     sel = select(idx, "partial_score", 0.1, lowest=True, out=out)
     want = expected_uids({"partial_score": partial}, uids, "partial_score", 0.1, lowest=True)

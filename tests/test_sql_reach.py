@@ -1,4 +1,4 @@
-"""What user SQL can reach (issue 15, item 8): the catalog's tables, and no file outside the index.
+"""What user SQL can reach: the catalog's tables, and no file outside the index.
 
 ``sql``, ``query`` and ``select --where`` run on read-only catalog connections opened with DuckDB's
 ``enable_external_access`` off and the configuration locked (``indexer.store.READ_ONLY_CONFIG``).
@@ -21,7 +21,7 @@ from clip_density_index.indexer.pool import open_index
 from clip_density_index.queries import sqlrun
 from clip_density_index.queries.selection import select
 from clip_density_index.queries.sqlrun import QueryError, parse_named_query, read_only_store, run_query, run_sql
-from test_sql import arrays_index, fingerprint  # noqa: F401  (arrays_index is a fixture)
+from arrays_pool import fingerprint
 
 TOKEN = "zq-secret-token-5d1e"
 
@@ -168,7 +168,8 @@ def test_an_out_file_never_replaces_a_file_of_an_index(arrays_index, tmp_path, c
 
 
 def test_temporaries_of_killed_out_writes_are_removed_and_live_ones_kept(arrays_index, tmp_path):
-    """A killed ``--out`` write left its hidden ``.NAME.tmp-PID`` file behind for good."""
+    """A killed ``--out`` write's hidden ``.NAME.tmp-PID`` file does not stay behind for good; a live
+    writer's is kept."""
     import subprocess
     import sys
 

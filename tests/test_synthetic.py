@@ -332,7 +332,7 @@ def test_invalid_ranges_are_rejected(world):
 
 
 # ---------------------------------------------------------------------------------------------
-# Heavy-tailed worlds (issue 14, item 7): each is CLIP-like and heavy-tailed in its own way.
+# Heavy-tailed worlds: each is CLIP-like and heavy-tailed in its own way.
 # ---------------------------------------------------------------------------------------------
 HEAVY_WORLDS = ("mixture", "duplicates", "templates", "hubs", "heavy")
 NH = 3000  # samples per world in these tests

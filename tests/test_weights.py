@@ -15,7 +15,7 @@ from clip_density_index.indexer.errors import BadInput, InvalidParameter
 from clip_density_index.indexer.sources import ArraySource
 from clip_density_index.queries.sqlrun import run_query, run_sql
 from clip_density_index.queries.weighting import compute_weights, encode_prompt, gumbel_top_k, sample, weights
-from test_sql import N, arrays_index, fingerprint, unit  # noqa: F401  (arrays_index is a fixture)
+from arrays_pool import N, fingerprint, unit
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,8 @@ def test_top_with_ivf_probes_a_quarter_of_the_lists_or_all_with_exact(tmp_path, 
 
 
 def test_top_exact_is_exact_on_lossy_codes(tmp_path):
-    """--exact probed every list, but PQ codes lost true neighbours before the exact rescoring."""
+    """--exact is exact on PQ codes too: probing every list is not enough when the codes' approximate
+    scores drop true neighbours before the exact rescoring."""
     image, text = clustered_pairs(3000, 16, seed=8)
     out = tmp_path / "pq"
     build_index(ArraySource(image, text), out, index_key="IVF8,PQ2")

@@ -6,7 +6,7 @@ the builder draws them; then ``loglik`` (SPEC 6, whitening the raw vectors) and 
 modality's own covariance (SPEC 4's quadratic form) for 100,000 random samples, compared with the
 exact-covariance values (Spearman, Pearson) and the relative Frobenius error of the covariance.
 
-    python -m bench.cov_sample 1000000        # ~3 minutes and ~8 GB on 2 cores
+    python -m research.cov_sample 1000000        # ~3 minutes and ~8 GB on 2 cores
 """
 
 from __future__ import annotations

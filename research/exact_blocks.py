@@ -4,8 +4,8 @@ The same random queries per side of the calibrated synthetic world against all n
 block size in turn, ``--rounds`` times, with the largest difference from the first block size's
 results (they should agree to ~1e-13). One JSON line per (round, block size).
 
-    python -m bench.exact_blocks --n 1000000 --blocks 1024x16384,512x4096 --rounds 2
-    python -m bench.exact_blocks --profile     # milliseconds of each step of one score block
+    python -m research.exact_blocks --n 1000000 --blocks 1024x16384,512x4096 --rounds 2
+    python -m research.exact_blocks --profile     # milliseconds of each step of one score block
 """
 
 from __future__ import annotations
