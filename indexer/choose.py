@@ -26,6 +26,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from clip_density_index.indexer import defaults
 from clip_density_index.indexer.errors import BudgetTooSmall, InvalidParameter
 
 #: Pools up to this size get exact (``Flat``) search when it fits the budget.
@@ -35,7 +36,7 @@ MIN_POINTS_PER_CENTROID = 39
 #: The dot-product budget of the default KL estimate, as a fraction of the exact method's n per query.
 SCORE_BUDGET = 0.05
 #: The scorer's default tail sample m (``queries.scoring.DEFAULT_TAIL`` is this value).
-SCORE_TAIL = 2048
+SCORE_TAIL = defaults.TAIL_SAMPLE
 #: At most this many vectors scanned per query by the default nprobe (the 1M wall-time target:
 #: 2000 gives nprobe 8 at 1M, whose whole ``score`` took 396 s with a 1000-sample check, BENCHMARKS.md).
 MAX_SCAN = 2000

@@ -36,7 +36,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from clip_density_index.indexer import lock
+from clip_density_index.indexer import defaults, lock
 from clip_density_index.indexer.errors import BadInput, DiskFull, InvalidParameter
 from clip_density_index.indexer.pool import as_pool
 from clip_density_index.indexer.validate import check_seed
@@ -45,7 +45,7 @@ from clip_density_index.queries.sqlrun import _arrow, _first_line, check_out, fo
 log = logging.getLogger(__name__)
 
 #: a', the paper's lowered logit scale for importance weights.
-DEFAULT_LOGIT_SCALE = 10.0
+DEFAULT_LOGIT_SCALE = defaults.PROMPT_LOGIT_SCALE
 #: Rows of embeddings converted to float64 at a time.
 DEFAULT_CHUNK = 65536
 #: Seconds ``weights`` waits for another process to let go of the catalog before it writes.
