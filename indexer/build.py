@@ -102,17 +102,15 @@ def _check_replaceable(out: Path) -> None:
     if not out.is_dir():
         raise BadInput(f"Output {str(out)!r} exists and is not a directory; refusing to replace it")
     if any(out.iterdir()) and not IndexPaths(out).catalog.is_file():
-        raise BadInput(
-            f"Output {str(out)!r} exists, is not empty and is not an index; refusing to replace it "
-            "(choose another --out)"
-        )
+        raise BadInput.naming(
+            "Output {path!r} exists, is not empty and is not an index; refusing to replace it (choose another {out})",
+            path=str(out))
     foreign = sorted(p.name for p in out.iterdir() if not _INDEX_FILES.match(p.name))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise BadInput(
-            f"Output {str(out)!r} is an index that also holds files a build did not write ({shown}); "
-            "a rebuild replaces the whole directory, so move them out first (or choose another --out)"
-        )
+        raise BadInput.naming(
+            "Output {path!r} is an index that also holds files a build did not write ({shown}); a rebuild "
+            "replaces the whole directory, so move them out first (or choose another {out})", path=str(out), shown=shown)
     with lock.replacing(out):  # fail now, not after the build, when a score is running in it
         pass
 

@@ -273,11 +273,11 @@ def choose_index_key(n: int, dim: int, budget_bytes: int) -> str:
             return key
     smallest = min(keys, key=lambda k: estimate_bytes(k, n, dim))
     need = estimate_bytes(smallest, n, dim)
-    raise BudgetTooSmall(
-        f"No FAISS index for n={n:,} vectors of dim={dim} fits the memory budget of "
-        f"{budget_bytes:,} bytes ({_human(budget_bytes)}): the smallest, {smallest!r}, needs about "
-        f"{need:,} bytes ({_human(need)}). Raise --max-memory or pass --index-key."
-    )
+    raise BudgetTooSmall.naming(
+        "No FAISS index for n={n:,} vectors of dim={dim} fits the memory budget of {budget:,} bytes ({budget_h}): "
+        "the smallest, {smallest!r}, needs about {need:,} bytes ({need_h}). Raise {max_memory} or pass {index_key}.",
+        n=n, dim=dim, budget=budget_bytes, budget_h=_human(budget_bytes), smallest=smallest, need=need,
+        need_h=_human(need))
 
 
 def default_nprobe(key: str, n: int) -> int:

@@ -183,7 +183,7 @@ def select_keep(
     """
     parsed = [k if isinstance(k, Keep) else parse_keep(k) for k in keeps]
     if not parsed:
-        raise InvalidParameter("Give at least one --keep COLUMN:FRACTION")
+        raise InvalidParameter.naming("{keeps} is empty: give at least one Keep or 'COLUMN:FRACTION'")
     for k in parsed:
         check_fraction(k.fraction)
     if mode not in KEEP_MODES:

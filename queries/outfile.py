@@ -33,7 +33,7 @@ def check_out(path: str | Path, force: bool) -> Path:
         raise InvalidParameter(f"Output {str(path)!r} is a file of the index at {str(index_dir)!r}; "
                                "write the output elsewhere")
     if path.exists() and not force:
-        raise InvalidParameter(f"Output {str(path)!r} already exists; pass --force to overwrite it")
+        raise InvalidParameter.naming("Output {path!r} already exists; pass {force} to overwrite it", path=str(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
