@@ -235,7 +235,7 @@ def _resolve(pool: PoolIndex, *, estimator, k, tail_sample, side, logit_scale, l
     if precision is None:
         from clip_density_index.indexer.device import resolve_device
 
-        precision = "float16" if resolve_device(device).startswith("cuda") else "float32"
+        precision = "float16" if resolve_device(device).type == "cuda" else "float32"
     if precision not in PRECISIONS:
         raise InvalidParameter(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     approx = kl and estimator != "exact"

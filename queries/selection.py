@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.indexer.validate import UID_PATTERN
 from clip_density_index.queries.sqlrun import (
     OUTSIDE_HINT,
     OUTSIDE_REFUSED,
@@ -49,7 +50,7 @@ from clip_density_index.indexer.store import load_sql
 
 #: Output suffixes ``select`` writes.
 SUBSET_SUFFIXES = (".npy", ".parquet", ".txt")
-_UID = re.compile(r"^[0-9a-f]{32}$")
+_UID = re.compile(UID_PATTERN)
 
 
 @dataclass
