@@ -263,11 +263,11 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, log_logit_sca
 
     \b
     Examples:
-      python cli.py build-index                         # 100k-sample synthetic world -> ./index
-      python cli.py build-index --n 20000 --out small
-      python cli.py build-index --source datacomp --input metadata/ --arch l14 --out dc
-      python cli.py build-index --source clip-retrieval --input embeddings/ --out cr
-      python cli.py build-index --source open_clip --input images/ --captions caps.csv \\
+      clip-density-index build-index                    # 100k-sample synthetic world -> ./index
+      clip-density-index build-index --n 20000 --out small
+      clip-density-index build-index --source datacomp --input metadata/ --arch l14 --out dc
+      clip-density-index build-index --source clip-retrieval --input embeddings/ --out cr
+      clip-density-index build-index --source open_clip --input images/ --captions caps.csv \\
           --model ViT-B-32 --pretrained laion2b_s34b_b79k --out mine
     """
     from clip_density_index.indexer.build import build_index
@@ -313,8 +313,8 @@ def info_cmd(index_dir, as_json, verify):
 
     \b
     Example:
-      python cli.py info index
-      python cli.py info index --verify
+      clip-density-index info index
+      clip-density-index info index --verify
     """
     from clip_density_index.indexer.info import index_info, verify_index
 
@@ -416,11 +416,11 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fr
 
     \b
     Examples:
-      python cli.py score index                        # auto: exact, both sides in one pass
-      python cli.py score index --estimator strata     # the fast approximation, self-checked
-      python cli.py score index --estimator mimps      # SPEC 3.1, with its measured accuracy
-      python cli.py score index --estimator paper      # the paper's 0.2% sample, for comparison
-      python cli.py score index --side text --metrics kl,klr
+      clip-density-index score index                     # auto: exact, both sides in one pass
+      clip-density-index score index --estimator strata  # the fast approximation, self-checked
+      clip-density-index score index --estimator mimps   # SPEC 3.1, with its measured accuracy
+      clip-density-index score index --estimator paper   # the paper's 0.2% sample, for comparison
+      clip-density-index score index --side text --metrics kl,klr
     """
     _note_synthetic(index_dir)
     logit_scale = _logit_scale(logit_scale, log_logit_scale)
@@ -550,10 +550,10 @@ def sql_cmd(index_dir, query, fmt, out, force, width):
 
     \b
     Examples:
-      python cli.py sql index "SELECT count(*) FROM samples"
-      python cli.py sql index "SELECT caption, kl_text FROM scores JOIN samples USING (vec_id, uid)
+      clip-density-index sql index "SELECT count(*) FROM samples"
+      clip-density-index sql index "SELECT caption, kl_text FROM scores JOIN samples USING (vec_id, uid)
           ORDER BY kl_text DESC LIMIT 5"
-      python cli.py sql index "FROM scores" --out scores.parquet
+      clip-density-index sql index "FROM scores" --out scores.parquet
     """
     _note_synthetic(index_dir)
     from clip_density_index.queries.sqlrun import format_for, run_sql
@@ -580,11 +580,11 @@ def query_cmd(index_dir, name, list_, params, fmt, out, force, width):
 
     \b
     Examples:
-      python cli.py query --list
-      python cli.py query index top_by_score --param column=klr_text --param limit=10
-      python cli.py query index score_deciles --param column=kl_text
-      python cli.py query index score_correlations
-      python cli.py query index ngram_coverage --param column=kl_text --param top=2500
+      clip-density-index query --list
+      clip-density-index query index top_by_score --param column=klr_text --param limit=10
+      clip-density-index query index score_deciles --param column=kl_text
+      clip-density-index query index score_correlations
+      clip-density-index query index ngram_coverage --param column=kl_text --param top=2500
     """
     if index_dir is not None:
         _note_synthetic(index_dir)
@@ -719,11 +719,11 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model,
 
     \b
     Examples:
-      python cli.py weights index --prompt "a photo of food"
-      python cli.py weights index --prompt "a photo of food" --logit-scale 20 --out food.parquet
-      python cli.py weights dc --prompt "a photo of food"      # DataComp index: its ViT-L-14 / ViT-B-32
-      python cli.py weights dc --prompt "a photo of food" --pretrained /models/vit-l-14-openai.pt
-      python cli.py weights dc --prompt-embedding food.npy --prompt "a photo of food"
+      clip-density-index weights index --prompt "a photo of food"
+      clip-density-index weights index --prompt "a photo of food" --logit-scale 20 --out food.parquet
+      clip-density-index weights dc --prompt "a photo of food"  # DataComp index: its ViT-L-14 / ViT-B-32
+      clip-density-index weights dc --prompt "a photo of food" --pretrained /models/vit-l-14-openai.pt
+      clip-density-index weights dc --prompt-embedding food.npy --prompt "a photo of food"
     """
     _note_synthetic(index_dir)
     from clip_density_index.queries.weighting import weights
@@ -763,9 +763,9 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, 
 
     \b
     Examples:
-      python cli.py sample index --prompt "a photo of food" -n 20
-      python cli.py sample index --prompt "a photo of food" -n 1000 --seed 1 --out food_draw.parquet
-      python cli.py sample index --prompt "a photo of food" -n 20 --mode top
+      clip-density-index sample index --prompt "a photo of food" -n 20
+      clip-density-index sample index --prompt "a photo of food" -n 1000 --seed 1 --out food_draw.parquet
+      clip-density-index sample index --prompt "a photo of food" -n 20 --mode top
     """
     _note_synthetic(index_dir)
     from clip_density_index.queries.sqlrun import render_table
@@ -834,8 +834,8 @@ def serve_cmd(index_dir, host, port):
 
     \b
     Examples:
-      python cli.py serve index                  # then open http://127.0.0.1:8000/
-      python cli.py serve dc-index --port 8080
+      clip-density-index serve index             # then open http://127.0.0.1:8000/
+      clip-density-index serve dc-index --port 8080
     """
     _note_synthetic(index_dir)
     from clip_density_index.explorer.app import serve
@@ -856,7 +856,7 @@ def report_cmd(index_dir, out, force):
 
     \b
     Example:
-      python cli.py report index --out report.html
+      clip-density-index report index --out report.html
     """
     _note_synthetic(index_dir)
     from clip_density_index.explorer.report import write_report
