@@ -13,41 +13,57 @@ from pathlib import Path
 
 import click
 
-from clip_density_index.indexer.errors import ClipIndexError
+from clip_density_index.indexer import defaults
+from clip_density_index.indexer.errors import ClipIndexError, ParameterClash
+from clip_density_index.indexer.sources import ALIASES, OPTION_DEFAULTS, RANDOM_WEIGHTS, SOURCES, check_options
 from clip_density_index.indexer.synthetic import GEOMETRIES
 
-SOURCES = ("synthetic", "open_clip", "datacomp", "clip-retrieval")
 #: Seeds are what numpy's generators and DuckDB's BIGINT columns take.
 SEED = click.IntRange(min=0, max=2**63 - 1)
+#: build-index options that only some sources read (``indexer.sources.SOURCES`` says which).
+SOURCE_OPTIONS = (*OPTION_DEFAULTS, *ALIASES)
 
-#: build-index options that only some sources read (parameter name -> those sources). Giving one to
-#: another source is a usage error, not silently ignored.
-SOURCE_OPTIONS = {
-    "arch": ("datacomp",),
-    "logit_scale": ("datacomp", "clip-retrieval"),
-    "log_logit_scale": ("datacomp", "clip-retrieval"),
-    "model": ("open_clip",),
-    "pretrained": ("open_clip",),
-    "captions": ("open_clip",),
-    "image_column": ("open_clip",),
-    "caption_column": ("open_clip", "clip-retrieval"),
-    "uid_column": ("open_clip", "clip-retrieval"),
-    "skip_bad": ("open_clip",),
-    "device": ("open_clip",),
-    "workers": ("open_clip",),
-    "dim": ("synthetic",),
-    "geometry": ("synthetic",),
-}
+#: Library parameters whose option has another name; every other parameter is set by the option of
+#: its own name (``top_fraction`` by ``--top-fraction``).
+RENAMED = {"index_key": "index_factory"}
 
 
-class Cli(click.Group):
-    """Turns the library's domain errors into one clear line on stderr and exit code 1."""
+def flag(ctx: click.Context | None, param: str) -> str:
+    """How the command of ``ctx`` spells the library parameter ``param``: its option's long flag
+    (``--top-fraction``, ``--input`` for ``input_path``), or the argument's name (``INDEX_DIR``)."""
+    name = RENAMED.get(param, param)
+    for p in ctx.command.params if ctx is not None else ():
+        if p.name == name:
+            if isinstance(p, click.Argument):
+                return p.human_readable_name
+            return next((o for o in p.opts if o.startswith("--")), p.opts[0])
+    return "--" + name.replace("_", "-")
+
+
+class Command(click.Command):
+    """A command whose library errors are one line in its own terms (each parameter named by its
+    flag): a clash of parameters is a usage error (exit code 2), any other ``ClipIndexError`` exit 1."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except ParameterClash as e:
+            raise click.UsageError(e.spelled(lambda p: flag(ctx, p)), ctx) from None
         except ClipIndexError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(e.spelled(lambda p: flag(ctx, p))) from None
+
+
+class Cli(click.Group):
+    """The command group: library errors as one line (see ``Command``), a last net for low-level
+    errors, Ctrl-C as exit code 130."""
+
+    command_class = Command
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ClipIndexError as e:  # raised outside a command's body (while its options are read)
+            raise click.ClickException(e.spelled(lambda p: flag(None, p))) from None
         except click.exceptions.ClickException:
             raise
         except Exception as e:  # a last net under the library's own checks: a full disk, a damaged catalog
@@ -168,7 +184,7 @@ def _plain(value) -> str:
 
 
 index_dir_argument = click.argument(
-    "index_dir", type=click.Path(file_okay=False, path_type=Path), default="index", required=False
+    "index_dir", type=click.Path(file_okay=False, path_type=Path), default=defaults.INDEX_DIR, required=False
 )
 
 
@@ -198,54 +214,58 @@ def _terminate(signum, frame) -> None:
 
 
 @cli.command("build-index")
-@click.option("--source", type=click.Choice(SOURCES), default="synthetic", show_default=True,
+@click.option("--source", type=click.Choice(list(SOURCES)), default=defaults.SOURCE, show_default=True,
               help="Where the pool comes from. 'synthetic' is the built-in synthetic CLIP-like world.")
 @click.option("--input", "input_path", type=InputType(),
-              help="Input: DataComp metadata dir, clip-retrieval embeddings dir (either as a path or a URI "
-                   "such as s3://bucket/metadata), or (open_clip) a local image folder / .tar shard(s).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("index"),
+              help="Input of --source " + "; ".join(f"{k.name}: {k.input}" for k in SOURCES.values() if k.input)
+                   + ". Precomputed embeddings may be a URI (s3://bucket/metadata, memory://...).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(defaults.INDEX_DIR),
               show_default=True, help="Index directory to write (replaced only when the build succeeds).")
 @click.option("--n", "n", type=click.IntRange(min=2), default=None,
-              help="Pool size for --source synthetic (default 100000); for other sources, keep only "
-                   "the first N samples.")
-@click.option("--arch", type=click.Choice(["b32", "l14"]), default="b32", show_default=True,
+              help=f"Pool size for --source synthetic (default {defaults.SYNTHETIC_N}); for other sources, keep "
+                   "only the first N samples.")
+@click.option("--arch", type=click.Choice(["b32", "l14"]), default=defaults.DATACOMP_ARCH, show_default=True,
               help="DataComp embedding arrays to use (b32_* or l14_*).")
 @click.option("--logit-scale", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Logit scale a for precomputed embeddings (default 100; open_clip reads the model's). "
-                   "a itself, not its log: a value <= 7 is taken as a, with a warning.")
+              help=f"Logit scale a for precomputed embeddings (default {defaults.LOGIT_SCALE:g}; open_clip reads "
+                   "the model's). a itself, not its log: a value <= 7 is taken as a, with a warning.")
 @click.option("--log-logit-scale", type=float, default=None,
               help="The logit scale in log form (as the paper's DataComp code takes it: 4.6052 = log 100).")
-@click.option("--model", default="ViT-B-32", show_default=True, help="open_clip model name.")
+@click.option("--model", default=defaults.OPEN_CLIP_MODEL, show_default=True, help="open_clip model name.")
 @click.option("--pretrained", default=None,
               help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint path; required "
-                   "with --source open_clip ('random': untrained weights, for tests only).")
+                   f"with --source open_clip ('{RANDOM_WEIGHTS}': untrained weights, for tests only).")
 @click.option("--captions", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="open_clip: captions file (CSV, TSV, JSONL or parquet) for an image folder.")
-@click.option("--image-column", default="image", show_default=True, help="Captions file: image path column.")
-@click.option("--caption-column", default="caption", show_default=True, help="Caption column name.")
+@click.option("--image-column", default=defaults.IMAGE_COLUMN, show_default=True,
+              help="Captions file: image path column.")
+@click.option("--caption-column", default=defaults.CAPTION_COLUMN, show_default=True, help="Caption column name.")
 @click.option("--uid-column", default=None, help="Column holding 32-hex uids (default: derived).")
 @click.option("--skip-bad", is_flag=True, help="open_clip: skip unreadable images, count and list them.")
-@click.option("--device", default="auto", show_default=True, help="open_clip: torch device.")
+@click.option("--device", default=defaults.DEVICE, show_default=True, help="open_clip: torch device.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="open_clip: DataLoader workers.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed (synthetic world, FAISS training).")
-@click.option("--dim", type=click.IntRange(min=2), default=512, show_default=True,
+@click.option("--seed", type=SEED, default=defaults.SEED, show_default=True,
+              help="Seed (synthetic world, FAISS training).")
+@click.option("--dim", type=click.IntRange(min=2), default=defaults.SYNTHETIC_DIM, show_default=True,
               help="Embedding dimension of the synthetic world.")
-@click.option("--geometry", type=click.Choice(GEOMETRIES), default="calibrated",
+@click.option("--geometry", type=click.Choice(GEOMETRIES), default=defaults.SYNTHETIC_GEOMETRY,
               show_default=True, help="Synthetic world geometry: calibrated (CLIP ViT-B/32-like), flat, "
               "clustered, or a heavy-tailed world on the calibrated geometry: mixture (per-sample noise "
               "levels), duplicates (near-duplicate images), templates (generic captions), hubs, heavy (all four).")
 @click.option("--index-factory", default=None,
               help="FAISS factory string (e.g. Flat, IVF1024,Flat, IVF4096,PQ64); overrides the choice.")
-@click.option("--max-memory", type=MemoryType(), default="8G", show_default=True,
+@click.option("--max-memory", type=MemoryType(), default=defaults.MAX_MEMORY, show_default=True,
               help="Memory budget for one modality's FAISS index; picks the index type.")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="Default IVF probes stored with the index.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16"]), default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16"]), default=defaults.DTYPE,
+              show_default=True,
               help="Storage type of the normalised embeddings kept for exact rescoring "
                    "(auto: the input's own, float16 for half-precision DataComp / clip-retrieval files).")
 @click.option("--cov-sample", type=click.IntRange(min=0), default=None,
               help="Rows the covariances (D_W, whitening) are computed from on large pools "
-                   "(a seeded uniform subset; default 131072; 0 = every row). Means and sums are always exact.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=65536, show_default=True,
+                   f"(a seeded uniform subset; default {defaults.COV_SAMPLE}; 0 = every row). Means and sums are "
+                   "always exact.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=defaults.BUILD_BATCH, show_default=True,
               help="Rows per batch read from the source.")
 @click.option("--gpu/--no-gpu", default=None, help="Use GPU FAISS (default: when a GPU is present).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -257,45 +277,32 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, log_logit_sca
 
     \b
     Examples:
-      python cli.py build-index                         # 100k-sample synthetic world -> ./index
-      python cli.py build-index --n 20000 --out small
-      python cli.py build-index --source datacomp --input metadata/ --arch l14 --out dc
-      python cli.py build-index --source clip-retrieval --input embeddings/ --out cr
-      python cli.py build-index --source open_clip --input images/ --captions caps.csv \\
+      clip-density-index build-index                    # 100k-sample synthetic world -> ./index
+      clip-density-index build-index --n 20000 --out small
+      clip-density-index build-index --source datacomp --input metadata/ --arch l14 --out dc
+      clip-density-index build-index --source clip-retrieval --input embeddings/ --out cr
+      clip-density-index build-index --source open_clip --input images/ --captions caps.csv \\
           --model ViT-B-32 --pretrained laion2b_s34b_b79k --out mine
     """
     from clip_density_index.indexer.build import build_index
     from clip_density_index.indexer.sources import make_source
 
     ctx = click.get_current_context()
-    for name, sources in SOURCE_OPTIONS.items():
-        given = ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
-        if given and source not in sources:
-            flag = "--" + name.replace("_", "-")
-            raise click.UsageError(f"{flag} applies only to --source {' / '.join(sources)}, not {source}")
+    given = [p.name for p in ctx.command.params if p.name in SOURCE_OPTIONS
+             and ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+    kind = check_options(source, given)  # an option the source does not read is refused, not ignored
     logit_scale = _logit_scale(logit_scale, log_logit_scale)
-    if source == "open_clip" and pretrained is None:
-        raise click.UsageError("--pretrained is required with --source open_clip: a tag such as "
-                               "laion2b_s34b_b79k or a checkpoint file ('random' for untrained weights)")
-    if pretrained == "random":
-        pretrained = None
+    options = {name: ctx.params[name] for name in given if name in OPTION_DEFAULTS}
+    if logit_scale is not None:
+        options["logit_scale"] = logit_scale
     progress = _progress(quiet)
-    if source != "synthetic" and input_path is None:
-        raise click.UsageError(f"--input is required with --source {source}")
-    if source == "synthetic" and input_path is not None:
-        raise click.UsageError("--input cannot be used with --source synthetic")
-    src = make_source(
-        source, input_path, n=n, arch=arch, logit_scale=logit_scale, model=model, pretrained=pretrained,
-        captions=captions, image_column=image_column, caption_column=caption_column, uid_column=uid_column,
-        skip_bad=skip_bad, device=device, workers=workers, seed=seed, dim=dim, geometry=geometry,
-        progress=progress,
-    )
-    if n is not None and source != "synthetic" and src.info.n < n:
+    src = make_source(source, input_path, n=n, seed=seed, progress=progress, **options)
+    if n is not None and not kind.generated and src.info.n < n:
         click.echo(f"Note: --n {n:,} but {input_path} holds {src.info.n:,} samples; building all of them", err=True)
     extra = {} if cov_sample is None else {"cov_sample": cov_sample}
     report = build_index(
         src, out, index_key=index_factory, max_memory=max_memory, nprobe=nprobe, dtype=dtype, **extra,
-        batch_size=batch_size, use_gpu=gpu, limit=n if source != "synthetic" else None, seed=seed,
+        batch_size=batch_size, use_gpu=gpu, limit=None if kind.generated else n, seed=seed,
         progress=progress,
     )
     label = " (SYNTHETIC data: the built-in synthetic CLIP-like world)" if report.synthetic else ""
@@ -320,8 +327,8 @@ def info_cmd(index_dir, as_json, verify):
 
     \b
     Example:
-      python cli.py info index
-      python cli.py info index --verify
+      clip-density-index info index
+      clip-density-index info index --verify
     """
     from clip_density_index.indexer.info import index_info, verify_index
 
@@ -361,26 +368,29 @@ def info_cmd(index_dir, as_json, verify):
 
 @cli.command("score")
 @index_dir_argument
-@click.option("--estimator", type=click.Choice(["auto", "exact", "strata", "mimps", "paper"]), default="auto",
-              show_default=True,
+@click.option("--estimator", type=click.Choice(["auto", "exact", "strata", "mimps", "paper"]),
+              default=defaults.ESTIMATOR, show_default=True,
               help="KL estimator. exact: the full softmax over the whole pool, both sides from one pass; "
                    "strata: each query's likely lists of candidates scanned exactly, the rest by a model "
                    "calibrated on exact rows; mimps: FAISS top-k + a shared uniform tail sample; paper: the "
                    "paper's softmax over a uniform sample of --paper-sample of the pool; auto: exact or "
-                   "strata, whichever timed sample blocks predict faster (exact under 20,000 samples); "
+                   f"strata, whichever timed sample blocks predict faster (exact under {defaults.AUTO_EXACT_BELOW:,} "
+                   "samples); "
                    "mimps when --k / --tail-sample / --nprobe are given.")
 @click.option("--exact", is_flag=True, help="The same as --estimator exact.")
 @click.option("--k", "k", type=click.IntRange(min=1), default=None,
-              help="mimps: top-k candidates per query from FAISS (default 256).")
+              help=f"mimps: top-k candidates per query from FAISS (default {defaults.K}).")
 @click.option("--tail-sample", "tail_sample", type=click.IntRange(min=0), default=None,
-              help="mimps: m, the uniform tail sample size (default 2048; 0 = top-k only, biased).")
+              help=f"mimps: m, the uniform tail sample size (default {defaults.TAIL_SAMPLE}; 0 = top-k only, biased).")
 @click.option("--strata-target", type=click.FloatRange(min=0, min_open=True, max=1), default=None,
-              help="strata: modelled share of each query's softmax mass scanned exactly (default 0.995).")
+              help=f"strata: modelled share of each query's softmax mass scanned exactly (default "
+                   f"{defaults.STRATA_TARGET:g}).")
 @click.option("--max-fraction", type=click.FloatRange(min=0, min_open=True, max=1), default=None,
-              help="strata: the most of the pool one query scans (default 0.5).")
+              help=f"strata: the most of the pool one query scans (default {defaults.MAX_FRACTION:g}).")
 @click.option("--paper-sample", type=click.FloatRange(min=0, min_open=True, max=1), default=None,
-              help="paper: the sample, as a fraction of the pool, drawn with replacement (default 0.002).")
-@click.option("--side", type=click.Choice(["both", "text", "image"]), default="both", show_default=True,
+              help=f"paper: the sample, as a fraction of the pool, drawn with replacement (default "
+                   f"{defaults.PAPER_SAMPLE:g}).")
+@click.option("--side", type=click.Choice(["both", "text", "image"]), default=defaults.SIDE, show_default=True,
               help="text: each caption against all images; image: each image against all captions.")
 @click.option("--logit-scale", type=float, default=None,
               help="a (default: the index's, from its manifest); a itself, ~100 for CLIP (a value <= 7 warns).")
@@ -390,21 +400,23 @@ def info_cmd(index_dir, as_json, verify):
 @click.option("--metrics", default=None,
               help="Comma-separated subset of kl,klr,dc,dw,rawnorm,conformity,conformity_est,loglik,clipscore "
                    "(default all).")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the samples (tail, paper, check rows).")
+@click.option("--seed", type=SEED, default=defaults.SEED, show_default=True,
+              help="Seed of the samples (tail, paper, check rows).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Queries per resumable chunk (default 65536).")
+              help=f"Queries per resumable chunk (default {defaults.SCORE_BATCH}).")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="mimps: IVF lists to visit (default: the index's).")
 @click.option("--check", type=click.IntRange(min=2), default=None,
               help="Held-out rows per side whose exact KL the run compares with its own (Spearman, top-25% "
-                   "overlap, MAE, with 95% intervals). Approximate runs always check (default 4000, a "
+                   f"overlap, MAE, with 95% intervals). Approximate runs always check (default {defaults.CHECK}, a "
                    "quarter of a small pool); exact runs only when asked.")
-@click.option("--target-spearman", type=click.FloatRange(0, 1), default=0.999, show_default=True,
+@click.option("--target-spearman", type=click.FloatRange(0, 1), default=defaults.TARGET_SPEARMAN,
+              show_default=True,
               help="Accuracy an approximate run's check must show; the run says whether it did.")
-@click.option("--target-overlap", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+@click.option("--target-overlap", type=click.FloatRange(0, 1), default=defaults.TARGET_OVERLAP, show_default=True,
               help="Top-25% overlap an approximate run's check must show.")
 @click.option("--precision", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
               help="Score precision of the exact work (default float32 on CPUs, float16 on CUDA GPUs).")
-@click.option("--device", default="auto", show_default=True, help="torch device for the dense parts.")
+@click.option("--device", default=defaults.DEVICE, show_default=True, help="torch device for the dense parts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fraction, paper_sample, side, logit_scale, log_logit_scale,
@@ -418,11 +430,11 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fr
 
     \b
     Examples:
-      python cli.py score index                        # auto: exact, both sides in one pass
-      python cli.py score index --estimator strata     # the fast approximation, self-checked
-      python cli.py score index --estimator mimps      # SPEC 3.1, with its measured accuracy
-      python cli.py score index --estimator paper      # the paper's 0.2% sample, for comparison
-      python cli.py score index --side text --metrics kl,klr
+      clip-density-index score index                     # auto: exact, both sides in one pass
+      clip-density-index score index --estimator strata  # the fast approximation, self-checked
+      clip-density-index score index --estimator mimps   # SPEC 3.1, with its measured accuracy
+      clip-density-index score index --estimator paper   # the paper's 0.2% sample, for comparison
+      clip-density-index score index --side text --metrics kl,klr
     """
     _note_synthetic(index_dir)
     logit_scale = _logit_scale(logit_scale, log_logit_scale)
@@ -439,9 +451,7 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fr
             verb = "applies" if len(given) == 1 else "apply"
             raise click.UsageError(f"{' / '.join(given)} only {verb} to --estimator {only}, not to {chosen}")
     if paper_sample is None:
-        from clip_density_index.queries.scoring import PAPER_SAMPLE
-
-        paper_sample = PAPER_SAMPLE
+        paper_sample = defaults.PAPER_SAMPLE
     metric_list = None if metrics is None else [m.strip() for m in metrics.split(",") if m.strip()]
     report = score(index_dir, estimator=chosen, k=k, tail_sample=tail_sample, side=side,
                    logit_scale=logit_scale, logit_bias=logit_bias, metrics=metric_list, seed=seed,
@@ -493,7 +503,7 @@ format_option = click.option(
 out_option = click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
                           help="Write the result to this file instead of stdout (parent folders are created).")
 force_option = click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
-width_option = click.option("--width", type=click.IntRange(min=0), default=60, show_default=True,
+width_option = click.option("--width", type=click.IntRange(min=0), default=defaults.WIDTH, show_default=True,
                             help="Table format: truncate cells to this many characters (0: never).")
 prompt_options = [
     click.option("--prompt", default=None,
@@ -502,9 +512,10 @@ prompt_options = [
     click.option("--prompt-embedding", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="A .npy text embedding of the prompt, shape (d,) or (1, d), from the index's "
                       "model (see encode-text); for when the model's weights cannot be loaded here."),
-    click.option("--logit-scale", type=float, default=10.0, show_default=True,
+    click.option("--logit-scale", type=float, default=defaults.PROMPT_LOGIT_SCALE, show_default=True,
                  help="a' in w(x) = exp(a' cos(image x, prompt)); the paper lowered it from ~100 to 10."),
-    click.option("--device", default="auto", show_default=True, help="open_clip: torch device for the prompt."),
+    click.option("--device", default=defaults.DEVICE, show_default=True,
+                 help="open_clip: torch device for the prompt."),
     click.option("--model", default=None,
                  help="open_clip model for --prompt (default: the one the index's manifest records, e.g. "
                       "ViT-L-14 for a DataComp --arch l14 index)."),
@@ -553,10 +564,10 @@ def sql_cmd(index_dir, query, fmt, out, force, width):
 
     \b
     Examples:
-      python cli.py sql index "SELECT count(*) FROM samples"
-      python cli.py sql index "SELECT caption, kl_text FROM scores JOIN samples USING (vec_id, uid)
+      clip-density-index sql index "SELECT count(*) FROM samples"
+      clip-density-index sql index "SELECT caption, kl_text FROM scores JOIN samples USING (vec_id, uid)
           ORDER BY kl_text DESC LIMIT 5"
-      python cli.py sql index "FROM scores" --out scores.parquet
+      clip-density-index sql index "FROM scores" --out scores.parquet
     """
     _note_synthetic(index_dir)
     from clip_density_index.queries.sqlrun import format_for, run_sql
@@ -583,11 +594,11 @@ def query_cmd(index_dir, name, list_, params, fmt, out, force, width):
 
     \b
     Examples:
-      python cli.py query --list
-      python cli.py query index top_by_score --param column=klr_text --param limit=10
-      python cli.py query index score_deciles --param column=kl_text
-      python cli.py query index score_correlations
-      python cli.py query index ngram_coverage --param column=kl_text --param top=2500
+      clip-density-index query --list
+      clip-density-index query index top_by_score --param column=klr_text --param limit=10
+      clip-density-index query index score_deciles --param column=kl_text
+      clip-density-index query index score_correlations
+      clip-density-index query index ngram_coverage --param column=kl_text --param top=2500
     """
     if index_dir is not None:
         _note_synthetic(index_dir)
@@ -637,7 +648,7 @@ def query_cmd(index_dir, name, list_, params, fmt, out, force, width):
               help="--keep: pool (default): each fraction of the WHOLE pool, the sets intersected (with "
                    "--where too); filtered: --where first, then each --keep in order on what is left "
                    "(what --by / --top-fraction do).")
-@click.option("--count", type=click.Choice(["floor", "paper"]), default="floor", show_default=True,
+@click.option("--count", type=click.Choice(["floor", "paper"]), default=defaults.COUNT_RULE, show_default=True,
               help="Rows a fraction keeps: floor (floor(F x N)) or paper (floor(F x N) + 1, as the "
                    "paper's selection code).")
 @click.option("--where", default=None,
@@ -672,7 +683,7 @@ def select_cmd(index_dir, by, top_fraction, keeps, mode, count, where, lowest, o
         raise click.UsageError("--mode applies to --keep (--by / --top-fraction always filter first)")
     _note_synthetic(index_dir)
     kind = {".npy": "DataComp subset format", ".txt": "one uid per line", ".parquet": "parquet"}
-    if keeps or count != "floor":
+    if keeps or count != defaults.COUNT_RULE:
         from clip_density_index.queries.keep import Keep, select_keep
 
         keep_list = list(keeps) or [Keep(by, top_fraction, lowest)]
@@ -722,11 +733,11 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model,
 
     \b
     Examples:
-      python cli.py weights index --prompt "a photo of food"
-      python cli.py weights index --prompt "a photo of food" --logit-scale 20 --out food.parquet
-      python cli.py weights dc --prompt "a photo of food"      # DataComp index: its ViT-L-14 / ViT-B-32
-      python cli.py weights dc --prompt "a photo of food" --pretrained /models/vit-l-14-openai.pt
-      python cli.py weights dc --prompt-embedding food.npy --prompt "a photo of food"
+      clip-density-index weights index --prompt "a photo of food"
+      clip-density-index weights index --prompt "a photo of food" --logit-scale 20 --out food.parquet
+      clip-density-index weights dc --prompt "a photo of food"  # DataComp index: its ViT-L-14 / ViT-B-32
+      clip-density-index weights dc --prompt "a photo of food" --pretrained /models/vit-l-14-openai.pt
+      clip-density-index weights dc --prompt-embedding food.npy --prompt "a photo of food"
     """
     _note_synthetic(index_dir)
     from clip_density_index.queries.weighting import weights
@@ -746,9 +757,10 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model,
 @index_dir_argument
 @_prompt_options
 @click.option("-n", "n", type=click.IntRange(min=1), required=True, help="How many samples.")
-@click.option("--mode", type=click.Choice(["draw", "top"]), default="draw", show_default=True,
+@click.option("--mode", type=click.Choice(["draw", "top"]), default=defaults.SAMPLE_MODE, show_default=True,
               help="draw: random, probability proportional to the weight; top: the highest weights (FAISS).")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the draw (same seed, same draw).")
+@click.option("--seed", type=SEED, default=defaults.SEED, show_default=True,
+              help="Seed of the draw (same seed, same draw).")
 @click.option("--replace/--no-replace", default=False, show_default=True,
               help="--mode draw: draw with replacement (default: without, by the Gumbel-top-k trick).")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None,
@@ -765,9 +777,9 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, 
 
     \b
     Examples:
-      python cli.py sample index --prompt "a photo of food" -n 20
-      python cli.py sample index --prompt "a photo of food" -n 1000 --seed 1 --out food_draw.parquet
-      python cli.py sample index --prompt "a photo of food" -n 20 --mode top
+      clip-density-index sample index --prompt "a photo of food" -n 20
+      clip-density-index sample index --prompt "a photo of food" -n 1000 --seed 1 --out food_draw.parquet
+      clip-density-index sample index --prompt "a photo of food" -n 20 --mode top
     """
     _note_synthetic(index_dir)
     from clip_density_index.queries.sqlrun import render_table
@@ -800,7 +812,7 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, 
 @click.option("--model", default=None, help="open_clip model (default: the --index's).")
 @click.option("--pretrained", default=None, help="open_clip weights: a tag or a local checkpoint file (default: the --index's).")
 @click.option("--raw", is_flag=True, help="Keep the model's raw vectors (default: unit vectors).")
-@click.option("--device", default="auto", show_default=True, help="torch device.")
+@click.option("--device", default=defaults.DEVICE, show_default=True, help="torch device.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The .npy file: shape (d,) for one text, (n, d) for several, in the order given.")
 @force_option
@@ -828,16 +840,16 @@ def encode_text_cmd(texts, index_dir, model, pretrained, raw, device, out, force
 
 @cli.command("serve")
 @index_dir_argument
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default=defaults.HOST, show_default=True,
               help="Address to listen on (127.0.0.1: this machine only; the app has no authentication).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port.")
+@click.option("--port", type=click.IntRange(1, 65535), default=defaults.PORT, show_default=True, help="Port.")
 def serve_cmd(index_dir, host, port):
     """A local, read-only web explorer of the index: gallery by score, plots, prompt, selection.
 
     \b
     Examples:
-      python cli.py serve index                  # then open http://127.0.0.1:8000/
-      python cli.py serve dc-index --port 8080
+      clip-density-index serve index             # then open http://127.0.0.1:8000/
+      clip-density-index serve dc-index --port 8080
     """
     _note_synthetic(index_dir)
     from clip_density_index.explorer.app import serve
@@ -858,7 +870,7 @@ def report_cmd(index_dir, out, force):
 
     \b
     Example:
-      python cli.py report index --out report.html
+      clip-density-index report index --out report.html
     """
     _note_synthetic(index_dir)
     from clip_density_index.explorer.report import write_report

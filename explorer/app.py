@@ -355,7 +355,8 @@ def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, anno
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(info[4])
     except OSError as e:
-        raise InvalidParameter(f"Cannot listen on {host}:{port}: {e.strerror or e}; choose another --port") from None
+        raise InvalidParameter.naming("Cannot listen on {address}: {why}; choose another {port}", address=f"{host}:{port}",
+                                      why=e.strerror or e) from None
     app = create_app(index_dir, host, port)
     if announce is not None:
         announce()

@@ -26,8 +26,9 @@ import numpy as np
 import pyarrow as pa
 
 from clip_density_index import __version__
-from clip_density_index.indexer import integrity, lock, swap
+from clip_density_index.indexer import defaults, integrity, lock, swap
 from clip_density_index.indexer.arrays import NpyWriter, copy_cast
+from clip_density_index.indexer.choose import parse_memory
 from clip_density_index.indexer.diskspace import disk_full, is_disk_full
 from clip_density_index.indexer.errors import BadInput, ClipIndexError, InvalidParameter
 from clip_density_index.indexer.faults import fault_point
@@ -39,12 +40,10 @@ from clip_density_index.indexer.store import Store, load_sql
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MEMORY = 8 << 30  # bytes per FAISS index
-DEFAULT_BATCH = 65536
-#: Rows of each modality whose covariances are computed (a seeded uniform subset on larger pools;
-#: 0 = every row). The d x d products are the only super-linear cost of a build: exact ones take
-#: ~15 s of a 1M x 512 build on 2 cores, this subset ~2 s (see BENCHMARKS.md for its error).
-DEFAULT_COV_SAMPLE = 1 << 17
+#: Defaults of a build (values and reasons: ``indexer.defaults``); the memory budget is per FAISS index.
+DEFAULT_MAX_MEMORY = parse_memory(defaults.MAX_MEMORY)
+DEFAULT_BATCH = defaults.BUILD_BATCH
+DEFAULT_COV_SAMPLE = defaults.COV_SAMPLE
 
 
 @dataclass
@@ -103,17 +102,15 @@ def _check_replaceable(out: Path) -> None:
     if not out.is_dir():
         raise BadInput(f"Output {str(out)!r} exists and is not a directory; refusing to replace it")
     if any(out.iterdir()) and not IndexPaths(out).catalog.is_file():
-        raise BadInput(
-            f"Output {str(out)!r} exists, is not empty and is not an index; refusing to replace it "
-            "(choose another --out)"
-        )
+        raise BadInput.naming(
+            "Output {path!r} exists, is not empty and is not an index; refusing to replace it (choose another {out})",
+            path=str(out))
     foreign = sorted(p.name for p in out.iterdir() if not _INDEX_FILES.match(p.name))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise BadInput(
-            f"Output {str(out)!r} is an index that also holds files a build did not write ({shown}); "
-            "a rebuild replaces the whole directory, so move them out first (or choose another --out)"
-        )
+        raise BadInput.naming(
+            "Output {path!r} is an index that also holds files a build did not write ({shown}); a rebuild "
+            "replaces the whole directory, so move them out first (or choose another {out})", path=str(out), shown=shown)
     with lock.replacing(out):  # fail now, not after the build, when a score is running in it
         pass
 

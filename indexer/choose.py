@@ -26,6 +26,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from clip_density_index.indexer import defaults
 from clip_density_index.indexer.errors import BudgetTooSmall, InvalidParameter
 
 #: Pools up to this size get exact (``Flat``) search when it fits the budget.
@@ -35,7 +36,7 @@ MIN_POINTS_PER_CENTROID = 39
 #: The dot-product budget of the default KL estimate, as a fraction of the exact method's n per query.
 SCORE_BUDGET = 0.05
 #: The scorer's default tail sample m (``queries.scoring.DEFAULT_TAIL`` is this value).
-SCORE_TAIL = 2048
+SCORE_TAIL = defaults.TAIL_SAMPLE
 #: At most this many vectors scanned per query by the default nprobe (the 1M wall-time target:
 #: 2000 gives nprobe 8 at 1M, whose whole ``score`` took 396 s with a 1000-sample check, BENCHMARKS.md).
 MAX_SCAN = 2000
@@ -272,11 +273,11 @@ def choose_index_key(n: int, dim: int, budget_bytes: int) -> str:
             return key
     smallest = min(keys, key=lambda k: estimate_bytes(k, n, dim))
     need = estimate_bytes(smallest, n, dim)
-    raise BudgetTooSmall(
-        f"No FAISS index for n={n:,} vectors of dim={dim} fits the memory budget of "
-        f"{budget_bytes:,} bytes ({_human(budget_bytes)}): the smallest, {smallest!r}, needs about "
-        f"{need:,} bytes ({_human(need)}). Raise --max-memory or pass --index-key."
-    )
+    raise BudgetTooSmall.naming(
+        "No FAISS index for n={n:,} vectors of dim={dim} fits the memory budget of {budget:,} bytes ({budget_h}): "
+        "the smallest, {smallest!r}, needs about {need:,} bytes ({need_h}). Raise {max_memory} or pass {index_key}.",
+        n=n, dim=dim, budget=budget_bytes, budget_h=_human(budget_bytes), smallest=smallest, need=need,
+        need_h=_human(need))
 
 
 def default_nprobe(key: str, n: int) -> int:

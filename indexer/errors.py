@@ -1,11 +1,58 @@
 """Domain exceptions. The library raises these; ``cli.py`` turns them into click errors.
 
 Every message names the input (path, file and row, query name, value) and what is wrong with it.
+A message that names a parameter is made with ``naming``, so that each caller reads the name it
+wrote: the Python parameter (``top_fraction``) from the library, the flag (``--top-fraction``)
+from the command line.
 """
+
+from __future__ import annotations
+
+from typing import Callable
 
 
 class ClipIndexError(Exception):
-    """Base class of every error this project raises on purpose."""
+    """Base class of every error this project raises on purpose.
+
+    Example:
+        >>> e = InvalidParameter.naming("{top_fraction} must be in (0, 1], got {value!r}", value=2)
+        >>> str(e)
+        'top_fraction must be in (0, 1], got 2'
+        >>> e.spelled(lambda name: "--" + name.replace("_", "-"))
+        '--top-fraction must be in (0, 1], got 2'
+    """
+
+    #: The message with its parameters as ``{name}`` fields, when made by ``naming``.
+    template: str | None = None
+    #: The other fields of ``template``.
+    values: dict = {}
+
+    @classmethod
+    def naming(cls, template: str, **values):
+        """The error whose message is ``template`` filled with ``values``; every other field of
+        ``template`` (``{where}``) is a parameter, spelled by its Python name in ``str(error)``."""
+        error = cls(_fill(template, values, str))
+        error.template, error.values = template, values
+        return error
+
+    def spelled(self, spell: Callable[[str], str]) -> str:
+        """The message with each parameter spelled by ``spell`` (e.g. the CLI's flag for it)."""
+        return str(self) if self.template is None else _fill(self.template, self.values, spell)
+
+
+class _Fields(dict):
+    """``str.format_map`` fields: the values given, and a spelling for every other name."""
+
+    def __init__(self, values: dict, spell: Callable[[str], str]):
+        super().__init__(values)
+        self.spell = spell
+
+    def __missing__(self, name: str) -> str:
+        return self.spell(name)
+
+
+def _fill(template: str, values: dict, spell: Callable[[str], str]) -> str:
+    return template.format_map(_Fields(values, spell))
 
 
 class IndexNotFound(ClipIndexError):
@@ -22,6 +69,11 @@ class BadInput(ClipIndexError):
 
 class InvalidParameter(ClipIndexError, ValueError):
     """A parameter value is out of range or inconsistent with the index."""
+
+
+class ParameterClash(InvalidParameter):
+    """Parameters that do not go together, or one missing that another needs (the command line
+    reports it as a usage error, exit code 2)."""
 
 
 class UnknownQuery(ClipIndexError):

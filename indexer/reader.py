@@ -38,10 +38,9 @@ import pyarrow.parquet as pq
 from clip_density_index.indexer.errors import BadInput, InvalidParameter
 from clip_density_index.indexer.fs import RemotePath, input_path
 from clip_density_index.indexer.source import Batch, SourceInfo
+from clip_density_index.indexer.validate import UID_PATTERN
 
 logger = logging.getLogger(__name__)
-
-UID_REGEX = "^[0-9a-f]{32}$"
 
 #: Column names of ``samples`` that the index sets itself; a source column of that name (any case,
 #: as DuckDB's names are case-insensitive) is kept with the suffix ``_source``.
@@ -125,7 +124,7 @@ def normalize_uids(values: pa.Array | pa.ChunkedArray, origin: str, row_offset: 
         uids = pc.utf8_lower(pc.utf8_trim_whitespace(values.cast(pa.string())))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise BadInput(f"{origin}: uid column of type {values.type} cannot be read as text: {exc}") from exc
-    ok = pc.fill_null(pc.match_substring_regex(uids, UID_REGEX), False).to_numpy(zero_copy_only=False)
+    ok = pc.fill_null(pc.match_substring_regex(uids, UID_PATTERN), False).to_numpy(zero_copy_only=False)
     if not ok.all():
         bad = int(np.flatnonzero(~ok)[0])
         value = values[bad].as_py()

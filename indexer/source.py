@@ -16,7 +16,7 @@ import pyarrow as pa
 
 @dataclass
 class SourceInfo:
-    source: str  # "synthetic" | "open_clip" | "datacomp" | "clip-retrieval"
+    source: str  # a name of indexer.sources.SOURCES, or ArraySource's name ("arrays" by default)
     n: int  # number of samples the source will yield in total
     dim: int
     raw_known: bool  # True: vectors are raw (unnormalised) model outputs, their norms are kept

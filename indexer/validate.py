@@ -11,6 +11,8 @@ import pyarrow.compute as pc
 from clip_density_index.indexer.errors import BadInput, InvalidParameter
 from clip_density_index.indexer.source import Batch
 
+#: A uid: 32 lowercase hex digits (128 bits, the DataComp convention). The one definition: the
+#: readers, the builder and the DataComp subset writer check uids with it.
 UID_PATTERN = r"^[0-9a-f]{32}$"
 
 

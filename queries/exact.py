@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 import torch
 
+from clip_density_index.indexer.device import resolve_device
 from clip_density_index.indexer.errors import InvalidParameter
 from clip_density_index.indexer.progress import Progress, null_progress
 
@@ -40,13 +41,6 @@ log = logging.getLogger(__name__)
 #: GPUs get larger blocks.
 CPU_CHUNKS = (512, 4096)
 GPU_CHUNKS = (4096, 65536)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` means CUDA when torch sees a GPU, else CPU (``indexer.device.resolve_device``)."""
-    from clip_density_index.indexer.device import resolve_device as resolve
-
-    return torch.device(resolve(device))
 
 
 def to_tensor(x: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -218,7 +218,7 @@ def _check_request(keeps: list[Keep | str], where: str | None, mode: str, count:
     """The keeps parsed, after checking them, ``mode``, ``count`` and ``where`` (InvalidParameter)."""
     parsed = [k if isinstance(k, Keep) else parse_keep(k) for k in keeps]
     if not parsed:
-        raise InvalidParameter("Give at least one --keep COLUMN:FRACTION")
+        raise InvalidParameter.naming("{keeps} is empty: give at least one Keep or 'COLUMN:FRACTION'")
     for k in parsed:
         check_fraction(k.fraction)
     if mode not in KEEP_MODES:

@@ -1,7 +1,9 @@
 """Writing a command's ``--out`` file: never over an existing file without ``force``, atomically
 (a temporary file beside it, fsynced, renamed over it), and a full disk as one line.
 
-Used by ``sql`` / ``query`` (``queries.sqlrun.write_result``), ``select``, ``weights`` and ``sample``.
+``atomic_write`` is the project's one way to write a file whole or not at all: ``sql`` / ``query``
+(``queries.sqlrun.write_result``), ``select``, ``weights``, ``sample``, ``encode-text`` and
+``report`` write their outputs with it, and ``score`` can write its resumable chunk files with it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable
 from clip_density_index.indexer.diskspace import disk_full, is_disk_full
 from clip_density_index.indexer.errors import InvalidParameter
 from clip_density_index.indexer.layout import CATALOG
-from clip_density_index.indexer.swap import BUILD_ID, pid_alive
+from clip_density_index.indexer.swap import BUILD_ID, fsync_dir, pid_alive
 
 
 def check_out(path: str | Path, force: bool) -> Path:
@@ -33,7 +35,7 @@ def check_out(path: str | Path, force: bool) -> Path:
         raise InvalidParameter(f"Output {str(path)!r} is a file of the index at {str(index_dir)!r}; "
                                "write the output elsewhere")
     if path.exists() and not force:
-        raise InvalidParameter(f"Output {str(path)!r} already exists; pass --force to overwrite it")
+        raise InvalidParameter.naming("Output {path!r} already exists; pass {force} to overwrite it", path=str(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -79,8 +81,9 @@ def _clean_stale_temps(path: Path) -> None:
 
 def atomic_write(path: Path, write: Callable[[Path], object], what: str | None = None,
                  size: int | None = None) -> None:
-    """Call ``write(tmp_path)``, fsync it, then rename it onto ``path``: ``path`` is either its
-    old self or the whole new file, whatever happens.
+    """Call ``write(tmp_path)``, fsync it, rename it onto ``path`` and fsync the folder: ``path``
+    is either its old self or the whole new file, whatever happens, and once this returns the new
+    file is on disk (a power loss cannot leave an empty file that a resumed run takes as written).
 
     Args:
         what: what is written, for messages (default: the path).
@@ -102,6 +105,7 @@ def atomic_write(path: Path, write: Callable[[Path], object], what: str | None =
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except Exception as e:
         if not is_disk_full(e, path.parent):
             raise

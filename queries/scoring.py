@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_density_index.indexer import lock
+from clip_density_index.indexer import defaults, lock
 from clip_density_index.indexer.choose import SCORE_TAIL
 from clip_density_index.indexer.errors import InvalidParameter
 from clip_density_index.indexer.layout import MODALITIES
@@ -45,13 +45,10 @@ from clip_density_index.indexer.validate import check_seed
 
 log = logging.getLogger(__name__)
 
-#: Defaults of the estimator (SPEC 3), tuned by the benchmarks (``bench/``): neighbours per query
-#: and the size of the uniform tail sample (defined beside the default nprobe, whose dot-product
-#: budget counts it: ``indexer.choose.SCORE_TAIL``).
-DEFAULT_K = 256
+#: Defaults of the estimator (SPEC 3) and of a run: their values and reasons are in ``indexer.defaults``.
+DEFAULT_K = defaults.K
 DEFAULT_TAIL = SCORE_TAIL
-#: Queries per resumable chunk.
-DEFAULT_BATCH = 65536
+DEFAULT_BATCH = defaults.SCORE_BATCH
 #: Seconds ``score`` waits for another process (a long ``sql``, a notebook's kept reader) to let go
 #: of the catalog before it writes, at the start and for the final write.
 CATALOG_WAIT = 120.0
@@ -67,19 +64,18 @@ SCORE_COLUMNS = tuple(f"{m}_{s}" for m in METRICS[:-1] for s in ("text", "image"
 TOP_FRACTION = 0.25
 #: KL estimators (``--estimator``). ``auto`` picks exact or strata per run (``_choose``).
 ESTIMATORS = ("auto", "exact", "strata", "mimps", "paper")
-#: Pools smaller than this are scored exactly by ``auto`` without timing anything: the exact pass
-#: takes seconds there, less than building the strata.
-AUTO_EXACT_BELOW = 20_000
+#: Pools smaller than this are scored exactly by ``auto`` without timing anything.
+AUTO_EXACT_BELOW = defaults.AUTO_EXACT_BELOW
 #: Held-out exact rows per side that every approximate run checks itself on (SPEC 3.2); fewer on
-#: small pools (``default_check``). 4,000 rows resolve the top-25% overlap to ~0.1 points.
-DEFAULT_CHECK = 4000
+#: small pools (``default_check``).
+DEFAULT_CHECK = defaults.CHECK
 #: Bootstrap resamples of the check rows for the 95% intervals.
 BOOTSTRAP = 200
 #: Accuracy targets of an approximate run's held-out check (``--target-spearman`` / ``--target-overlap``).
-TARGET_SPEARMAN = 0.999
-TARGET_OVERLAP = 0.99
+TARGET_SPEARMAN = defaults.TARGET_SPEARMAN
+TARGET_OVERLAP = defaults.TARGET_OVERLAP
 #: The paper's DataComp filter: a softmax over a uniform sample of this fraction of the pool.
-PAPER_SAMPLE = 0.002
+PAPER_SAMPLE = defaults.PAPER_SAMPLE
 #: The fewest candidates a paper sample may have (one candidate makes every KL 0).
 PAPER_MIN = 16
 #: Largest logit scale accepted (CLIP's is ~100; e^(a * 2) must stay within float64 after the shift).
@@ -239,7 +235,7 @@ def _resolve(pool: PoolIndex, *, estimator, k, tail_sample, side, logit_scale, l
     if precision is None:
         from clip_density_index.indexer.device import resolve_device
 
-        precision = "float16" if resolve_device(device).startswith("cuda") else "float32"
+        precision = "float16" if resolve_device(device).type == "cuda" else "float32"
     if precision not in PRECISIONS:
         raise InvalidParameter(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     approx = kl and estimator != "exact"

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.indexer.validate import UID_PATTERN
 from clip_density_index.queries.sqlrun import (
     OUTSIDE_HINT,
     OUTSIDE_REFUSED,
@@ -49,7 +50,7 @@ from clip_density_index.indexer.store import load_sql
 
 #: Output suffixes ``select`` writes.
 SUBSET_SUFFIXES = (".npy", ".parquet", ".txt")
-_UID = re.compile(r"^[0-9a-f]{32}$")
+_UID = re.compile(UID_PATTERN)
 
 
 @dataclass
@@ -108,9 +109,11 @@ def check_fraction(fraction: float) -> float:
     try:
         f = float(fraction)
     except (TypeError, ValueError):
-        raise InvalidParameter(f"--top-fraction must be a number in (0, 1], got {fraction!r}") from None
+        raise InvalidParameter.naming("{top_fraction} must be a number in (0, 1], got {value!r}",
+                                      value=fraction) from None
     if not (0.0 < f <= 1.0):
-        raise InvalidParameter(f"--top-fraction must be in (0, 1] (e.g. 0.25 keeps a quarter), got {fraction!r}")
+        raise InvalidParameter.naming("{top_fraction} must be in (0, 1] (e.g. 0.25 keeps a quarter), got {value!r}",
+                                      value=fraction)
     return f
 
 
@@ -121,11 +124,11 @@ def check_where(where: str) -> str:
         InvalidParameter: empty, or contains ``;`` (one expression, never a second statement).
     """
     if not where or not where.strip():
-        raise InvalidParameter("--where is empty; give a SQL condition such as \"clipscore > 0.7\"")
+        raise InvalidParameter.naming("{where} is empty; give a SQL condition such as \"clipscore > 0.7\"")
     if ";" in where:
-        raise InvalidParameter(
-            f"--where {where!r} contains ';': it must be a single SQL condition such as \"clipscore > 0.7\""
-        )
+        raise InvalidParameter.naming(
+            "{where} {value!r} contains ';': it must be a single SQL condition such as \"clipscore > 0.7\"",
+            value=where)
     return where
 
 
@@ -148,12 +151,14 @@ def _evaluate_once(rel: duckdb.DuckDBPyRelation, where: str | None, q: str) -> N
             rel = rel.filter(where)
         rel.project(f"uid, vec_id, {q} AS score").query("_select_source", load_sql("select_passed_create"))
     except duckdb.ParserException as e:
-        raise InvalidParameter(f"--where {where!r} is not a single SQL condition: {_first_line(e)}") from None
+        raise InvalidParameter.naming("{where} {value!r} is not a single SQL condition: {detail}", value=where,
+                                      detail=_first_line(e)) from None
     except duckdb.Error as e:
         msg = _first_line(e)
         hint = OUTSIDE_HINT if OUTSIDE_REFUSED in msg else ""
-        raise InvalidParameter(f"--where {where!r} failed: {msg}{hint}" if where is not None
-                               else f"select failed: {msg}{hint}") from None
+        if where is None:
+            raise InvalidParameter(f"select failed: {msg}{hint}") from None
+        raise InvalidParameter.naming("{where} {value!r} failed: {detail}", value=where, detail=msg + hint) from None
 
 
 def check_subset_out(out: str | Path | None, force: bool) -> Path | None:

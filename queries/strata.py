@@ -52,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from clip_density_index.indexer import defaults
 from clip_density_index.indexer.errors import InvalidParameter
 from clip_density_index.indexer.progress import Progress, null_progress
 from clip_density_index.queries.exact import check_scale, to_tensor
@@ -72,14 +73,12 @@ KMEANS_ITER = 8
 ASSIGN_BLOCK = 16384
 #: Queries per batch of ``partials``: batch x L float64 model arrays (~8M cells, 64 MB each).
 BATCH_CELLS = 8 << 20
-#: Modelled share of each query's mass scanned exactly. On the default 100k world 0.99 (17-18% of
-#: the pool scanned) missed the 99% top-25% overlap of kl_image (98.8%); 0.995 (21-23%) met every
-#: target on 4,000 held-out rows per side (BENCHMARKS.md).
-DEFAULT_TARGET = 0.995
+#: Modelled share of each query's mass scanned exactly (the reason for its value: ``indexer.defaults``).
+DEFAULT_TARGET = defaults.STRATA_TARGET
 #: The variance scale of the probing ORDER (the log-normal's own 1): fixed, so that calibrating the
 #: model's gamma cannot buy accuracy by scanning more.
 PROBE_GAMMA = 1.0
-DEFAULT_MAX_FRACTION = 0.5
+DEFAULT_MAX_FRACTION = defaults.MAX_FRACTION
 #: Calibration queries by default (``calibration_size``).
 CALIBRATION_QUERIES = 512
 

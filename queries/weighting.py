@@ -36,7 +36,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from clip_density_index.indexer import lock
+from clip_density_index.indexer import defaults, lock
 from clip_density_index.indexer.errors import BadInput, DiskFull, InvalidParameter
 from clip_density_index.indexer.pool import as_pool
 from clip_density_index.indexer.validate import check_seed
@@ -45,7 +45,7 @@ from clip_density_index.queries.sqlrun import _arrow, _first_line, check_out, fo
 log = logging.getLogger(__name__)
 
 #: a', the paper's lowered logit scale for importance weights.
-DEFAULT_LOGIT_SCALE = 10.0
+DEFAULT_LOGIT_SCALE = defaults.PROMPT_LOGIT_SCALE
 #: Rows of embeddings converted to float64 at a time.
 DEFAULT_CHUNK = 65536
 #: Seconds ``weights`` waits for another process to let go of the catalog before it writes.
@@ -210,11 +210,11 @@ def encode_prompt(
         where = "array" if isinstance(prompt_embedding, np.ndarray) else str(prompt_embedding)
         return Prompt(label, v, f"given embedding ({where})")
     if prompt is None:
-        raise InvalidParameter("Give a prompt (--prompt TEXT) or its embedding (--prompt-embedding FILE.npy)")
+        raise InvalidParameter.naming("Give a prompt ({prompt} TEXT) or its embedding ({prompt_embedding} FILE.npy)")
     if pool.synthetic:
         if model is not None or pretrained is not None:
-            raise InvalidParameter(f"Index {str(pool.root)!r} is the synthetic world, which encodes prompts "
-                                   "itself; --model / --pretrained apply to indexes of real models")
+            raise InvalidParameter.naming("Index {root!r} is the synthetic world, which encodes prompts itself; "
+                                          "{model} / {pretrained} apply to indexes of real models", root=str(pool.root))
         u, encoder = _synthetic_prompt(pool, prompt)
     else:
         u, encoder = _open_clip_prompt(pool, prompt, device, model, pretrained)
@@ -240,9 +240,9 @@ def check_logit_scale(a: float) -> float:
     try:
         f = float(a)
     except (TypeError, ValueError):
-        raise InvalidParameter(f"--logit-scale must be a positive number, got {a!r}") from None
+        raise InvalidParameter.naming("{logit_scale} must be a positive number, got {value!r}", value=a) from None
     if not (math.isfinite(f) and f > 0):
-        raise InvalidParameter(f"--logit-scale must be a positive number, got {a!r}")
+        raise InvalidParameter.naming("{logit_scale} must be a positive number, got {value!r}", value=a)
     return f
 
 
@@ -694,9 +694,9 @@ def sample(
     if mode not in SAMPLE_MODES:
         raise InvalidParameter(f"Unknown sample mode {mode!r}; choose one of {', '.join(SAMPLE_MODES)}")
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise InvalidParameter(f"-n must be a positive integer, got {n!r}")
+        raise InvalidParameter.naming("{n} must be a positive integer, got {value!r}", value=n)
     if mode == "top" and replace:
-        raise InvalidParameter("--replace only applies to --mode draw")
+        raise InvalidParameter.naming("{replace} only applies to {mode} draw")
     if mode == "draw" and (nprobe is not None or exact):
         raise InvalidParameter("--nprobe and --exact only apply to --mode top")
     a = check_logit_scale(logit_scale)
@@ -706,10 +706,10 @@ def sample(
         check_out(out, force)
     pool = as_pool(index)
     if n > pool.n and not (mode == "draw" and replace):
-        raise InvalidParameter(
-            f"-n {n} is larger than the pool ({pool.n} samples); "
-            + ("use --replace to draw with replacement" if mode == "draw" else "ask for at most the pool size")
-        )
+        raise InvalidParameter.naming(
+            "{n} {value} is larger than the pool ({size} samples); "
+            + ("use {replace} to draw with replacement" if mode == "draw" else "ask for at most the pool size"),
+            value=n, size=pool.n)
     check_sample_memory(pool, int(n), out, printed,
                         f"sample -n {int(n):,}" + (" --replace" if replace else "") + (f" --out {out}" if out else ""))
     p = encode_prompt(pool, prompt, prompt_embedding, device=device, model=model, pretrained=pretrained)
