@@ -1,7 +1,7 @@
 """Writing a command's ``--out`` file: never over an existing file without ``force``, atomically
 (a temporary file beside it, fsynced, renamed over it), and a full disk as one line.
 
-Used by ``sql`` / ``query`` (``queries.sqlrun.write_result``), ``select``, ``weights`` and ``sample``.
+Used by ``sql`` / ``query`` (``queries.formats.write_result``), ``select``, ``weights`` and ``sample``.
 """
 
 from __future__ import annotations
