@@ -234,18 +234,21 @@ class CatalogConnection:
     def run(self, name: str, identifiers: Identifiers | None = None, **params: Any):
         """Execute the statement ``name`` with ``$param`` bindings; returns DuckDB's result (read it
         with ``fetchall()``; ``rows`` / ``value`` / ``arrow`` read it for you)."""
+        return self._execute(name, identifiers, params)
+
+    def _execute(self, name: str, identifiers: Identifiers | None, params: dict[str, Any]):
         sql = self.sql(name, identifiers)
         return self.con.execute(sql, params) if params else self.con.execute(sql)
 
     def rows(self, name: str, identifiers: Identifiers | None = None, **params: Any) -> list[dict]:
         """The rows of the statement ``name``, as dicts."""
-        cur = self.run(name, identifiers, **params)
+        cur = self._execute(name, identifiers, params)
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row)) for row in cur.fetchall()]
 
     def value(self, name: str, identifiers: Identifiers | None = None, **params: Any) -> Any:
         """The first value of the first row of the statement ``name`` (None without a row)."""
-        rows = self.run(name, identifiers, **params).fetchall()  # fetchall: no half-read result left
+        rows = self._execute(name, identifiers, params).fetchall()  # fetchall: no half-read result left
         return rows[0][0] if rows else None
 
     def arrow(self, name: str, identifiers: Identifiers | None = None, **params: Any) -> pa.Table:
@@ -298,7 +301,7 @@ class CatalogConnection:
         """Run the statement ``name`` (an ``INSERT ... SELECT ... FROM <name>``) with ``data``
         registered by name (see ``registered``) and ``$param`` bindings."""
         with self.registered(**data):
-            self.run(name, **params)
+            self._execute(name, None, params)
 
     # -- transactions -------------------------------------------------------------------------
     @contextmanager
@@ -352,8 +355,8 @@ class CatalogConnection:
         current = self.schema_version()
         for version, name in migrations():
             if version > current:
-                self.run(f"migrations/{name}")
-                self.run("schema_version_insert", v=version)
+                self._execute(f"migrations/{name}", None, {})
+                self._execute("schema_version_insert", None, {"v": version})
 
     # -- errors -------------------------------------------------------------------------------
     def error(self, e: BaseException, subject: str, kind: type[ClipIndexError] = BrokenIndex,
