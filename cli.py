@@ -538,7 +538,7 @@ def _need_prompt(prompt, prompt_embedding) -> None:
 
 def _emit(table, fmt, out, force, width, what: str = "rows") -> None:
     """Print a result table to stdout, or write it to ``out`` and say so on stderr."""
-    from clip_density_index.queries.sqlrun import write_result
+    from clip_density_index.queries.formats import write_result
 
     text = write_result(table, fmt, out, force=force, max_width=width)
     if out is None:
@@ -570,7 +570,8 @@ def sql_cmd(index_dir, query, fmt, out, force, width):
       clip-density-index sql index "FROM scores" --out scores.parquet
     """
     _note_synthetic(index_dir)
-    from clip_density_index.queries.sqlrun import format_for, run_sql
+    from clip_density_index.queries.formats import format_for
+    from clip_density_index.queries.sqlrun import run_sql
 
     fmt = format_for(out, fmt)
     _emit(run_sql(index_dir, query), fmt, out, force, width)
@@ -602,7 +603,9 @@ def query_cmd(index_dir, name, list_, params, fmt, out, force, width):
     """
     if index_dir is not None:
         _note_synthetic(index_dir)
-    from clip_density_index.queries.sqlrun import format_for, list_queries, run_query
+    from clip_density_index.queries.formats import format_for
+    from clip_density_index.queries.named import list_queries
+    from clip_density_index.queries.sqlrun import run_query
 
     if list_:
         import textwrap
@@ -627,7 +630,7 @@ def query_cmd(index_dir, name, list_, params, fmt, out, force, width):
     fmt = format_for(out, fmt)
     table = run_query(index_dir, name, **values)
     if fmt == "table" and out is None:  # a title, so that two tables in a row can be told apart
-        from clip_density_index.queries.sqlrun import get_query
+        from clip_density_index.queries.named import get_query
 
         about = get_query(name).description.split(": ", 1)[0].split(". ", 1)[0].rstrip(".")
         given = ", ".join(f"{k}={v}" for k, v in values.items())
@@ -782,7 +785,7 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, 
       clip-density-index sample index --prompt "a photo of food" -n 20 --mode top
     """
     _note_synthetic(index_dir)
-    from clip_density_index.queries.sqlrun import render_table
+    from clip_density_index.queries.formats import render_table
     from clip_density_index.queries.weighting import sample
 
     _need_prompt(prompt, prompt_embedding)

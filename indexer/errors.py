@@ -116,3 +116,7 @@ class MissingStatistic(BrokenIndex, KeyError):
 class TooMuchMemory(InvalidParameter):
     """A request would need more memory than the machine has available (the message names both
     numbers); refused before anything is allocated."""
+
+
+class QueryError(ClipIndexError):
+    """A SQL statement failed to parse or run (unknown table or column, type error, ...)."""

@@ -9,7 +9,6 @@ import numpy as np
 from clip_density_index.indexer.integrity import verify
 from clip_density_index.indexer.layout import MODALITIES
 from clip_density_index.indexer.pool import open_index
-from clip_density_index.indexer.store import load_sql
 
 
 def verify_index(path: str | Path) -> list[dict]:
@@ -26,12 +25,10 @@ def index_info(path: str | Path) -> dict:
     """Manifest, table row counts, file sizes and a statistics summary of the index at ``path``."""
     pool = open_index(path)
     with pool.store(read_only=True) as s:
-        tables = [r["table_name"] for r in s.query(
-            "SELECT table_name FROM information_schema.tables ORDER BY table_name")]
-        counts = {t: s.con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
-        runs = list(s.query("SELECT * FROM score_runs ORDER BY created_at DESC LIMIT 1")) if "score_runs" in tables else []
+        counts = s.table_counts()
+        runs = s.rows("score_run_latest") if "score_runs" in counts else []
         if runs:  # the accuracy that run measured for its scores (SPEC 3.2)
-            runs[0]["checks"] = list(s.query(load_sql("score_checks_of_run"), {"run_id": runs[0]["run_id"]}))
+            runs[0]["checks"] = s.rows("score_checks_of_run", run_id=runs[0]["run_id"])
     stats = {}
     for m in MODALITIES:
         mean = pool.stat(m, "mean")

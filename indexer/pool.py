@@ -10,7 +10,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 
 from clip_density_index.indexer import integrity
@@ -18,7 +17,7 @@ from clip_density_index.indexer.errors import (BrokenIndex, FormatVersionMismatc
                             MissingStatistic)
 from clip_density_index.indexer.layout import FLAT_KEY, FORMAT_VERSION, MODALITIES, IndexPaths, check_modality
 from clip_density_index.indexer.swap import recover
-from clip_density_index.indexer.store import Store
+from clip_density_index.indexer.store import Store, first_line
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +33,6 @@ _MANIFEST_TYPES = {
     "image_index": (str,), "text_index": (str,),
 }
 _NOTED: set[str] = set()  # indexes this process has printed the "no checksums" note for
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class PoolIndex:
@@ -126,21 +120,18 @@ class PoolIndex:
         """The manifest row; also reads the sample count and the ``data_files`` records (one
         connection). A damaged catalog, a missing table or sample rows: ``BrokenIndex``."""
         cat = str(self.paths.catalog)
-        try:
-            with self.store(read_only=True) as s:
-                tables = {r["table_name"] for r in s.query("SELECT table_name FROM information_schema.tables")}
-                if "manifest" not in tables:
-                    raise IndexNotFound(f"Catalog {cat!r} has no manifest table")
-                missing = [t for t in REQUIRED_TABLES if t not in tables]
-                if missing:
-                    raise BrokenIndex(f"Catalog {cat!r} has no {', '.join(missing)} table"
-                                      f"{'s' if len(missing) > 1 else ''}: it is damaged; rebuild the index")
-                rows = list(s.query("SELECT * FROM manifest"))
-                counts = s.con.execute("SELECT count(*), count(DISTINCT vec_id), min(vec_id), max(vec_id) "
-                                       "FROM samples").fetchall()[0]
-                records = list(s.query("SELECT * FROM data_files")) if "data_files" in tables else []
-        except duckdb.Error as e:  # a damaged block, a dropped column
-            raise BrokenIndex(f"Catalog {cat!r} cannot be read: {_first_line(e)}; rebuild the index") from None
+        with self.store(read_only=True) as s, s.errors(f"Reading the catalog {cat!r}", BrokenIndex,
+                                                      "; rebuild the index", whole=False):
+            tables = set(s.tables())  # a damaged block, a dropped column: BrokenIndex
+            if "manifest" not in tables:
+                raise IndexNotFound(f"Catalog {cat!r} has no manifest table")
+            missing = [t for t in REQUIRED_TABLES if t not in tables]
+            if missing:
+                raise BrokenIndex(f"Catalog {cat!r} has no {', '.join(missing)} table"
+                                  f"{'s' if len(missing) > 1 else ''}: it is damaged; rebuild the index")
+            rows = s.rows("manifest_rows")
+            counts = s.rows("samples_vec_id_counts")[0]
+            records = s.rows("data_files_rows") if "data_files" in tables else []
         if len(rows) != 1:
             raise IndexNotFound(f"Catalog {cat!r} has {len(rows)} manifest rows")
         m = rows[0]
@@ -151,7 +142,7 @@ class PoolIndex:
                 except ValueError:
                     raise BrokenIndex(f"Catalog {cat!r}: manifest value {key} is not valid JSON ({m[key][:60]!r}); "
                                       "rebuild the index") from None
-        self._sample_counts = counts
+        self._sample_counts = counts["rows"], counts["distinct_ids"], counts["lo"], counts["hi"]
         self.file_records = integrity.load_records(records)
         return m
 
@@ -300,7 +291,7 @@ class PoolIndex:
             try:
                 a = np.load(p)
             except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
-                raise BrokenIndex(f"Index {str(self.root)!r}: cannot read {p.name} ({_first_line(e)}); rebuild "
+                raise BrokenIndex(f"Index {str(self.root)!r}: cannot read {p.name} ({first_line(e)}); rebuild "
                                   "the index") from None
             if a.shape != (self.n,) or not bool(np.all(np.isfinite(a) & (a > 0))):
                 raise BrokenIndex(f"Index {str(self.root)!r}: {p.name} is damaged (shape {a.shape}, or values "
@@ -342,12 +333,9 @@ class PoolIndex:
     def _stats(self) -> dict[tuple[str, str], np.ndarray]:
         cat = str(self.paths.catalog)
         out = {}
-        try:
-            with self.store(read_only=True) as s:
-                rows = list(s.query("SELECT modality, name, shape, value FROM modality_stats"))
-        except duckdb.Error as e:
-            raise BrokenIndex(f"Catalog {cat!r}: cannot read modality_stats ({_first_line(e)}); rebuild the "
-                              "index") from None
+        with self.store(read_only=True) as s, s.errors(f"Reading modality_stats of the catalog {cat!r}",
+                                                      BrokenIndex, "; rebuild the index", whole=False):
+            rows = s.rows("modality_stats_rows")
         for row in rows:
             try:
                 out[(row["modality"], row["name"])] = np.asarray(row["value"], dtype=np.float64).reshape(

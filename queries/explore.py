@@ -31,8 +31,10 @@ import pyarrow as pa
 
 from clip_density_index.indexer.errors import InvalidParameter
 from clip_density_index.indexer.pool import as_pool
-from clip_density_index.queries.sqlrun import _arrow, bind_query, check_read_only, check_score_column, get_query, score_columns
-from clip_density_index.indexer.store import load_sql
+from clip_density_index.queries.identifiers import check_score_column, score_columns
+from clip_density_index.queries.named import get_query
+from clip_density_index.queries.readonly import check_read_only
+from clip_density_index.queries.sqlrun import bind_query
 
 #: Gallery orders.
 ORDERS = ("top", "bottom", "decile", "random")
@@ -58,10 +60,10 @@ def named(index, name: str, **params: Any) -> pa.Table:
     ``queries.run_query``: allowlisted columns, bound values), without reopening the catalog."""
     pool = as_pool(index)
     query = get_query(name)
-    with pool.reader().con.cursor() as cur:
-        sql, bindings = bind_query(query, cur, params)
+    with pool.reader().cursor() as s:
+        sql, bindings = bind_query(query, s, params)
         check_read_only(sql)
-        return _arrow(cur.sql(sql, params=bindings or None))
+        return s.arrow_text(sql, bindings)
 
 
 def _rows_by_vec_id(pool, sql_name: str, vec_ids: list[int]) -> dict[int, dict]:
@@ -71,14 +73,12 @@ def _rows_by_vec_id(pool, sql_name: str, vec_ids: list[int]) -> dict[int, dict]:
     if not vec_ids:
         return {}
     ids = [int(v) for v in vec_ids]
-    with pool.reader().con.cursor() as cur:
+    with pool.reader().cursor() as s:
         if sql_name == "explore_scores_rows":
-            cur.register("_ids", pa.table({"vec_id": pa.array(ids, pa.int64())}))
-            table = _arrow(cur.sql(load_sql(sql_name)))
-            cur.unregister("_ids")
+            with s.registered(_ids=pa.table({"vec_id": pa.array(ids, pa.int64())})):
+                table = s.arrow(sql_name)
         else:
-            sql = load_sql(sql_name).rstrip() + " (" + ", ".join(["?"] * len(ids)) + ")"
-            table = _arrow(cur.sql(sql, params=ids))
+            table = s.arrow_in(sql_name, ids)
     return {int(r["vec_id"]): r for r in table.to_pylist()}
 
 
@@ -103,16 +103,11 @@ class Overview:
 def overview(index) -> Overview:
     """Index facts, score columns (the allowlist) and where images can come from."""
     pool = as_pool(index)
-    with pool.reader().con.cursor() as cur:
-        cols = score_columns(cur) if _has_table(cur, "scores") else []
-        filled = []
-        for c in cols:  # columns a run computed (a column of NULLs is not offered)
-            q = '"' + c.replace('"', '""') + '"'
-            if cur.sql(f"SELECT count({q}) FROM scores").fetchall()[0][0]:
-                filled.append(c)
-        sample_cols = [r[0] for r in cur.sql(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'samples' "
-            "AND table_schema = 'main' ORDER BY ordinal_position").fetchall()]
+    with pool.reader().cursor() as s:
+        cols = score_columns(s) if s.has_table("scores") else []
+        # the columns a run computed (a column of NULLs is not offered)
+        filled = [c for c in cols if s.rows("score_column_counts", {"column": c})[0]["filled"]]
+        sample_cols = [name for name, _ in s.columns("samples")]
     m = pool.manifest
     extra = m.get("extra") or {}
     media: dict[str, str | None] = {"image": None, "url": None}
@@ -129,11 +124,6 @@ def overview(index) -> Overview:
                                          and m.get("pretrained") != "random"))
     return Overview(str(pool.root), pool.n, pool.dim, str(m.get("source")), pool.synthetic, m.get("model"),
                     filled, sample_cols, media, image_root, can_encode)
-
-
-def _has_table(con, table: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = $t",
-                            {"t": table}).fetchall()[0][0])
 
 
 # -- gallery ------------------------------------------------------------------------------------
@@ -207,8 +197,8 @@ def cards(index, vec_ids: list[int]) -> list[dict]:
     pool = as_pool(index)
     ids = [int(v) for v in vec_ids]
     samples = _rows_by_vec_id(pool, "explore_samples_rows", sorted(set(ids)))
-    with pool.reader().con.cursor() as cur:
-        has_scores = _has_table(cur, "scores")
+    with pool.reader().cursor() as s:
+        has_scores = s.has_table("scores")
     scores = _rows_by_vec_id(pool, "explore_scores_rows", sorted(set(ids))) if has_scores else {}
     ov = overview_cached(pool)
     out = []
@@ -320,8 +310,8 @@ def correlations(index) -> list[dict]:
     """The paper's correlation table (``sql/score_correlations.sql``), or [] when the index has no
     scores."""
     pool = as_pool(index)
-    with pool.reader().con.cursor() as cur:
-        if not _has_table(cur, "scores"):
+    with pool.reader().cursor() as s:
+        if not s.has_table("scores"):
             return []
     return named(pool, "score_correlations").to_pylist()
 
@@ -329,21 +319,21 @@ def correlations(index) -> list[dict]:
 def check_column(index, column: str) -> str:
     """``column`` if it is a filled score column of the index, else ``InvalidParameter``."""
     pool = as_pool(index)
-    with pool.reader().con.cursor() as cur:
-        check_score_column(cur, column)
+    with pool.reader().cursor() as s:
+        check_score_column(s, column)
     return column
 
 
 # -- prompts and selections ---------------------------------------------------------------------
 def load_uploaded_embedding(data: bytes, dim: int) -> np.ndarray:
     """A prompt embedding from the bytes of an uploaded ``.npy`` (no pickles), checked by
-    ``queries.weighting.load_prompt_embedding``.
+    ``queries.prompts.load_prompt_embedding``.
 
     Raises:
         BadInput / InvalidParameter: too large, not a .npy array, wrong shape or dimension.
     """
     from clip_density_index.indexer.errors import BadInput
-    from clip_density_index.queries.weighting import load_prompt_embedding
+    from clip_density_index.queries.prompts import load_prompt_embedding
 
     if len(data) > MAX_EMBEDDING_BYTES:
         raise InvalidParameter(f"The uploaded embedding has {len(data):,} bytes; at most {MAX_EMBEDDING_BYTES:,}")
@@ -376,7 +366,8 @@ def prompt_view(index, prompt: str | None = None, embedding: np.ndarray | None =
     ``log10`` normalised weights (``queries.weighting.compute_weights``, as ``cli.py weights``: one
     pass over every image; nothing is stored). Without it, ``summary`` is None and the top samples
     cost what ``sample --mode top`` costs."""
-    from clip_density_index.queries.weighting import compute_weights, encode_prompt, sample
+    from clip_density_index.queries.prompts import encode_prompt
+    from clip_density_index.queries.weighting import compute_weights, sample
 
     pool = as_pool(index)
     p = encode_prompt(pool, prompt, embedding)  # once: the synthetic world's encoder takes ~1 s to build

@@ -27,31 +27,24 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
 from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.store import CatalogConnection
+from clip_density_index.queries.identifiers import check_score_column, numeric_columns, score_columns
 from clip_density_index.queries.selection import (
-    _base_relation,
-    _evaluate_once,
     check_fraction,
     check_subset_out,
     check_where,
+    evaluate_once,
     kept_count,
+    kept_rows,
+    passed_counts,
+    selection_rows,
     write_selection,
 )
-from clip_density_index.queries.sqlrun import (
-    _NUMERIC,
-    _arrow,
-    _query_failed,
-    check_score_column,
-    quote_identifier,
-    read_only_store,
-    score_columns,
-    table_columns,
-)
-from clip_density_index.indexer.store import load_sql
+from clip_density_index.queries.sqlrun import query_errors, read_only_store
 
 KEEP_MODES = ("pool", "filtered")
 COUNT_RULES = ("floor", "paper")
@@ -134,23 +127,60 @@ def _count(fraction: float, n: int, rule: str) -> int:
     return min(n, k + 1) if rule == "paper" and n > 0 else k
 
 
-def _check_column(con: duckdb.DuckDBPyConnection, column: str) -> str:
+def _check_column(store: CatalogConnection, column: str) -> str:
     """``column`` if it is a numeric column of ``samples`` (source metadata such as DataComp's
     ``clip_l14_similarity_score``) or of ``scores``; else raise naming the valid ones."""
-    meta = [name for name, typ in table_columns(con, "samples")
-            if name != "vec_id" and typ.upper().split("(")[0].strip() in _NUMERIC]
+    meta = numeric_columns(store, "samples", ("vec_id",))
     if column in meta:
         return column
     try:
-        return check_score_column(con, column, "--keep")
+        return check_score_column(store, column, "--keep")
     except InvalidParameter as e:
-        if column in score_columns(con) or not meta:
+        if column in score_columns(store) or not meta:
             raise
         raise InvalidParameter(f"{e}; numeric columns of samples: {', '.join(meta)}") from None
 
 
-def _ids_of(con: duckdb.DuckDBPyConnection) -> np.ndarray:
-    return _arrow(con.sql("SELECT vec_id FROM _select_passed")).column("vec_id").to_numpy()
+def _parse_keeps(keeps: list[Keep | str], mode: str, count: str, where: str | None) -> list[Keep]:
+    """The keeps, checked with the mode, the count rule and ``where`` before anything is read."""
+    parsed = [k if isinstance(k, Keep) else parse_keep(k) for k in keeps]
+    if not parsed:
+        raise InvalidParameter.naming("{keeps} is empty: give at least one Keep or 'COLUMN:FRACTION'")
+    for k in parsed:
+        check_fraction(k.fraction)
+    if mode not in KEEP_MODES:
+        raise InvalidParameter(f"Unknown selection mode {mode!r}; choose one of {', '.join(KEEP_MODES)}")
+    if count not in COUNT_RULES:
+        raise InvalidParameter(f"Unknown count rule {count!r}; choose one of {', '.join(COUNT_RULES)}")
+    if where is not None:
+        check_where(where)
+    return parsed
+
+
+def _keep_step(store: CatalogConnection, k: Keep, mode: str, count: str,
+               left: np.ndarray | None) -> tuple[KeepStep, np.ndarray]:
+    """One keep over ``_select_base`` (within ``selection_rows``), or over the rows ``left`` in
+    filtered mode: its step and the vec_ids it keeps."""
+    if mode == "filtered" and left is not None:
+        with store.registered(_keep_left={"vec_id": np.asarray(left, dtype=np.int64)}):
+            evaluate_once(store, "select_base_left", None, k.column)
+    else:
+        evaluate_once(store, "select_base_rows", None, k.column)
+    of, candidates = passed_counts(store)
+    # pool: a fraction of every row (DataComp); filtered: of the rows left that can be ranked,
+    # exactly as select --by --top-fraction counts
+    n = min(_count(k.fraction, of if mode == "pool" else candidates, count), candidates)
+    top = kept_rows(store, n, k.lowest)
+    threshold = top.column("score")[-1].as_py() if top.num_rows else None
+    kept_ids = top.column("vec_id").to_numpy()
+    return KeepStep(k, of, candidates, len(kept_ids), threshold), kept_ids
+
+
+def _rows_of(store: CatalogConnection, ids: np.ndarray, columns: list[str]) -> pa.Table:
+    """``uid, vec_id`` and ``columns`` of the rows ``ids`` of ``_select_base``."""
+    with store.registered(_keep_ids={"vec_id": np.sort(np.asarray(ids, dtype=np.int64))}):
+        with query_errors(store, "select"):
+            return store.arrow("keep_rows", {"columns": list(dict.fromkeys(columns))})
 
 
 def select_keep(
@@ -181,30 +211,29 @@ def select_keep(
             valid ones), a bad ``where``, an unknown ``out`` suffix, ``out`` exists without
             ``force``, or nothing is kept while ``out`` is asked for.
     """
-    parsed = _check_request(keeps, where, mode, count)
+    parsed = _parse_keeps(keeps, mode, count, where)
     out_path = check_subset_out(out, force)
     steps: list[KeepStep] = []
     with read_only_store(index) as store:
-        con = store.con
-        cols = [_check_column(con, k.column) for k in parsed]
-        try:
-            base = _base_relation(con)
-            total = base.aggregate("count(*)").fetchall()[0][0]
-        except duckdb.Error as e:
-            raise _query_failed(e, "select", store) from None
-        ids: np.ndarray | None = None  # rows still in the selection (None: all of them)
-        passed_where = total
-        if where is not None:
-            _evaluate_once(base, where, quote_identifier(cols[0]))
-            ids = _ids_of(con)
-            passed_where = len(ids)
-        for k in parsed:
-            step, kept_ids = _keep_step(store, con, base, k, mode, count,
-                                        left=ids if mode == "filtered" else None)
-            steps.append(step)
-            ids = kept_ids if ids is None else np.intersect1d(ids, kept_ids)
-        rows = _rows_of(store, con, base, ids, cols)
-    sel = KeepSelection(parsed, mode, count, where, total, passed_where, steps, _ranked(rows, parsed[0]))
+        cols = [_check_column(store, k.column) for k in parsed]
+        with selection_rows(store) as total:
+            ids: np.ndarray | None = None  # rows still in the selection (None: all of them)
+            passed_where = total
+            if where is not None:
+                evaluate_once(store, "select_base_rows", where, cols[0])
+                with query_errors(store, "select"):
+                    ids = store.arrow("select_passed_ids").column("vec_id").to_numpy()
+                passed_where = len(ids)
+            for k in parsed:
+                step, kept_ids = _keep_step(store, k, mode, count, ids)
+                steps.append(step)
+                ids = kept_ids if ids is None else np.intersect1d(ids, kept_ids)
+            rows = _rows_of(store, ids, cols)
+    first = parsed[0]
+    rows = rows.sort_by([(first.column, "ascending" if first.lowest else "descending"), ("uid", "ascending")])
+    table = pa.table({"rank": pa.array(np.arange(1, rows.num_rows + 1, dtype=np.int64)),
+                      **{name: rows.column(name) for name in rows.column_names}})
+    sel = KeepSelection(parsed, mode, count, where, total, passed_where, steps, table)
     if out_path is not None:
         if not sel.kept:
             raise InvalidParameter(f"Nothing to select: the keeps {', '.join(map(str, parsed))} have no row in "
@@ -212,65 +241,3 @@ def select_keep(
         write_selection(sel, out_path, force=True)
         sel.out = out_path
     return sel
-
-
-def _check_request(keeps: list[Keep | str], where: str | None, mode: str, count: str) -> list[Keep]:
-    """The keeps parsed, after checking them, ``mode``, ``count`` and ``where`` (InvalidParameter)."""
-    parsed = [k if isinstance(k, Keep) else parse_keep(k) for k in keeps]
-    if not parsed:
-        raise InvalidParameter.naming("{keeps} is empty: give at least one Keep or 'COLUMN:FRACTION'")
-    for k in parsed:
-        check_fraction(k.fraction)
-    if mode not in KEEP_MODES:
-        raise InvalidParameter(f"Unknown selection mode {mode!r}; choose one of {', '.join(KEEP_MODES)}")
-    if count not in COUNT_RULES:
-        raise InvalidParameter(f"Unknown count rule {count!r}; choose one of {', '.join(COUNT_RULES)}")
-    if where is not None:
-        check_where(where)
-    return parsed
-
-
-def _keep_step(store, con: duckdb.DuckDBPyConnection, base: duckdb.DuckDBPyRelation, k: Keep, mode: str,
-               count: str, left: np.ndarray | None) -> tuple[KeepStep, np.ndarray]:
-    """One keep: its step and the vec_ids it keeps, ranked among the pool's rows, or among ``left``
-    (the vec_ids still selected in filtered mode; None: the whole pool)."""
-    q = quote_identifier(k.column)
-    rel = base
-    if left is not None:
-        con.register("_keep_left", pa.table({"vec_id": pa.array(left, pa.int64())}))
-        rel = base.filter("vec_id IN (SELECT vec_id FROM _keep_left)")
-    _evaluate_once(rel, None, q)
-    try:
-        of, candidates = store.run("select_counts").fetchall()[0]
-        # pool: a fraction of every row (DataComp); filtered: of the rows left that can be
-        # ranked, exactly as select --by --top-fraction counts
-        n = min(_count(k.fraction, of if mode == "pool" else candidates, count), candidates)
-        top = _arrow(con.sql(load_sql("select_kept"), params={"kept": n, "lowest": bool(k.lowest)}))
-    except duckdb.Error as e:
-        raise _query_failed(e, "select", store) from None
-    finally:
-        if left is not None:
-            con.unregister("_keep_left")
-    kept_ids = top.column("vec_id").to_numpy()
-    threshold = top.column("score")[-1].as_py() if top.num_rows else None
-    return KeepStep(k, of, candidates, len(kept_ids), threshold), kept_ids
-
-
-def _rows_of(store, con: duckdb.DuckDBPyConnection, base: duckdb.DuckDBPyRelation, ids: np.ndarray,
-             cols: list[str]) -> pa.Table:
-    """``uid, vec_id`` and the keep columns of the kept rows ``ids``."""
-    con.register("_keep_ids", pa.table({"vec_id": pa.array(np.sort(ids), pa.int64())}))
-    try:
-        return _arrow(base.filter("vec_id IN (SELECT vec_id FROM _keep_ids)").project(
-            "uid, vec_id, " + ", ".join(quote_identifier(c) for c in dict.fromkeys(cols))))
-    except duckdb.Error as e:
-        raise _query_failed(e, "select", store) from None
-    finally:
-        con.unregister("_keep_ids")
-
-
-def _ranked(rows: pa.Table, first: Keep) -> pa.Table:
-    """The kept rows in rank order of the first keep (ties by uid), numbered from 1 in ``rank``."""
-    rows = rows.sort_by([(first.column, "ascending" if first.lowest else "descending"), ("uid", "ascending")])
-    return pa.table({"rank": pa.array(np.arange(1, rows.num_rows + 1, dtype=np.int64)),
-                     **{name: rows.column(name) for name in rows.column_names}})

@@ -2,7 +2,7 @@
 (a temporary file beside it, fsynced, renamed over it), and a full disk as one line.
 
 ``atomic_write`` is the project's one way to write a file whole or not at all: ``sql`` / ``query``
-(``queries.sqlrun.write_result``), ``select``, ``weights``, ``sample``, ``encode-text`` and
+(``queries.formats.write_result``), ``select``, ``weights``, ``sample``, ``encode-text`` and
 ``report`` write their outputs with it, and ``score`` can write its resumable chunk files with it.
 """
 

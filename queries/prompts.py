@@ -1,4 +1,13 @@
-"""Prompt text -> text embeddings with the open_clip model an index was built from (text tower only).
+"""Prompts -> vectors: a domain prompt encoded with an index's own model, or its embedding loaded.
+
+``encode_prompt`` (``weights``, ``sample``, the explorer's prompt box), by how the index was built:
+
+* synthetic: the synthetic world's prompt encoder, the world rebuilt from ``manifest.extra``;
+* open_clip, datacomp, clip-retrieval: the open_clip model the manifest records (text tower only,
+  loaded once per process; ``model`` / ``pretrained`` override it);
+* or the prompt's text embedding is given (``prompt_embedding``: a ``.npy`` of shape (d,) or (1, d)
+  from the same model, ``load_prompt_embedding``), e.g. written by ``encode-text`` (``encode_text``)
+  where the weights are available.
 
 Which model: ``model_of(pool)`` reads the manifest. A DataComp index records the open_clip model
 and tag that produced its arrays (``extra.open_clip_model`` / ``extra.open_clip_pretrained``,
@@ -16,15 +25,19 @@ embedding instead (``encode-text`` on a machine that has the weights, then ``--p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shlex
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from clip_density_index.indexer.errors import BadInput, ClipIndexError, InvalidParameter
+from clip_density_index.indexer.pool import as_pool
+from clip_density_index.queries.outfile import atomic_write, check_out
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +182,6 @@ def encode_text(index=None, texts: Sequence[str] = (), *, model: str | None = No
         InvalidParameter: no texts, no model, a bad ``out`` suffix, ``out`` exists without ``force``.
         BadInput: the weights cannot be loaded, or the embeddings' dimension is not the index's.
     """
-    from clip_density_index.queries.sqlrun import atomic_write, check_out
-
     texts = [str(t) for t in texts]
     if not texts or any(not t.strip() for t in texts):
         raise InvalidParameter("Give one or more non-empty texts to encode, e.g. \"a photo of food\"")
@@ -180,8 +191,6 @@ def encode_text(index=None, texts: Sequence[str] = (), *, model: str | None = No
         check_out(out, force)
     pool = None
     if index is not None:
-        from clip_density_index.indexer.pool import as_pool
-
         pool = as_pool(index)
         if pool.synthetic:
             raise InvalidParameter(
@@ -203,3 +212,151 @@ def encode_text(index=None, texts: Sequence[str] = (), *, model: str | None = No
 
         atomic_write(Path(out), write)
     return emb
+
+
+# -- a domain prompt for an index ------------------------------------------------------------
+@dataclass
+class Prompt:
+    """An encoded prompt.
+
+    Attributes:
+        label: what is stored in ``weights.prompt``: the prompt text, or ``embedding:<file>``.
+        vector: (d,) float64 unit vector.
+        encoder: how it was encoded (for messages), e.g. "synthetic world (seed 0)".
+    """
+
+    label: str
+    vector: np.ndarray
+    encoder: str
+
+
+def load_prompt_embedding(source: str | Path | np.ndarray, dim: int) -> np.ndarray:
+    """A prompt embedding from a ``.npy`` file (or an array), checked and normalised.
+
+    Args:
+        source: a ``.npy`` path holding shape (d,) or (1, d), or such an array.
+        dim: the index's embedding dimension d.
+
+    Returns:
+        (d,) float64 unit vector.
+
+    Raises:
+        BadInput: the file is missing or unreadable, the shape or dimension is wrong (the message
+            names the file and both dimensions), or the vector is zero or not finite.
+    """
+    name = "the prompt embedding" if isinstance(source, np.ndarray) else f"prompt embedding file {str(source)!r}"
+    if isinstance(source, np.ndarray):
+        arr = source
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise BadInput(f"{name} does not exist")
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BadInput(f"{name} is not a readable .npy array: {e}") from None
+        if not isinstance(arr, np.ndarray):  # np.load gives an NpzFile for .npz archives
+            arr.close()
+            raise BadInput(f"{name} is a .npz archive; give a .npy file holding the one embedding")
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "fiu":  # complex parts would be dropped, strings and bools are not vectors
+        raise BadInput(f"{name} has dtype {arr.dtype}; expected real numbers (float)")
+    if arr.ndim == 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 1:
+        raise BadInput(f"{name} has shape {arr.shape}; expected ({dim},) or (1, {dim})")
+    if arr.shape[0] != dim:
+        raise BadInput(f"{name} has dimension {arr.shape[0]}, but the index's embeddings have dimension {dim}")
+    v = arr.astype(np.float64)
+    norm = float(np.linalg.norm(v))
+    if not np.all(np.isfinite(v)) or norm == 0.0:
+        raise BadInput(f"{name} is zero or not finite")
+    return v / norm
+
+
+def _synthetic_prompt(pool, text: str) -> tuple[np.ndarray, str]:
+    from clip_density_index.indexer.synthetic import WORLD_VERSION, SyntheticWorld
+
+    extra = pool.manifest.get("extra") or {}
+    try:
+        seed, dim, geometry = int(extra["seed"]), int(extra["dim"]), str(extra["geometry"])
+    except (KeyError, TypeError, ValueError):
+        raise BadInput(
+            f"Index {str(pool.root)!r} is synthetic but its manifest lacks the world parameters "
+            "(seed, dim, geometry); rebuild it with `cli.py build-index`"
+        ) from None
+    version = extra.get("world_version")
+    if version != WORLD_VERSION:
+        raise BadInput(
+            f"Index {str(pool.root)!r} was built by synthetic world version {version}, this code has "
+            f"version {WORLD_VERSION}: its prompt encoder would not match; rebuild the index"
+        )
+    world = SyntheticWorld(seed=seed, dim=dim, geometry=geometry)
+    return np.asarray(world.encode_prompt(text), dtype=np.float64), f"synthetic world (seed {seed}, dim {dim})"
+
+
+def _open_clip_prompt(pool, text: str, device: str, model: str | None = None,
+                      pretrained: str | None = None) -> tuple[np.ndarray, str]:
+    use_model, use_pretrained = choose_model(pool, model, pretrained)
+    what = f"the prompt {text!r} for index {str(pool.root)!r}"
+    u = encode([text], use_model, use_pretrained, device, what=what)[0]
+    if u.shape != (pool.dim,):
+        raise BadInput(f"open_clip {use_model} ({use_pretrained}) gives dimension {u.shape[0]}, but index "
+                       f"{str(pool.root)!r} has dimension {pool.dim}: it is not the index's model")
+    return np.asarray(u, dtype=np.float64), f"open_clip {use_model} ({use_pretrained})"
+
+
+def encode_prompt(
+    index,
+    prompt: str | None = None,
+    prompt_embedding: str | Path | np.ndarray | None = None,
+    device: str = "auto",
+    model: str | None = None,
+    pretrained: str | None = None,
+) -> Prompt:
+    """Encode a domain prompt with the index's own model, or load its embedding.
+
+    Args:
+        index: index directory or an opened ``PoolIndex``.
+        prompt: the prompt text, e.g. "a photo of food". With ``prompt_embedding`` it is only the
+            label stored with the weights.
+        prompt_embedding: a ``.npy`` file (or array) with the prompt's text embedding, shape (d,)
+            or (1, d); required for indexes without a model to run (datacomp, clip-retrieval).
+        device: torch device for open_clip models.
+        model, pretrained: open_clip model and weights (tag or local checkpoint) to encode the
+            prompt with instead of those the manifest records.
+
+    Returns:
+        A ``Prompt`` (label, unit vector, encoder description).
+
+    Raises:
+        InvalidParameter: neither argument, an empty prompt, a synthetic prompt with no known
+            concept, or an index whose model cannot be run (the message says to pass
+            ``--prompt-embedding``).
+        BadInput: a bad embedding file (missing, wrong shape or dimension, zero).
+    """
+    pool = as_pool(index)
+    if prompt is not None and not str(prompt).strip():
+        raise InvalidParameter("The prompt is empty; give a text such as \"a photo of food\"")
+    if prompt_embedding is not None:
+        v = load_prompt_embedding(prompt_embedding, pool.dim)
+        if prompt is not None:
+            label = str(prompt)
+        elif isinstance(prompt_embedding, np.ndarray):
+            label = "embedding:" + hashlib.sha1(v.tobytes()).hexdigest()[:12]
+        else:
+            label = f"embedding:{prompt_embedding}"
+        where = "array" if isinstance(prompt_embedding, np.ndarray) else str(prompt_embedding)
+        return Prompt(label, v, f"given embedding ({where})")
+    if prompt is None:
+        raise InvalidParameter.naming("Give a prompt ({prompt} TEXT) or its embedding ({prompt_embedding} FILE.npy)")
+    if pool.synthetic:
+        if model is not None or pretrained is not None:
+            raise InvalidParameter.naming("Index {root!r} is the synthetic world, which encodes prompts itself; "
+                                          "{model} / {pretrained} apply to indexes of real models", root=str(pool.root))
+        u, encoder = _synthetic_prompt(pool, prompt)
+    else:
+        u, encoder = _open_clip_prompt(pool, prompt, device, model, pretrained)
+    if u.shape != (pool.dim,):
+        raise BadInput(f"The {encoder} gave a prompt embedding of shape {u.shape}; the index has dimension {pool.dim}")
+    return Prompt(str(prompt), load_prompt_embedding(u, pool.dim), encoder)

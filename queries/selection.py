@@ -23,30 +23,21 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
 from clip_density_index.indexer.errors import BadInput, InvalidParameter
+from clip_density_index.indexer.store import CatalogConnection
 from clip_density_index.indexer.validate import UID_PATTERN
-from clip_density_index.queries.sqlrun import (
-    OUTSIDE_HINT,
-    OUTSIDE_REFUSED,
-    _arrow,
-    _first_line,
-    _query_failed,
-    atomic_write,
-    check_out,
-    check_score_column,
-    quote_identifier,
-    read_only_store,
-    table_columns,
-)
-from clip_density_index.indexer.store import load_sql
+from clip_density_index.queries.identifiers import check_score_column
+from clip_density_index.queries.outfile import atomic_write, check_out
+from clip_density_index.queries.sqlrun import OUTSIDE_HINT, OUTSIDE_REFUSED, query_errors, read_only_store
 
 #: Output suffixes ``select`` writes.
 SUBSET_SUFFIXES = (".npy", ".parquet", ".txt")
@@ -132,33 +123,50 @@ def check_where(where: str) -> str:
     return where
 
 
-def _base_relation(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
-    """``samples`` joined with ``scores`` on their shared keys (vec_id, and uid when scores has it)."""
-    score_cols = {c for c, _ in table_columns(con, "scores")}
+@contextmanager
+def selection_rows(store: CatalogConnection) -> Iterator[int]:
+    """Within the block, ``_select_base`` is ``samples`` joined with ``scores`` on their shared keys
+    (vec_id, and uid when scores has it); yields its row count."""
+    score_cols = {c for c, _ in store.columns("scores")}
     keys = [k for k in ("vec_id", "uid") if k in score_cols]
     if "vec_id" not in keys:
         raise BadInput("The scores table has no vec_id column; re-run `python cli.py score INDEX_DIR`")
-    return con.sql(f"SELECT * FROM samples JOIN scores USING ({', '.join(keys)})")
+    with query_errors(store, "select"):
+        base = store.relation("select_base", identifiers={"keys": keys})
+    with store.registered(_select_base=base):
+        with query_errors(store, "select"):
+            total = int(store.value("select_base_count"))
+        yield total
 
 
-def _evaluate_once(rel: duckdb.DuckDBPyRelation, where: str | None, q: str) -> None:
-    """Filter ``rel`` by ``where`` and store the rows that pass (uid, vec_id and the score column
-    ``q`` as ``score``) in the temporary table ``_select_passed``: the condition runs exactly once
-    (``random() < 0.5`` gave three different row sets to three counts), and everything after reads
-    that table."""
-    try:
-        if where is not None:
-            rel = rel.filter(where)
-        rel.project(f"uid, vec_id, {q} AS score").query("_select_source", load_sql("select_passed_create"))
-    except duckdb.ParserException as e:
-        raise InvalidParameter.naming("{where} {value!r} is not a single SQL condition: {detail}", value=where,
-                                      detail=_first_line(e)) from None
-    except duckdb.Error as e:
-        msg = _first_line(e)
-        hint = OUTSIDE_HINT if OUTSIDE_REFUSED in msg else ""
-        if where is None:
-            raise InvalidParameter(f"select failed: {msg}{hint}") from None
-        raise InvalidParameter.naming("{where} {value!r} failed: {detail}", value=where, detail=msg + hint) from None
+def evaluate_once(store: CatalogConnection, source: str, where: str | None, column: str) -> None:
+    """Filter the rows of the statement ``source`` by ``where`` and store the rows that pass (uid,
+    vec_id and the score column ``column`` as ``score``) in the temporary table ``_select_passed``:
+    the condition runs exactly once (``random() < 0.5`` gave three different row sets to three
+    counts), and everything after reads that table."""
+    subject, syntax, values = "select", None, None
+    if where is not None:
+        subject, syntax = "{where} {value!r}", "{where} {value!r} is not a single SQL condition"
+        values = {"value": where}
+    with store.errors(subject, InvalidParameter, lambda msg: OUTSIDE_HINT if OUTSIDE_REFUSED in msg else "",
+                      syntax=syntax, values=values):
+        with store.registered(_select_source=store.relation(source, where=where)):
+            store.run("select_passed_create", {"score": column})
+
+
+def passed_counts(store: CatalogConnection) -> tuple[int, int]:
+    """``(passed, candidates)`` of ``_select_passed``: its rows, and those with a score that is
+    neither NULL nor NaN (they can be ranked)."""
+    with query_errors(store, "select"):
+        counts = store.rows("select_counts")[0]
+    return counts["passed"], counts["candidates"]
+
+
+def kept_rows(store: CatalogConnection, kept: int, lowest: bool) -> pa.Table:
+    """The ``kept`` rows of ``_select_passed`` with the highest scores (``lowest``: the lowest),
+    ties broken by uid: ``rank, uid, vec_id, score``."""
+    with query_errors(store, "select"):
+        return store.arrow("select_kept", kept=int(kept), lowest=bool(lowest))
 
 
 def check_subset_out(out: str | Path | None, force: bool) -> Path | None:
@@ -208,22 +216,12 @@ def select(
         check_where(where)
     out_path = check_subset_out(out, force)
     with read_only_store(index) as store:
-        con = store.con
-        col = check_score_column(con, by)
-        q = quote_identifier(col)
-        try:
-            rel = _base_relation(con)
-            total = rel.aggregate("count(*)").fetchall()[0][0]
-        except duckdb.Error as e:
-            raise _query_failed(e, "select", store) from None
-        _evaluate_once(rel, where, q)
-        try:
-            passed, candidates = store.run("select_counts").fetchall()[0]
+        col = check_score_column(store, by)
+        with selection_rows(store) as total:
+            evaluate_once(store, "select_base_rows", where, col)
+            passed, candidates = passed_counts(store)
             kept = kept_count(fraction, candidates)
-            table = _arrow(con.sql(load_sql("select_kept"), params={"kept": kept, "lowest": bool(lowest)}))
-        except duckdb.Error as e:
-            raise _query_failed(e, "select", store) from None
-        table = table.rename_columns(["rank", "uid", "vec_id", col])
+            table = kept_rows(store, kept, lowest).rename_columns(["rank", "uid", "vec_id", col])
     if not kept and out_path is not None:
         why = f"no sample passed --where {where!r}" if where is not None and not passed else \
             f"no sample has a value of {col!r}"

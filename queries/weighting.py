@@ -7,13 +7,8 @@ model's ~100). Everything is computed in log space: ``log w = a' cos``;
 ``ESS = (sum w)^2 / sum w^2 = exp(2 LSE(log w) - LSE(2 log w))``. ``weight`` itself is stored as
 ``exp(log w)`` (it overflows to infinity only for ``a' cos > 709``; the normalised weights never do).
 
-Prompt encoding (``encode_prompt``), by how the index was built:
-
-* synthetic: the synthetic world's prompt encoder, the world rebuilt from ``manifest.extra``;
-* open_clip, datacomp, clip-retrieval: the open_clip model the manifest records (``queries.prompts``:
-  text tower only, loaded once per process; ``model`` / ``pretrained`` override it);
-* or the prompt's text embedding is given (``prompt_embedding``: a ``.npy`` of shape (d,) or (1, d)
-  from the same model), e.g. written by ``encode-text`` where the weights are available.
+The prompt is encoded by ``queries.prompts.encode_prompt`` (the synthetic world's encoder, the
+index's open_clip model, or a given ``.npy`` embedding).
 
 Sampling (``sample``): ``mode="top"`` retrieves the highest-weight images through FAISS top-k on the
 image index (the weight is monotone in the cosine), probing a quarter of the IVF lists by default
@@ -25,14 +20,12 @@ by ``Generator.choice`` with ``p = w / sum w``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -40,7 +33,9 @@ from clip_density_index.indexer import defaults, lock
 from clip_density_index.indexer.errors import BadInput, DiskFull, InvalidParameter
 from clip_density_index.indexer.pool import as_pool
 from clip_density_index.indexer.validate import check_seed
-from clip_density_index.queries.sqlrun import _arrow, _first_line, check_out, format_for, write_result
+from clip_density_index.queries.formats import format_for, write_result
+from clip_density_index.queries.outfile import check_out
+from clip_density_index.queries.prompts import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -70,157 +65,6 @@ POOL_ROW_BYTES = 64
 #: Below this many rows ``sample`` skips the memory check (at most a few hundred MB).
 SAMPLE_CHECK_MIN = 100_000
 
-
-
-
-# -- prompt encoding ----------------------------------------------------------------------------
-@dataclass
-class Prompt:
-    """An encoded prompt.
-
-    Attributes:
-        label: what is stored in ``weights.prompt``: the prompt text, or ``embedding:<file>``.
-        vector: (d,) float64 unit vector.
-        encoder: how it was encoded (for messages), e.g. "synthetic world (seed 0)".
-    """
-
-    label: str
-    vector: np.ndarray
-    encoder: str
-
-
-def load_prompt_embedding(source: str | Path | np.ndarray, dim: int) -> np.ndarray:
-    """A prompt embedding from a ``.npy`` file (or an array), checked and normalised.
-
-    Args:
-        source: a ``.npy`` path holding shape (d,) or (1, d), or such an array.
-        dim: the index's embedding dimension d.
-
-    Returns:
-        (d,) float64 unit vector.
-
-    Raises:
-        BadInput: the file is missing or unreadable, the shape or dimension is wrong (the message
-            names the file and both dimensions), or the vector is zero or not finite.
-    """
-    name = "the prompt embedding" if isinstance(source, np.ndarray) else f"prompt embedding file {str(source)!r}"
-    if isinstance(source, np.ndarray):
-        arr = source
-    else:
-        p = Path(source)
-        if not p.is_file():
-            raise BadInput(f"{name} does not exist")
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise BadInput(f"{name} is not a readable .npy array: {e}") from None
-        if not isinstance(arr, np.ndarray):  # np.load gives an NpzFile for .npz archives
-            arr.close()
-            raise BadInput(f"{name} is a .npz archive; give a .npy file holding the one embedding")
-    arr = np.asarray(arr)
-    if arr.dtype.kind not in "fiu":  # complex parts would be dropped, strings and bools are not vectors
-        raise BadInput(f"{name} has dtype {arr.dtype}; expected real numbers (float)")
-    if arr.ndim == 2 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 1:
-        raise BadInput(f"{name} has shape {arr.shape}; expected ({dim},) or (1, {dim})")
-    if arr.shape[0] != dim:
-        raise BadInput(f"{name} has dimension {arr.shape[0]}, but the index's embeddings have dimension {dim}")
-    v = arr.astype(np.float64)
-    norm = float(np.linalg.norm(v))
-    if not np.all(np.isfinite(v)) or norm == 0.0:
-        raise BadInput(f"{name} is zero or not finite")
-    return v / norm
-
-
-def _synthetic_prompt(pool, text: str) -> tuple[np.ndarray, str]:
-    from clip_density_index.indexer.synthetic import WORLD_VERSION, SyntheticWorld
-
-    extra = pool.manifest.get("extra") or {}
-    try:
-        seed, dim, geometry = int(extra["seed"]), int(extra["dim"]), str(extra["geometry"])
-    except (KeyError, TypeError, ValueError):
-        raise BadInput(
-            f"Index {str(pool.root)!r} is synthetic but its manifest lacks the world parameters "
-            "(seed, dim, geometry); rebuild it with `cli.py build-index`"
-        ) from None
-    version = extra.get("world_version")
-    if version != WORLD_VERSION:
-        raise BadInput(
-            f"Index {str(pool.root)!r} was built by synthetic world version {version}, this code has "
-            f"version {WORLD_VERSION}: its prompt encoder would not match; rebuild the index"
-        )
-    world = SyntheticWorld(seed=seed, dim=dim, geometry=geometry)
-    return np.asarray(world.encode_prompt(text), dtype=np.float64), f"synthetic world (seed {seed}, dim {dim})"
-
-
-def _open_clip_prompt(pool, text: str, device: str, model: str | None = None,
-                      pretrained: str | None = None) -> tuple[np.ndarray, str]:
-    from clip_density_index.queries.prompts import choose_model, encode
-
-    use_model, use_pretrained = choose_model(pool, model, pretrained)
-    what = f"the prompt {text!r} for index {str(pool.root)!r}"
-    u = encode([text], use_model, use_pretrained, device, what=what)[0]
-    if u.shape != (pool.dim,):
-        raise BadInput(f"open_clip {use_model} ({use_pretrained}) gives dimension {u.shape[0]}, but index "
-                       f"{str(pool.root)!r} has dimension {pool.dim}: it is not the index's model")
-    return np.asarray(u, dtype=np.float64), f"open_clip {use_model} ({use_pretrained})"
-
-
-def encode_prompt(
-    index,
-    prompt: str | None = None,
-    prompt_embedding: str | Path | np.ndarray | None = None,
-    device: str = "auto",
-    model: str | None = None,
-    pretrained: str | None = None,
-) -> Prompt:
-    """Encode a domain prompt with the index's own model, or load its embedding.
-
-    Args:
-        index: index directory or an opened ``PoolIndex``.
-        prompt: the prompt text, e.g. "a photo of food". With ``prompt_embedding`` it is only the
-            label stored with the weights.
-        prompt_embedding: a ``.npy`` file (or array) with the prompt's text embedding, shape (d,)
-            or (1, d); required for indexes without a model to run (datacomp, clip-retrieval).
-        device: torch device for open_clip models.
-        model, pretrained: open_clip model and weights (tag or local checkpoint) to encode the
-            prompt with instead of those the manifest records.
-
-    Returns:
-        A ``Prompt`` (label, unit vector, encoder description).
-
-    Raises:
-        InvalidParameter: neither argument, an empty prompt, a synthetic prompt with no known
-            concept, or an index whose model cannot be run (the message says to pass
-            ``--prompt-embedding``).
-        BadInput: a bad embedding file (missing, wrong shape or dimension, zero).
-    """
-    pool = as_pool(index)
-    if prompt is not None and not str(prompt).strip():
-        raise InvalidParameter("The prompt is empty; give a text such as \"a photo of food\"")
-    if prompt_embedding is not None:
-        v = load_prompt_embedding(prompt_embedding, pool.dim)
-        if prompt is not None:
-            label = str(prompt)
-        elif isinstance(prompt_embedding, np.ndarray):
-            label = "embedding:" + hashlib.sha1(v.tobytes()).hexdigest()[:12]
-        else:
-            label = f"embedding:{prompt_embedding}"
-        where = "array" if isinstance(prompt_embedding, np.ndarray) else str(prompt_embedding)
-        return Prompt(label, v, f"given embedding ({where})")
-    if prompt is None:
-        raise InvalidParameter.naming("Give a prompt ({prompt} TEXT) or its embedding ({prompt_embedding} FILE.npy)")
-    if pool.synthetic:
-        if model is not None or pretrained is not None:
-            raise InvalidParameter.naming("Index {root!r} is the synthetic world, which encodes prompts itself; "
-                                          "{model} / {pretrained} apply to indexes of real models", root=str(pool.root))
-        u, encoder = _synthetic_prompt(pool, prompt)
-    else:
-        u, encoder = _open_clip_prompt(pool, prompt, device, model, pretrained)
-    if u.shape != (pool.dim,):
-        raise BadInput(f"The {encoder} gave a prompt embedding of shape {u.shape}; the index has dimension {pool.dim}")
-    return Prompt(str(prompt), load_prompt_embedding(u, pool.dim), encoder)
 
 
 # -- weights ------------------------------------------------------------------------------------
@@ -373,10 +217,6 @@ def _out_suffix(out: str | Path) -> str:
     return suffix
 
 
-def _catalog_error(pool, e: duckdb.Error) -> BadInput:
-    return BadInput(f"Cannot write the weights into {str(pool.paths.catalog)!r}: {_first_line(e)}")
-
-
 def weights(
     index,
     prompt: str | None = None,
@@ -434,39 +274,20 @@ def weights(
 
 def store_weights(index, w: Weights) -> None:
     """Replace the rows of ``w.prompt`` in the ``weights`` table by ``w`` (one transaction)."""
-    from clip_density_index.indexer.store import load_sql
-
     pool = as_pool(index)
-    table = pa.table({
-        "vec_id": np.arange(w.n, dtype=np.int64), "cosine": w.cosine, "log_weight": w.log_weight,
-        "weight": w.weight, "normalized_weight": w.normalized_weight,
-    })
-    try:
-        with lock.using(pool.root, "weights"), pool.store(read_only=False, wait=CATALOG_WAIT) as s:
-            con = s.con
-            con.execute(load_sql("weights_create"))
-            con.execute("BEGIN TRANSACTION")
-            try:
-                con.execute(load_sql("weights_delete"), {"prompt": w.prompt})
-                with con.cursor() as cur:
-                    cur.register("_weights", table)
-                    cur.execute(load_sql("weights_insert"), {"prompt": w.prompt, "logit_scale": w.logit_scale})
-                    cur.unregister("_weights")
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            w.stored = True  # committed: in the catalog's write-ahead log, durable
-            try:
-                con.execute("CHECKPOINT")
-            except duckdb.Error as e:  # e.g. a full disk: the WAL keeps the change, replayed on open
-                log.warning("the weights are stored, but the catalog %s could not be checkpointed (%s); they stay "
-                            "in its write-ahead log until a later write succeeds", pool.paths.catalog, _first_line(e))
-    except duckdb.Error as e:
-        if w.stored:
-            return
-        raise _catalog_error(pool, e) from None
-    w.stored = True
+    rows = {"vec_id": np.arange(w.n, dtype=np.int64), "cosine": w.cosine, "log_weight": w.log_weight,
+            "weight": w.weight, "normalized_weight": w.normalized_weight}
+    with lock.using(pool.root, "weights"), pool.store(read_only=False, wait=CATALOG_WAIT) as s:
+        with s.errors(f"Writing the weights into {str(pool.paths.catalog)!r}", BadInput):
+            s.run("weights_create")
+            with s.transaction():
+                s.run("weights_delete", prompt=w.prompt)
+                s.insert("weights_insert", {"_weights": rows}, prompt=w.prompt, logit_scale=w.logit_scale)
+        w.stored = True  # committed: in the catalog's write-ahead log, durable
+        problem = s.checkpoint()
+        if problem:  # e.g. a full disk: the WAL keeps the change, replayed on open
+            log.warning("the weights are stored, but the catalog %s could not be checkpointed (%s); they stay "
+                        "in its write-ahead log until a later write succeeds", pool.paths.catalog, problem)
 
 
 def write_weights(index, w: Weights, out: str | Path, force: bool = False) -> Path:
@@ -474,7 +295,7 @@ def write_weights(index, w: Weights, out: str | Path, force: bool = False) -> Pa
     pool = as_pool(index)
     _out_suffix(out)
     with pool.store(read_only=True) as s:
-        uids = _arrow(s.con.sql("SELECT uid FROM samples ORDER BY vec_id")).column("uid")
+        uids = s.arrow("samples_uids").column("uid")
     table = pa.table({"uid": uids, "weight": w.weight, "normalized_weight": w.normalized_weight})
     write_result(table, format_for(out, None), out, force=force)
     w.out = Path(out)
@@ -570,20 +391,15 @@ def lookup_samples(index, vec_ids: np.ndarray) -> pa.Table:
     Uses the index's kept read-only connection (``PoolIndex.reader``) and, for up to
     ``LOOKUP_MAX`` distinct ids, point lookups through the ``samples_vec_id`` index.
     """
-    from clip_density_index.indexer.store import load_sql
-
     pool = as_pool(index)
     vec_ids = np.asarray(vec_ids, dtype=np.int64)
     uniq = np.unique(vec_ids)
-    con = pool.reader().con
-    with con.cursor() as cur:
+    with pool.reader().cursor() as s:
         if len(uniq) <= LOOKUP_MAX:
-            sql = load_sql("samples_by_vec_id").rstrip() + " (" + ", ".join(["?"] * len(uniq)) + ")"
-            found = _arrow(cur.sql(sql, params=uniq.tolist()))
+            found = s.arrow_in("samples_by_vec_id", uniq.tolist())
         else:
-            cur.register("_ids", pa.table({"vec_id": uniq}))
-            found = _arrow(cur.sql(load_sql("samples_by_vec_id_join")))
-            cur.unregister("_ids")
+            with s.registered(_ids={"vec_id": uniq}):
+                found = s.arrow("samples_by_vec_id_join")
     got = found.column("vec_id").to_numpy()
     if len(got) != len(uniq):
         raise BadInput(f"Catalog {str(pool.paths.catalog)!r} lacks samples rows for some vec_ids")
@@ -630,12 +446,11 @@ def check_sample_memory(pool, n: int, out: str | Path | None = None, printed: bo
         TooMuchMemory: naming the rows, the bytes needed and the bytes available.
     """
     from clip_density_index.indexer import memory
-    from clip_density_index.indexer.store import load_sql
 
     if n < SAMPLE_CHECK_MIN:
         return
-    with pool.reader().con.cursor() as cur:
-        text_bytes = float(cur.sql(load_sql("samples_text_bytes")).fetchall()[0][0])
+    with pool.reader().cursor() as s:
+        text_bytes = float(s.value("samples_text_bytes"))
     fmt = None if out is None else format_for(out, None)
     need = sample_bytes(n, pool.n, text_bytes, fmt, printed)
     hint = ("write the rows to a file with --out FILE.parquet instead of printing them" if printed else
@@ -691,14 +506,7 @@ def sample(
             replacement), bad prompt or logit scale, ``out`` exists without ``force``.
         TooMuchMemory: the n rows would not fit in the available memory (checked before drawing).
     """
-    if mode not in SAMPLE_MODES:
-        raise InvalidParameter(f"Unknown sample mode {mode!r}; choose one of {', '.join(SAMPLE_MODES)}")
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise InvalidParameter.naming("{n} must be a positive integer, got {value!r}", value=n)
-    if mode == "top" and replace:
-        raise InvalidParameter.naming("{replace} only applies to {mode} draw")
-    if mode == "draw" and (nprobe is not None or exact):
-        raise InvalidParameter("--nprobe and --exact only apply to --mode top")
+    _check_sample_args(mode, n, replace, nprobe, exact)
     a = check_logit_scale(logit_scale)
     seed = check_seed(seed)
     if out is not None:
@@ -713,29 +521,55 @@ def sample(
     check_sample_memory(pool, int(n), out, printed,
                         f"sample -n {int(n):,}" + (" --replace" if replace else "") + (f" --out {out}" if out else ""))
     p = encode_prompt(pool, prompt, prompt_embedding, device=device, model=model, pretrained=pretrained)
-    cols: dict[str, Any]
     if mode == "top":
-        ids, cos = top_by_faiss(pool, p.vector, n, nprobe=nprobe, exact=exact)
-        with np.errstate(over="ignore"):
-            cols = {"vec_id": ids, "cosine": cos, "weight": np.exp(a * cos)}
+        cols = _top_columns(pool, p.vector, n, a, nprobe, exact)
     else:
         cos = image_cosines(pool, p.vector)
-        w = Weights(p.label, a, cos, a * cos, p.encoder)
-        rng = np.random.default_rng(seed)
-        if replace:
-            prob = w.normalized_weight / w.n
-            ids = rng.choice(w.n, size=n, replace=True, p=prob / prob.sum())
-        else:
-            ids = gumbel_top_k(w.log_weight, n, rng)
-        cols = {"vec_id": ids.astype(np.int64), "cosine": w.cosine[ids], "weight": w.weight[ids],
-                "normalized_weight": w.normalized_weight[ids]}
+        cols = _draw_columns(Weights(p.label, a, cos, a * cos, p.encoder), n, replace, seed)
+    table = _sample_table(pool, cols)
+    if out is not None:
+        write_result(table, format_for(out, None), out, force=force)
+    return table
+
+
+def _check_sample_args(mode: str, n: Any, replace: bool, nprobe: int | None, exact: bool) -> None:
+    """The mode and its options, and ``n``, before anything is read."""
+    if mode not in SAMPLE_MODES:
+        raise InvalidParameter(f"Unknown sample mode {mode!r}; choose one of {', '.join(SAMPLE_MODES)}")
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise InvalidParameter.naming("{n} must be a positive integer, got {value!r}", value=n)
+    if mode == "top" and replace:
+        raise InvalidParameter.naming("{replace} only applies to {mode} draw")
+    if mode == "draw" and (nprobe is not None or exact):
+        raise InvalidParameter("--nprobe and --exact only apply to --mode top")
+
+
+def _top_columns(pool, vector: np.ndarray, n: int, a: float, nprobe: int | None, exact: bool) -> dict[str, np.ndarray]:
+    """``mode="top"``: the ``n`` highest-weight images (``top_by_faiss``), best first."""
+    ids, cos = top_by_faiss(pool, vector, n, nprobe=nprobe, exact=exact)
+    with np.errstate(over="ignore"):
+        return {"vec_id": ids, "cosine": cos, "weight": np.exp(a * cos)}
+
+
+def _draw_columns(w: Weights, n: int, replace: bool, seed: int) -> dict[str, np.ndarray]:
+    """``mode="draw"``: ``n`` images drawn with probability proportional to the weights, seeded;
+    with replacement by ``Generator.choice``, without by the Gumbel-top-k trick."""
+    rng = np.random.default_rng(seed)
+    if replace:
+        prob = w.normalized_weight / w.n
+        ids = rng.choice(w.n, size=n, replace=True, p=prob / prob.sum())
+    else:
+        ids = gumbel_top_k(w.log_weight, n, rng)
+    return {"vec_id": ids.astype(np.int64), "cosine": w.cosine[ids], "weight": w.weight[ids],
+            "normalized_weight": w.normalized_weight[ids]}
+
+
+def _sample_table(pool, cols: dict[str, np.ndarray]) -> pa.Table:
+    """``rank, vec_id, uid, caption`` and the other columns, in the order of ``cols["vec_id"]``."""
     rows = lookup_samples(pool, cols["vec_id"])
-    table = pa.table({
+    return pa.table({
         "rank": np.arange(1, len(cols["vec_id"]) + 1, dtype=np.int64),
         "vec_id": np.asarray(cols["vec_id"], dtype=np.int64), "uid": rows.column("uid"),
         "caption": rows.column("caption"),
         **{k: np.asarray(v) for k, v in cols.items() if k != "vec_id"},
     })
-    if out is not None:
-        write_result(table, format_for(out, None), out, force=force)
-    return table

@@ -5,7 +5,6 @@ import math
 import duckdb
 import faiss
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch

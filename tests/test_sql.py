@@ -18,13 +18,12 @@ from conftest import clustered_pairs
 from clip_density_index.indexer.build import build_index
 from clip_density_index.indexer.errors import InvalidParameter, NotReadOnly, UnknownQuery
 from clip_density_index.indexer.sources import ArraySource
-from clip_density_index.queries import sqlrun
+from clip_density_index.queries import formats, sqlrun
+from clip_density_index.queries.formats import render_table
+from clip_density_index.queries.named import list_queries, parse_named_query
 from clip_density_index.queries.sqlrun import (
     QueryError,
     check_read_only,
-    list_queries,
-    parse_named_query,
-    render_table,
     run_query,
     run_sql,
 )
@@ -172,7 +171,7 @@ def test_render_table_truncates_and_formats():
 def test_jsonl_writes_nan_as_null():
     import pyarrow as pa
 
-    assert json.loads(sqlrun.to_jsonl(pa.table({"x": [float("nan")]}))) == {"x": None}
+    assert json.loads(formats.to_jsonl(pa.table({"x": [float("nan")]}))) == {"x": None}
 
 
 # -- named queries ------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from clip_density_index.indexer.errors import ClipIndexError, InvalidParameter
 from clip_density_index.indexer.pool import open_index
 from clip_density_index.queries import sqlrun
 from clip_density_index.queries.selection import select
-from clip_density_index.queries.sqlrun import QueryError, parse_named_query, read_only_store, run_query, run_sql
+from clip_density_index.queries.named import parse_named_query
+from clip_density_index.queries.sqlrun import QueryError, read_only_store, run_query, run_sql
 from arrays_pool import fingerprint
 
 TOKEN = "zq-secret-token-5d1e"

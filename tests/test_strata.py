@@ -3,7 +3,6 @@ exact KL at full budget (SPEC 3.2), calibration, widening."""
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 

@@ -15,7 +15,7 @@ from clip_density_index.indexer.errors import BadInput, InvalidParameter
 from clip_density_index.indexer.sources import ArraySource
 from clip_density_index.queries.sqlrun import run_query, run_sql
 from clip_density_index.queries.weighting import compute_weights, encode_prompt, gumbel_top_k, sample, weights
-from arrays_pool import N, fingerprint, unit
+from arrays_pool import N, unit
 
 
 @pytest.fixture(scope="module")
