@@ -19,6 +19,7 @@ torch, torchvision, PIL and open_clip are imported inside functions so that impo
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -37,7 +38,7 @@ from clip_density_index.indexer.device import resolve_device
 from clip_density_index.indexer.errors import BadInput, InvalidParameter
 from clip_density_index.indexer.progress import Progress, null_progress
 from clip_density_index.indexer.reader import UidDeriver, arrange_meta, natural_key, normalize_uids
-from clip_density_index.indexer.source import Batch, SourceInfo
+from clip_density_index.indexer.source import Batch, Part, SourceInfo
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ CAPTION_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "json
                     ".ndjson": "jsonl", ".parquet": "parquet"}
 _MAX_SKIP_WARNINGS = 20  # per-sample warnings before switching to DEBUG (a summary follows)
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+#: Samples per part of a Ray build (``OpenClipSource.parts``): a lost worker re-encodes at most this many.
+PART_SAMPLES = 4096
 
 
 class ModelBundle(NamedTuple):
@@ -603,6 +606,7 @@ class OpenClipSource:
                                        "its .txt member")
             self._init_tar(shards)
 
+        self.device = device
         self.bundle = bundle if bundle is not None else load_model(model, pretrained, device)
         logit_scale, logit_bias = model_logit_params(self.bundle.model)
         dim = encode_texts(self.bundle, [""]).shape[1]
@@ -746,6 +750,9 @@ class OpenClipSource:
         origin, row = self._origin_row(index)
         return normalize_uids(pa.array([str(value)]), f"{self._describe(index)} json", row)[0].as_py()
 
+    #: a Ray build gives each task reading a part one GPU when its cluster has GPUs
+    encodes = True
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Encode the pool and yield batches of raw embeddings, ``batch_size`` rows at most.
 
@@ -758,12 +765,44 @@ class OpenClipSource:
         if int(batch_size) < 1:
             raise InvalidParameter(f"batch_size must be >= 1, got {batch_size!r}")
         self.skipped = list(self._shard_problems)
-        dataset, loader = self._loader()
-        progress = self.progress or null_progress
+        yield from self._encoded(None, batch_size, self.progress or null_progress, self.num_workers)
+
+    def parts(self) -> list[Part]:
+        """The listing in parts of ``PART_SAMPLES`` samples, encoded on their own by a Ray build
+        (``indexer.parallel``); ``skipped`` is reset to the damaged shards read only in part."""
+        self.skipped = list(self._shard_problems)
+        return [Part(i, start, min(PART_SAMPLES, self._n - start))
+                for i, start in enumerate(range(0, self._n, PART_SAMPLES))]
+
+    def read_part(self, part: Part, batch_size: int) -> Iterator[Batch]:
+        """The batches of one part, encoded in this process on ``device`` (images decoded here, no
+        DataLoader workers); ``skipped`` lists the part's skipped samples."""
+        self.skipped = []
+        model = self.bundle.model
+        device = resolve_device(self.device)  # on a Ray worker: the GPU Ray gave the task, if any
+        if _model_device(model).type != device.split(":")[0]:
+            self.bundle = self.bundle._replace(model=model.to(device))
+        yield from self._encoded(range(part.start, part.start + part.rows), batch_size, null_progress, 0)
+
+    def __getstate__(self) -> dict:
+        """What a Ray build sends to its workers: the model itself (so that they encode with the
+        same weights, wherever the checkpoint is), on the CPU; no progress hook."""
+        state = {**self.__dict__, "progress": None}
+        model = self.bundle.model
+        if _model_device(model).type != "cpu":
+            state["bundle"] = self.bundle._replace(model=copy.deepcopy(model).cpu())
+        return state
+
+    def _encoded(self, indices: range | None, batch_size: int, progress: Progress,
+                 num_workers: int) -> Iterator[Batch]:
+        """Encode the samples ``indices`` (None: all) in order; batches of consecutive rows of one
+        origin, ``batch_size`` at most."""
+        dataset, loader = self._loader(indices, num_workers)
         run = _Run()
         n_done = 0
         try:
-            with progress("Encoding images and captions", self.info.n) as advance:
+            with progress("Encoding images and captions", self.info.n if indices is None else len(indices)) \
+                    as advance:
                 for item in loader:
                     for index, image, text, caption, uid, meta_json in self._encode(item):
                         origin, row = self._origin_row(index)
@@ -782,19 +821,20 @@ class OpenClipSource:
             logger.warning("Skipped %d of %d samples (unreadable); see source.skipped",
                            len(self.skipped), n_done)
 
-    def _loader(self):
-        """(dataset, DataLoader) decoding and preprocessing the images, ``self.batch_size`` at a time."""
-        from torch.utils.data import DataLoader
+    def _loader(self, indices: range | None, num_workers: int):
+        """(dataset, DataLoader) decoding and preprocessing the images of ``indices`` (None: all),
+        ``self.batch_size`` at a time."""
+        from torch.utils.data import DataLoader, Subset
 
         preprocess = self.bundle.preprocess
         if self.format == "folder":
             dataset = _FolderDataset(self._paths, self._errors, preprocess)
         else:
             dataset = _TarDataset(self._tar, preprocess)
-        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
-                            num_workers=self.num_workers, collate_fn=_collate,
+        loader = DataLoader(dataset if indices is None else Subset(dataset, indices), batch_size=self.batch_size,
+                            shuffle=False, num_workers=num_workers, collate_fn=_collate,
                             pin_memory=_model_device(self.bundle.model).type == "cuda",
-                            prefetch_factor=2 if self.num_workers > 0 else None)
+                            prefetch_factor=2 if num_workers > 0 else None)
         return dataset, loader
 
     def _encode(self, item: dict) -> list[tuple]:

@@ -66,7 +66,7 @@ import numpy as np
 import pyarrow as pa
 
 from clip_density_index.indexer.errors import InvalidParameter
-from clip_density_index.indexer.source import Batch, SourceInfo
+from clip_density_index.indexer.source import Batch, Part, SourceInfo
 
 WORLD_VERSION = 1  # bump when generation changes, so manifests can tell worlds apart
 BLOCK_SIZE = 4096  # rows per generator block; fixed, so rows do not depend on the batch size
@@ -475,6 +475,10 @@ class SyntheticWorld:
         self._generic = (_unit_rows(gen) * RAW_SCALE["text"][0]).astype(f32)
         p = 1.0 / np.arange(1, len(GENERIC_CAPTIONS) + 1)
         self._generic_p = p / p.sum()
+
+    def __getstate__(self) -> dict:
+        """Copied without its cache of generated blocks (a Ray build sends the world to workers)."""
+        return {**self.__dict__, "_block_cache": {}}
 
     # ----------------------------------------------------------------------------------------
     def _w_mean(self, modality: str) -> float:
@@ -920,9 +924,21 @@ class SyntheticSource:
         Yields:
             ``Batch`` with ``origin="synthetic"`` and ``row_offset`` = index of its first sample.
         """
+        yield from self._rows(0, self.n, batch_size)
+
+    def parts(self) -> list[Part]:
+        """The pool in parts of one generator block (``BLOCK_SIZE`` rows), read on their own by a
+        Ray build (``indexer.parallel``)."""
+        return [Part(i, start, min(BLOCK_SIZE, self.n - start))
+                for i, start in enumerate(range(0, self.n, BLOCK_SIZE))]
+
+    def read_part(self, part: Part, batch_size: int) -> Iterator[Batch]:
+        """The batches of one part: the same rows ``batches`` yields there."""
+        yield from self._rows(part.start, part.start + part.rows, batch_size)
+
+    def _rows(self, start: int, stop: int, batch_size: int) -> Iterator[Batch]:
         if batch_size < 1:
             raise InvalidParameter(f"batch_size must be >= 1, got {batch_size!r}")
-        for start in range(0, self.n, batch_size):
-            count = min(batch_size, self.n - start)
-            meta, image, text = self.world.sample(start, count)
-            yield Batch(meta=meta, image=image, text=text, origin="synthetic", row_offset=start)
+        for first in range(start, stop, batch_size):
+            meta, image, text = self.world.sample(first, min(batch_size, stop - first))
+            yield Batch(meta=meta, image=image, text=text, origin="synthetic", row_offset=first)
