@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +39,11 @@ from clip_density_index.indexer.progress import Progress, null_progress
 from clip_density_index.indexer.source import Batch, Source, SourceInfo
 from clip_density_index.indexer.store import Store
 from clip_density_index.indexer.validate import validate_batch
+
+if TYPE_CHECKING:
+    from clip_density_index.indexer.engine import LocalEngine, RayEngine
+
+    Engine = LocalEngine | RayEngine
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ class BuildReport:
     skipped: int = 0
     skipped_report: Path | None = None
     replaced: bool = False  # an older index at ``path`` was replaced
+    engine: str = "local"  # where the reading and FAISS work ran (indexer.engine)
 
     @property
     def total_seconds(self) -> float:
@@ -71,10 +77,10 @@ class BuildReport:
 
 
 class LimitedSource:
-    """The first ``limit`` samples of another source."""
+    """The first ``limit`` samples of another source (``whole``; read in parts, the build cuts it)."""
 
     def __init__(self, source: Source, limit: int):
-        self._source = source
+        self._source = self.whole = source
         self._limit = limit
         i = source.info
         self.info = SourceInfo(**{**i.__dict__, "n": min(i.n, limit)})
@@ -134,6 +140,7 @@ def build_index(
     limit: int | None = None,
     seed: int = 0,
     cov_sample: int = DEFAULT_COV_SAMPLE,
+    engine: Engine | None = None,
     progress: Progress | None = None,
 ) -> BuildReport:
     """Build an index directory at ``out`` from ``source``.
@@ -154,6 +161,10 @@ def build_index(
         cov_sample: compute the covariances (``modality_stats`` ``cov`` / ``raw_cov`` / ``whiten``)
             from a seeded uniform subset of about this many rows when the pool is larger; 0 = from
             every row. Means and sums are always exact.
+        engine: where the reading and the FAISS lists are computed (``indexer.engine``): None or
+            the local engine, in this process; a Ray engine, as tasks on its cluster for a source
+            that can be split (``indexer.parallel``). The index is the same either way (statistics
+            to floating-point rounding); this process writes it.
         progress: progress hook (see indexer.progress).
 
     Returns:
@@ -176,7 +187,7 @@ def build_index(
                            batch_size=batch_size, nprobe=nprobe, use_gpu=use_gpu, seed=seed,
                            cov_sample=cov_sample)
     _check_source(info)
-    build = IndexBuild(out, info, options, progress or null_progress)
+    build = IndexBuild(out, info, options, progress or null_progress, engine)
     try:
         build.open()
         build.read(source)
@@ -281,8 +292,10 @@ class IndexBuild:
     ``statistics``, ``faiss``, ``catalog`` (manifest, integrity records), ``swap``.
     """
 
-    def __init__(self, out: Path, info: SourceInfo, options: BuildOptions, progress: Progress):
+    def __init__(self, out: Path, info: SourceInfo, options: BuildOptions, progress: Progress,
+                 engine: Engine | None = None):
         self.out, self.info, self.options, self.progress = out, info, options, progress
+        self.engine = engine if engine is not None and engine.name != "local" else None
         self.token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp = out.parent / f".{out.name}.building-{self.token}"
         self.paths = IndexPaths(self.tmp)
@@ -318,7 +331,15 @@ class IndexBuild:
     def read(self, source: Source) -> None:
         """Read every batch: validate, normalise, accumulate statistics; the embeddings and the
         ``samples`` rows are written by a background thread, in batch order, while the next batch
-        is normalised (each modality has two row buffers: one filled while the other is written)."""
+        is normalised (each modality has two row buffers: one filled while the other is written).
+        With an engine, a source that can be split is read in parts by its workers instead."""
+        from clip_density_index.indexer import parallel
+
+        whole = getattr(source, "whole", source)
+        if self.engine is not None and parallel.can_split(whole):
+            return self._read_parts(whole)
+        if self.engine is not None:
+            log.warning("source %s cannot be read in parts: reading it in this process", self.info.source)
         info = self.info
         dim = info.dim
         buffers = {m: [np.empty((0, dim), np.float32)] * 2 for m in MODALITIES}
@@ -343,6 +364,41 @@ class IndexBuild:
             for f in pending:
                 f.result()
         self.skipped = list(getattr(source, "skipped", []) or [])
+
+    def _read_parts(self, source: Source) -> None:
+        """The read phase on an engine: the parts of ``source`` read, validated and normalised by
+        its workers (``indexer.parallel``); here, in pool order, their rows are written and their
+        statistics merged."""
+        from clip_density_index.indexer import parallel
+
+        info, opts = self.info, self.options
+        settings = parallel.ReadSettings(dim=info.dim, n=info.n, raw=info.raw_known,
+                                         check_uids=not info.uids_checked, batch_size=opts.batch_size,
+                                         cov_sample=opts.cov_sample, seed=opts.seed)
+        parts = list(source.parts())
+        self.skipped = list(getattr(source, "skipped", []) or [])  # found while listing (damaged shards)
+        finish = getattr(source, "finish_part", None)
+        pending: list[Future] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="build-writer") as pool, \
+                self.progress(f"Reading {info.source}", info.n) as advance:
+            for read in parallel.parts_in_order(self.engine, source, parts, settings, info.n):
+                self.skipped += read.skipped
+                if not read.rows:
+                    continue
+                pos, b = self.n, read.rows
+                for m in MODALITIES:
+                    self.acc[m].merge(read.stats[m])
+                    if self.rawnorm is not None:
+                        self.rawnorm[m][pos : pos + b] = read.norms[m]
+                self.segments += [(pos + first, origin, offset) for first, origin, offset in read.segments]
+                if len(pending) == 2:  # at most two parts waiting to be written
+                    pending.pop(0).result()
+                meta = finish(read.meta) if finish is not None else read.meta
+                pending.append(pool.submit(self._write, read.vectors, meta, pos))
+                self.n += b
+                advance(b)
+            for f in pending:
+                f.result()
 
     def _normalise(self, batch: Batch, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Normalise one batch into ``out`` (per modality, float32 rows), keep its raw norms and
@@ -407,21 +463,31 @@ class IndexBuild:
                 # made from the stored embeddings when the index is opened (indexer.pool).
                 self.params[m] = faiss_index.flat_params(n, dim)
                 continue
-            emb = np.load(self.paths.embeddings(m), mmap_mode="r")
             try:
-                index = faiss_index.build_index(key, emb[:n], seed=opts.seed, use_gpu=opts.use_gpu,
-                                                progress=self.progress, label=f"Adding to FAISS ({m})")
+                index = self._faiss_index(key, m)
             except (RuntimeError, ValueError) as e:
                 if opts.index_key is not None:
                     raise InvalidParameter(f"FAISS could not build index {opts.index_key!r}: {e}") from None
                 raise
-            del emb
             if probe:  # 0 for indexes without probes (Flat, HNSW)
                 faiss_index.set_nprobe(index, probe)
             self.params[m] = faiss_index.index_params(index)
             self.ntotal[m] = int(index.ntotal)
             faiss_index.save_index(index, self.paths.faiss(m))
             del index
+
+    def _faiss_index(self, key: str, modality: str):
+        """The FAISS index of one modality over its written embeddings: built here, or trained
+        here and filled by the engine's workers."""
+        from clip_density_index.indexer import faiss_index, parallel
+
+        opts, path, label = self.options, self.paths.embeddings(modality), f"Adding to FAISS ({modality})"
+        if self.engine is not None:
+            return parallel.build_faiss(self.engine, key, path, seed=opts.seed, use_gpu=opts.use_gpu,
+                                        progress=self.progress, label=label)
+        emb = np.load(path, mmap_mode="r")
+        return faiss_index.build_index(key, emb[: self.n], seed=opts.seed, use_gpu=opts.use_gpu,
+                                       progress=self.progress, label=label)
 
     @_phase("catalog")
     def catalog(self) -> None:
@@ -475,7 +541,7 @@ class IndexBuild:
             path=self.out, source=self.info.source, synthetic=bool(self.info.synthetic), n=self.n,
             dim=self.info.dim, index_keys={m: self.key for m in MODALITIES}, seconds=self.seconds,
             skipped=len(self.skipped), skipped_report=(self.out / "skipped.tsv") if self.skipped else None,
-            replaced=self.replaced,
+            replaced=self.replaced, engine=self.engine.name if self.engine is not None else "local",
         )
 
 
