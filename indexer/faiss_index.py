@@ -216,15 +216,8 @@ def _train_size(index: faiss.Index, key: str, n: int, train_size: int | None) ->
     return size
 
 
-def train_index(
-    key: str,
-    vectors: np.ndarray,
-    *,
-    train_size: int | None = None,
-    seed: int = 0,
-    chunk: int = 65536,
-    use_gpu: bool | None = None,
-) -> faiss.Index:
+def train_index(key: str, vectors: np.ndarray, *, train_size: int | None = None, seed: int = 0,
+                chunk: int = 65536, use_gpu: bool | None = None) -> faiss.Index:
     """An empty index for ``key``, trained on a seeded uniform sample of ``vectors``.
 
     Args:
@@ -267,17 +260,9 @@ def train_index(
     return to_cpu(work) if gpu else index
 
 
-def add_vectors(
-    index: faiss.Index,
-    vectors: np.ndarray,
-    *,
-    start: int = 0,
-    stop: int | None = None,
-    chunk: int = 65536,
-    use_gpu: bool | None = None,
-    progress: Progress | None = None,
-    label: str = "Adding to FAISS",
-) -> faiss.Index:
+def add_vectors(index: faiss.Index, vectors: np.ndarray, *, start: int = 0, stop: int | None = None,
+                chunk: int = 65536, use_gpu: bool | None = None, progress: Progress | None = None,
+                label: str = "Adding to FAISS") -> faiss.Index:
     """Add rows ``[start, stop)`` of ``vectors`` to a trained index, with ids = row numbers.
 
     Args:
