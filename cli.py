@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from clip_density_index.indexer import defaults
+from clip_density_index.indexer.engine import ENGINES
 from clip_density_index.indexer.errors import ClipIndexError, ParameterClash
 from clip_density_index.indexer.sources import ALIASES, OPTION_DEFAULTS, RANDOM_WEIGHTS, SOURCES, check_options
 from clip_density_index.indexer.synthetic import GEOMETRIES
@@ -268,11 +269,17 @@ def _terminate(signum, frame) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=defaults.BUILD_BATCH, show_default=True,
               help="Rows per batch read from the source.")
 @click.option("--gpu/--no-gpu", default=None, help="Use GPU FAISS (default: when a GPU is present).")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="Where the source is read (and encoded) and the FAISS lists are filled: this process, or "
+                   "tasks on a Ray cluster (the same index; this process writes it).")
+@click.option("--address", default=None,
+              help="--engine ray: the cluster (auto, HOST:PORT, ray://HOST:PORT); default: a local cluster "
+                   "of this machine's CPUs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def build_index_cmd(source, input_path, out, n, arch, logit_scale, log_logit_scale, model, pretrained, captions,
                     image_column,
                     caption_column, uid_column, skip_bad, device, workers, seed, dim, geometry, index_factory,
-                    max_memory, nprobe, dtype, cov_sample, batch_size, gpu, quiet):
+                    max_memory, nprobe, dtype, cov_sample, batch_size, gpu, engine, address, quiet):
     """Build a FAISS + DuckDB index of a pool.
 
     \b
@@ -283,8 +290,10 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, log_logit_sca
       clip-density-index build-index --source clip-retrieval --input embeddings/ --out cr
       clip-density-index build-index --source open_clip --input images/ --captions caps.csv \\
           --model ViT-B-32 --pretrained laion2b_s34b_b79k --out mine
+      python cli.py build-index --n 1000000 --engine ray --address auto
     """
     from clip_density_index.indexer.build import build_index
+    from clip_density_index.indexer.engine import open_engine
     from clip_density_index.indexer.sources import make_source
 
     ctx = click.get_current_context()
@@ -300,11 +309,15 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, log_logit_sca
     if n is not None and not kind.generated and src.info.n < n:
         click.echo(f"Note: --n {n:,} but {input_path} holds {src.info.n:,} samples; building all of them", err=True)
     extra = {} if cov_sample is None else {"cov_sample": cov_sample}
-    report = build_index(
-        src, out, index_key=index_factory, max_memory=max_memory, nprobe=nprobe, dtype=dtype, **extra,
-        batch_size=batch_size, use_gpu=gpu, limit=None if kind.generated else n, seed=seed,
-        progress=progress,
-    )
+    runner = open_engine(engine, address)
+    try:
+        report = build_index(
+            src, out, index_key=index_factory, max_memory=max_memory, nprobe=nprobe, dtype=dtype, **extra,
+            batch_size=batch_size, use_gpu=gpu, limit=None if kind.generated else n, seed=seed,
+            engine=runner, progress=progress,
+        )
+    finally:
+        runner.close()
     label = " (SYNTHETIC data: the built-in synthetic CLIP-like world)" if report.synthetic else ""
     click.echo(f"Built {report.path}: {report.n:,} samples, dim {report.dim}, source {report.source}{label}")
     if report.replaced:

@@ -19,6 +19,7 @@ torch, torchvision, PIL and open_clip are imported inside functions so that impo
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -37,7 +38,7 @@ from clip_density_index.indexer.device import resolve_device
 from clip_density_index.indexer.errors import BadInput, InvalidParameter
 from clip_density_index.indexer.progress import Progress, null_progress
 from clip_density_index.indexer.reader import UidDeriver, arrange_meta, natural_key, normalize_uids
-from clip_density_index.indexer.source import Batch, SourceInfo
+from clip_density_index.indexer.source import Batch, Part, SourceInfo
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ CAPTION_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "json
                     ".ndjson": "jsonl", ".parquet": "parquet"}
 _MAX_SKIP_WARNINGS = 20  # per-sample warnings before switching to DEBUG (a summary follows)
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+#: Samples per part of a Ray build (``OpenClipSource.parts``): a lost worker re-encodes at most this many.
+PART_SAMPLES = 4096
 
 
 class ModelBundle(NamedTuple):
@@ -87,32 +90,9 @@ def load_model(model_name: str, pretrained: str | None, device: str = "auto") ->
     device = resolve_device(device)
     schema = model_name.split(":", 1)[0] if model_name.startswith(("hf-hub:", "local-dir:")) else None
     if schema is None:
-        name = model_name.replace("/", "-")
-        known = open_clip.list_models()
-        if name not in known:
-            close = [m for m in known if m.lower().startswith(name.lower()[:5])][:10]
-            examples = close or [m for m in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14",
-                                             "ViT-SO400M-14-SigLIP", "RN50") if m in known]
-            raise InvalidParameter(f"Unknown open_clip model {model_name!r}; known models include: "
-                                   f"{', '.join(examples)} ({len(known)} in all, see "
-                                   f"open_clip.list_models())")
-        model_name = name
-    if pretrained is not None and schema is None:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        if pretrained not in tags:
-            looks_like_path = (os.sep in pretrained or "/" in pretrained
-                               or pretrained.lower().endswith(_CHECKPOINT_SUFFIXES))
-            path = Path(pretrained).expanduser()
-            if path.is_file():
-                pretrained = str(path)
-            elif path.exists():
-                raise BadInput(f"Checkpoint {path} is not a file")
-            elif looks_like_path:
-                raise BadInput(f"Checkpoint file {path} does not exist")
-            else:
-                raise InvalidParameter(
-                    f"Unknown pretrained tag {pretrained!r} for {model_name} and no such checkpoint "
-                    f"file; known tags: {', '.join(tags) or 'none'}")
+        model_name = _known_model(model_name)
+        if pretrained is not None:
+            pretrained = _known_weights(model_name, pretrained)
     try:
         if pretrained is None and schema is None:
             logger.warning("No pretrained weights given for %s: the model is randomly initialised",
@@ -122,14 +102,7 @@ def load_model(model_name: str, pretrained: str | None, device: str = "auto") ->
             model, preprocess = open_clip.create_model_from_pretrained(model_name, pretrained,
                                                                        device=device)
     except Exception as exc:  # noqa: BLE001 - open_clip raises many types for a bad checkpoint
-        detail = " ".join(str(exc).split())
-        detail = detail if len(detail) <= 300 else detail[:299] + "…"
-        hint = ""
-        if pretrained is not None and Path(pretrained).is_file():
-            hint = (f" (is it a state dict of {model_name}, as saved by torch.save(model.state_dict(), "
-                    "path), or an open_clip / OpenAI checkpoint of that architecture?)")
-        raise BadInput(f"Cannot load {model_name} with pretrained={pretrained!r}: "
-                       f"{type(exc).__name__}: {detail}{hint}") from exc
+        raise _load_error(model_name, pretrained, exc) from exc
     model.eval()
     try:
         tokenizer = open_clip.get_tokenizer(model_name)
@@ -137,6 +110,56 @@ def load_model(model_name: str, pretrained: str | None, device: str = "auto") ->
         raise BadInput(f"Cannot load the tokenizer of {model_name}: {type(exc).__name__}: {exc}") from exc
     logger.info("Loaded open_clip %s (pretrained=%s) on %s", model_name, pretrained, device)
     return ModelBundle(model, preprocess, tokenizer)
+
+
+def _known_model(model_name: str) -> str:
+    """open_clip's name of an architecture (``ViT-B/32`` -> ``ViT-B-32``), or InvalidParameter
+    listing some known ones."""
+    import open_clip
+
+    name = model_name.replace("/", "-")
+    known = open_clip.list_models()
+    if name not in known:
+        close = [m for m in known if m.lower().startswith(name.lower()[:5])][:10]
+        examples = close or [m for m in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14",
+                                         "ViT-SO400M-14-SigLIP", "RN50") if m in known]
+        raise InvalidParameter(f"Unknown open_clip model {model_name!r}; known models include: "
+                               f"{', '.join(examples)} ({len(known)} in all, see "
+                               f"open_clip.list_models())")
+    return name
+
+
+def _known_weights(model_name: str, pretrained: str) -> str:
+    """A pretrained tag of ``model_name``, or the path of an existing checkpoint file; else
+    BadInput (a path that is not a file) or InvalidParameter (listing the model's tags)."""
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained in tags:
+        return pretrained
+    looks_like_path = (os.sep in pretrained or "/" in pretrained
+                       or pretrained.lower().endswith(_CHECKPOINT_SUFFIXES))
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path)
+    if path.exists():
+        raise BadInput(f"Checkpoint {path} is not a file")
+    if looks_like_path:
+        raise BadInput(f"Checkpoint file {path} does not exist")
+    raise InvalidParameter(f"Unknown pretrained tag {pretrained!r} for {model_name} and no such checkpoint "
+                           f"file; known tags: {', '.join(tags) or 'none'}")
+
+
+def _load_error(model_name: str, pretrained: str | None, exc: Exception) -> BadInput:
+    """The one line naming a model whose weights open_clip could not load."""
+    detail = " ".join(str(exc).split())
+    detail = detail if len(detail) <= 300 else detail[:299] + "…"
+    hint = ""
+    if pretrained is not None and Path(pretrained).is_file():
+        hint = (f" (is it a state dict of {model_name}, as saved by torch.save(model.state_dict(), "
+                "path), or an open_clip / OpenAI checkpoint of that architecture?)")
+    return BadInput(f"Cannot load {model_name} with pretrained={pretrained!r}: "
+                    f"{type(exc).__name__}: {detail}{hint}")
 
 
 def _pretrained_label(pretrained: str | None) -> str | None:
@@ -583,6 +606,7 @@ class OpenClipSource:
                                        "its .txt member")
             self._init_tar(shards)
 
+        self.device = device
         self.bundle = bundle if bundle is not None else load_model(model, pretrained, device)
         logit_scale, logit_bias = model_logit_params(self.bundle.model)
         dim = encode_texts(self.bundle, [""]).shape[1]
@@ -726,6 +750,9 @@ class OpenClipSource:
         origin, row = self._origin_row(index)
         return normalize_uids(pa.array([str(value)]), f"{self._describe(index)} json", row)[0].as_py()
 
+    #: a Ray build gives each task reading a part one GPU when its cluster has GPUs
+    encodes = True
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Encode the pool and yield batches of raw embeddings, ``batch_size`` rows at most.
 
@@ -735,62 +762,54 @@ class OpenClipSource:
         Raises:
             BadInput: an unreadable sample (naming the file) when ``skip_bad`` is False.
         """
-        import torch
-        from torch.utils.data import DataLoader
-
         if int(batch_size) < 1:
             raise InvalidParameter(f"batch_size must be >= 1, got {batch_size!r}")
         self.skipped = list(self._shard_problems)
-        model, preprocess, tokenizer = self.bundle
-        device = _model_device(model)
-        if self.format == "folder":
-            dataset = _FolderDataset(self._paths, self._errors, preprocess)
-        else:
-            dataset = _TarDataset(self._tar, preprocess)
-        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
-                            num_workers=self.num_workers, collate_fn=_collate,
-                            pin_memory=device.type == "cuda",
-                            prefetch_factor=2 if self.num_workers > 0 else None)
-        progress = self.progress or null_progress
+        yield from self._encoded(None, batch_size, self.progress or null_progress, self.num_workers)
+
+    def parts(self) -> list[Part]:
+        """The listing in parts of ``PART_SAMPLES`` samples, encoded on their own by a Ray build
+        (``indexer.parallel``); ``skipped`` is reset to the damaged shards read only in part."""
+        self.skipped = list(self._shard_problems)
+        return [Part(i, start, min(PART_SAMPLES, self._n - start))
+                for i, start in enumerate(range(0, self._n, PART_SAMPLES))]
+
+    def read_part(self, part: Part, batch_size: int) -> Iterator[Batch]:
+        """The batches of one part, encoded in this process on ``device`` (images decoded here, no
+        DataLoader workers); ``skipped`` lists the part's skipped samples."""
+        self.skipped = []
+        model = self.bundle.model
+        device = resolve_device(self.device)  # on a Ray worker: the GPU Ray gave the task, if any
+        if _model_device(model).type != device.split(":")[0]:
+            self.bundle = self.bundle._replace(model=model.to(device))
+        yield from self._encoded(range(part.start, part.start + part.rows), batch_size, null_progress, 0)
+
+    def __getstate__(self) -> dict:
+        """What a Ray build sends to its workers: the model itself (so that they encode with the
+        same weights, wherever the checkpoint is), on the CPU; no progress hook."""
+        state = {**self.__dict__, "progress": None}
+        model = self.bundle.model
+        if _model_device(model).type != "cpu":
+            state["bundle"] = self.bundle._replace(model=copy.deepcopy(model).cpu())
+        return state
+
+    def _encoded(self, indices: range | None, batch_size: int, progress: Progress,
+                 num_workers: int) -> Iterator[Batch]:
+        """Encode the samples ``indices`` (None: all) in order; batches of consecutive rows of one
+        origin, ``batch_size`` at most."""
+        dataset, loader = self._loader(indices, num_workers)
         run = _Run()
         n_done = 0
         try:
-            with progress("Encoding images and captions", self.info.n) as advance:
+            with progress("Encoding images and captions", self.info.n if indices is None else len(indices)) \
+                    as advance:
                 for item in loader:
-                    good, captions, jsons, uids = [], [], [], []
-                    for pos, index in enumerate(item["index"]):
-                        error = item["error"][pos]
-                        uid = None
-                        if error is None and self.format == "webdataset":
-                            try:
-                                uid = self._tar_uid(index, item["json"][pos])
-                            except ValueError as exc:
-                                error = str(exc)
-                        if error is not None:
-                            self._bad(index, error)
-                            continue
-                        good.append(pos)
-                        uids.append(uid)
-                        jsons.append(item["json"][pos])
-                        captions.append(item["caption"][pos] if self.format == "webdataset"
-                                        else self._captions[index].as_py())
-                    if good:
-                        ok_rank = {pos: k for k, pos in enumerate(
-                            p for p in range(len(item["index"])) if item["error"][p] is None)}
-                        pixels = item["pixels"]
-                        keep = [ok_rank[pos] for pos in good]
-                        if len(keep) != pixels.shape[0]:
-                            pixels = pixels[torch.as_tensor(keep)]
-                        image_emb = _encode(model, pixels=pixels)
-                        text_emb = _encode(model, tokens=tokenizer(captions))
-                        for k, pos in enumerate(good):
-                            index = item["index"][pos]
-                            origin, row = self._origin_row(index)
-                            if len(run) and (not run.continues(origin, row) or len(run) >= batch_size):
-                                yield self._flush(run)
-                                run = _Run()
-                            run.add(origin, row, index, image_emb[k], text_emb[k], captions[k],
-                                    uids[k], jsons[k])
+                    for index, image, text, caption, uid, meta_json in self._encode(item):
+                        origin, row = self._origin_row(index)
+                        if len(run) and (not run.continues(origin, row) or len(run) >= batch_size):
+                            yield self._flush(run)
+                            run = _Run()
+                        run.add(origin, row, index, image, text, caption, uid, meta_json)
                     n_done += len(item["index"])
                     advance(len(item["index"]))
                 if len(run):
@@ -801,3 +820,56 @@ class OpenClipSource:
         if self.skipped:
             logger.warning("Skipped %d of %d samples (unreadable); see source.skipped",
                            len(self.skipped), n_done)
+
+    def _loader(self, indices: range | None, num_workers: int):
+        """(dataset, DataLoader) decoding and preprocessing the images of ``indices`` (None: all),
+        ``self.batch_size`` at a time."""
+        from torch.utils.data import DataLoader, Subset
+
+        preprocess = self.bundle.preprocess
+        if self.format == "folder":
+            dataset = _FolderDataset(self._paths, self._errors, preprocess)
+        else:
+            dataset = _TarDataset(self._tar, preprocess)
+        loader = DataLoader(dataset if indices is None else Subset(dataset, indices), batch_size=self.batch_size,
+                            shuffle=False, num_workers=num_workers, collate_fn=_collate,
+                            pin_memory=_model_device(self.bundle.model).type == "cuda",
+                            prefetch_factor=2 if num_workers > 0 else None)
+        return dataset, loader
+
+    def _encode(self, item: dict) -> list[tuple]:
+        """``(index, image embedding, text embedding, caption, uid, json)`` of the readable samples
+        of one loader batch, encoded; the others are skipped (``_bad``)."""
+        import torch
+
+        good, captions, jsons, uids = [], [], [], []
+        for pos, index in enumerate(item["index"]):
+            error = item["error"][pos]
+            uid = None
+            if error is None and self.format == "webdataset":
+                try:
+                    uid = self._tar_uid(index, item["json"][pos])
+                except ValueError as exc:
+                    error = str(exc)
+            if error is not None:
+                self._bad(index, error)
+                continue
+            good.append(pos)
+            uids.append(uid)
+            jsons.append(item["json"][pos])
+            captions.append(item["caption"][pos] if self.format == "webdataset"
+                            else self._captions[index].as_py())
+        if not good:
+            return []
+        # item["pixels"] holds the images that decoded; keep those of the samples still good
+        decoded = [p for p in range(len(item["index"])) if item["error"][p] is None]
+        rank = {pos: k for k, pos in enumerate(decoded)}
+        pixels = item["pixels"]
+        keep = [rank[pos] for pos in good]
+        if len(keep) != pixels.shape[0]:
+            pixels = pixels[torch.as_tensor(keep)]
+        model, _, tokenizer = self.bundle
+        image_emb = _encode(model, pixels=pixels)
+        text_emb = _encode(model, tokens=tokenizer(captions))
+        return [(item["index"][pos], image_emb[k], text_emb[k], captions[k], uids[k], jsons[k])
+                for k, pos in enumerate(good)]

@@ -3,9 +3,13 @@
 Ids are always ``vec_id`` = row number (int64): IVF indexes take ids natively, other indexes are
 wrapped in ``faiss.IndexIDMap``. The metric is always ``METRIC_INNER_PRODUCT``.
 
+Building is two steps, ``train_index`` (a seeded sample, k-means) and ``add_vectors`` (rows with
+their ids); ``build_index`` does both. The adding can be split by rows: indexes filled apart from one
+trained copy are merged with ``merge_lists`` (what the Ray build does).
+
 GPU: when the faiss build has GPUs (``faiss.get_num_gpus() > 0``), IVF indexes are trained and
-filled on the GPU and copied back to the CPU before ``build_index`` returns, so that they can be
-saved. Flat and HNSW indexes are always built on the CPU (a GPU gains nothing for Flat and has no
+filled on the GPU and copied back to the CPU before ``train_index`` / ``add_vectors`` return, so that
+they can be saved. Flat and HNSW indexes are always built on the CPU (a GPU gains nothing for Flat and has no
 HNSW). ``search(..., use_gpu=True)`` and ``to_gpu`` copy a CPU index to the GPU.
 """
 
@@ -155,7 +159,144 @@ def _sample_rows(vectors: np.ndarray, size: int, seed: int, chunk: int) -> np.nd
     return out
 
 
-# -- build ----------------------------------------------------------------------------------
+# -- build: train, then add -----------------------------------------------------------------
+def new_index(key: str, dim: int, seed: int = 0) -> faiss.Index:
+    """An empty, untrained index for ``key`` (inner product; a non-IVF index wrapped in
+    ``IndexIDMap`` so that it takes ids), its k-means seeded with ``seed``.
+
+    Raises:
+        InvalidParameter: a key FAISS's ``index_factory`` refuses for ``dim``.
+    """
+    try:
+        index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise InvalidParameter(f"Invalid FAISS index key {key!r} for dim={dim}: {e}") from None
+    ivf = _ivf(index)
+    if ivf is None and not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.IndexIDMap(index)  # the python wrapper keeps a reference to the inner index
+    if ivf is not None:
+        ivf.cp.seed = seed
+    sub = _unwrap(index)
+    if isinstance(sub, faiss.IndexIVFPQ):
+        sub.pq.cp.seed = seed
+        # index_factory turns on polysemous training (code reordering for Hamming filtering),
+        # which this project never uses and which makes training several times slower.
+        sub.do_polysemous_training = False
+    return index
+
+
+def _on_device(index: faiss.Index, key: str, use_gpu: bool | None) -> tuple[faiss.Index, bool]:
+    """``(index to work on, on the GPU)``: IVF indexes go to the GPU when ``use_gpu`` asks for it
+    (None: when one is present); a key the GPU cannot hold stays on the CPU (an error when
+    ``use_gpu`` is True)."""
+    gpu = _resolve_gpu(use_gpu) and _ivf(index) is not None
+    if not gpu:
+        return index, False
+    try:
+        return to_gpu(index), True
+    except RuntimeError as e:
+        if use_gpu:
+            raise InvalidParameter(f"Index key {key!r} cannot be built on the GPU: {e}") from None
+        logger.warning("Index key %r cannot be built on the GPU (%s); building on the CPU", key, e)
+        return index, False
+
+
+def _train_size(index: faiss.Index, key: str, n: int, train_size: int | None) -> int:
+    """The training sample size asked for (default ``default_train_size``), checked against n
+    and the index's lists."""
+    ivf = _ivf(index)
+    size = default_train_size(index, n) if train_size is None else int(train_size)
+    if size < 1 or size > n:
+        raise InvalidParameter(f"Invalid train_size={train_size}: must be between 1 and n={n}")
+    if ivf is not None and size < ivf.nlist:
+        raise InvalidParameter(f"train_size={size} is below nlist={ivf.nlist} for index key {key!r}")
+    if ivf is not None and size < MIN_POINTS_PER_CENTROID * ivf.nlist:
+        logger.warning("Training %s on %d vectors, fewer than %d per list (%d); clustering may be poor",
+                       key, size, MIN_POINTS_PER_CENTROID, MIN_POINTS_PER_CENTROID * ivf.nlist)
+    return size
+
+
+def train_index(key: str, vectors: np.ndarray, *, train_size: int | None = None, seed: int = 0,
+                chunk: int = 65536, use_gpu: bool | None = None) -> faiss.Index:
+    """An empty index for ``key``, trained on a seeded uniform sample of ``vectors``.
+
+    Args:
+        key: FAISS factory string (see ``indexer.choose``), e.g. ``"IVF4096,Flat"``. Any factory
+            string works; non-IVF indexes are wrapped in ``IndexIDMap``.
+        vectors: (n, dim) float16 / float32 / float64 array, typically a memory map; the sample
+            is read and converted to float32 chunk by chunk.
+        train_size: training vectors, sampled uniformly (seeded) from ``vectors``; default
+            ``default_train_size``. Ignored for indexes that need no training (Flat, HNSW).
+        seed: seeds the training sample and FAISS k-means.
+        chunk: rows read per step of the sample.
+        use_gpu: True: train IVF indexes on the GPU; False: CPU; None: GPU when available.
+
+    Returns:
+        A CPU index with ``ntotal == 0``, ready for ``add_vectors``.
+
+    Raises:
+        InvalidParameter: bad key, vectors or train_size (e.g. fewer vectors than IVF lists), or
+            ``use_gpu=True`` without a GPU.
+    """
+    n, d = _check_vectors(vectors)
+    if chunk < 1:
+        raise InvalidParameter(f"Invalid chunk={chunk}: must be at least 1")
+    index = new_index(key, d, seed)
+    ivf = _ivf(index)
+    if ivf is not None and ivf.nlist > n:
+        raise InvalidParameter(
+            f"Index key {key!r} has nlist={ivf.nlist} lists but there are only n={n} vectors; "
+            "choose a smaller nlist (see indexer.choose.default_nlist)"
+        )
+    work, gpu = _on_device(index, key, use_gpu)
+    logger.info("Training %s for %d x %d vectors (%s) on %s", key, n, d, vectors.dtype, "GPU" if gpu else "CPU")
+    if work.is_trained:
+        return index
+    size = _train_size(index, key, n, train_size)
+    with _timed(f"Sampling {size:,} training vectors"):
+        sample = _sample_rows(vectors, size, seed, chunk)
+    with _timed(f"Training {key} on {size:,} vectors"):
+        work.train(sample)
+    return to_cpu(work) if gpu else index
+
+
+def add_vectors(index: faiss.Index, vectors: np.ndarray, *, start: int = 0, stop: int | None = None,
+                chunk: int = 65536, use_gpu: bool | None = None, progress: Progress | None = None,
+                label: str = "Adding to FAISS") -> faiss.Index:
+    """Add rows ``[start, stop)`` of ``vectors`` to a trained index, with ids = row numbers.
+
+    Args:
+        index: a trained CPU index (``train_index``).
+        vectors: (n, dim) float16 / float32 / float64 array, typically a memory map; read and
+            converted to float32 chunk by chunk.
+        start, stop: the rows to add (default: all).
+        chunk: rows converted and added per call.
+        use_gpu: True: add to IVF indexes on the GPU; False: CPU; None: GPU when available.
+        progress: hook called as ``progress(label, rows)``; advanced by the rows added.
+        label: progress label, e.g. ``"Adding to FAISS (image)"``.
+
+    Returns:
+        The CPU index holding the added rows (``index`` itself, or its copy back from the GPU).
+    """
+    n, _ = _check_vectors(vectors)
+    stop = n if stop is None else stop
+    if chunk < 1:
+        raise InvalidParameter(f"Invalid chunk={chunk}: must be at least 1")
+    if not 0 <= start <= stop <= n:
+        raise InvalidParameter(f"Invalid rows [{start}, {stop}) of {n} vectors")
+    work, gpu = _on_device(index, index_key(index), use_gpu)
+    with _timed(f"Adding {stop - start:,} vectors to {index_key(index)}"):
+        with (progress or null_progress)(label, stop - start) as advance:
+            for lo in range(start, stop, chunk):
+                hi = min(lo + chunk, stop)
+                work.add_with_ids(_as_f32(vectors[lo:hi]), np.arange(lo, hi, dtype=np.int64))
+                advance(hi - lo)
+    if gpu:
+        with _timed("Copying the index from GPU to CPU"):
+            return to_cpu(work)
+    return index
+
+
 def build_index(
     key: str,
     vectors: np.ndarray,
@@ -167,96 +308,32 @@ def build_index(
     progress: Progress | None = None,
     label: str = "Adding to FAISS",
 ) -> faiss.Index:
-    """Build a FAISS index over ``vectors`` with ids = row numbers.
+    """``train_index`` then ``add_vectors`` over every row: a CPU index with ``ntotal == n``,
+    metric inner product, ids ``0 .. n-1`` (arguments as theirs)."""
+    index = train_index(key, vectors, train_size=train_size, seed=seed, chunk=chunk, use_gpu=use_gpu)
+    return add_vectors(index, vectors, chunk=chunk, use_gpu=use_gpu, progress=progress, label=label)
 
-    Args:
-        key: FAISS factory string (see ``indexer.choose``), e.g. ``"IVF4096,Flat"``. Any factory
-            string works; non-IVF indexes are wrapped in ``IndexIDMap``.
-        vectors: (n, dim) float16 / float32 / float64 array, typically a memory map; read and
-            converted to float32 chunk by chunk.
-        train_size: training vectors, sampled uniformly (seeded) from ``vectors``; default
-            ``default_train_size``. Ignored for indexes that need no training (Flat, HNSW).
-        seed: seeds the training sample and FAISS k-means.
-        chunk: rows converted and added per call.
-        use_gpu: True: train and add IVF indexes on the GPU; False: CPU; None: GPU when available.
-        progress: hook called as ``progress(label, n)``; advanced by the rows added.
-        label: progress label, e.g. ``"Adding to FAISS (image)"``.
 
-    Returns:
-        A CPU index with ``ntotal == n``, metric inner product, ids ``0 .. n-1``.
+def can_merge_lists(index: faiss.Index) -> bool:
+    """True when parts of ``index`` filled apart can be merged (``merge_lists``): IVF indexes,
+    also under a pre-transform. Graph indexes (HNSW) are built in one place."""
+    return _ivf(index) is not None
 
-    Raises:
-        InvalidParameter: bad key, vectors or train_size (e.g. fewer vectors than IVF lists), or
-            ``use_gpu=True`` without a GPU.
-    """
-    n, d = _check_vectors(vectors)
-    if chunk < 1:
-        raise InvalidParameter(f"Invalid chunk={chunk}: must be at least 1")
-    try:
-        index = faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise InvalidParameter(f"Invalid FAISS index key {key!r} for dim={d}: {e}") from None
-    ivf = _ivf(index)
-    if ivf is None and not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        index = faiss.IndexIDMap(index)  # the python wrapper keeps a reference to the inner index
-    if ivf is not None:
-        ivf.cp.seed = seed
-        if ivf.nlist > n:
-            raise InvalidParameter(
-                f"Index key {key!r} has nlist={ivf.nlist} lists but there are only n={n} vectors; "
-                "choose a smaller nlist (see indexer.choose.default_nlist)"
-            )
-    sub = _unwrap(index)
-    if isinstance(sub, faiss.IndexIVFPQ):
-        sub.pq.cp.seed = seed
-        # index_factory turns on polysemous training (code reordering for Hamming filtering),
-        # which this project never uses and which makes training several times slower.
-        sub.do_polysemous_training = False
 
-    gpu = _resolve_gpu(use_gpu) and ivf is not None
-    logger.info("Building %s over %d x %d vectors (%s) on %s", key, n, d, vectors.dtype,
-                "GPU" if gpu else "CPU")
-    work = index
-    if gpu:
-        try:
-            work = to_gpu(index)
-        except RuntimeError as e:
-            if use_gpu:
-                raise InvalidParameter(f"Index key {key!r} cannot be built on the GPU: {e}") from None
-            logger.warning("Index key %r cannot be built on the GPU (%s); building on the CPU", key, e)
-            gpu, work = False, index
+def merge_lists(index: faiss.Index, part: faiss.Index) -> None:
+    """Append the inverted lists of ``part`` (a copy of the same trained index, filled with other
+    rows) to ``index``; ids are kept. Merging parts in row order gives the lists, and the search
+    results, of adding every row to one index in that order."""
+    faiss.merge_into(index, part, False)
 
-    if not work.is_trained:
-        size = default_train_size(index, n) if train_size is None else int(train_size)
-        if size < 1 or size > n:
-            raise InvalidParameter(f"Invalid train_size={train_size}: must be between 1 and n={n}")
-        if ivf is not None and size < ivf.nlist:
-            raise InvalidParameter(
-                f"train_size={size} is below nlist={ivf.nlist} for index key {key!r}"
-            )
-        if ivf is not None and size < MIN_POINTS_PER_CENTROID * ivf.nlist:
-            logger.warning(
-                "Training %s on %d vectors, fewer than %d per list (%d); clustering may be poor",
-                key, size, MIN_POINTS_PER_CENTROID, MIN_POINTS_PER_CENTROID * ivf.nlist,
-            )
-        with _timed(f"Sampling {size:,} training vectors"):
-            sample = _sample_rows(vectors, size, seed, chunk)
-        with _timed(f"Training {key} on {size:,} vectors"):
-            work.train(sample)
-        del sample
 
-    with _timed(f"Adding {n:,} vectors to {key}"):
-        with (progress or null_progress)(label, n) as advance:
-            for start in range(0, n, chunk):
-                stop = min(start + chunk, n)
-                x = _as_f32(vectors[start:stop])
-                work.add_with_ids(x, np.arange(start, stop, dtype=np.int64))
-                advance(stop - start)
+def serialize(index: faiss.Index) -> np.ndarray:
+    """The index as bytes (a uint8 array): what crosses between processes."""
+    return faiss.serialize_index(to_cpu(index))
 
-    if gpu:
-        with _timed("Copying the index from GPU to CPU"):
-            index = to_cpu(work)
-    return index
+
+def deserialize(data: np.ndarray) -> faiss.Index:
+    return faiss.deserialize_index(np.asarray(data, dtype=np.uint8))
 
 
 # -- exact (Flat) indexes -------------------------------------------------------------------

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from clip_density_index.indexer.errors import BadInput, InvalidParameter
 from clip_density_index.indexer.fs import RemotePath, input_path
-from clip_density_index.indexer.source import Batch, SourceInfo
+from clip_density_index.indexer.source import Batch, Part, SourceInfo
 from clip_density_index.indexer.validate import UID_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -515,6 +515,11 @@ def _stream(shards: Sequence[_Shard], batch_size: int, schema: pa.Schema,
         del image, text
 
 
+def _shard_parts(shards: Sequence[_Shard]) -> list[Part]:
+    starts = np.cumsum([0] + [s.n for s in shards]).tolist()
+    return [Part(i, starts[i], s.n, key=i) for i, s in enumerate(shards)]
+
+
 def _storage_dtype(shards: Sequence[_Shard]) -> str:
     """"float16" when every shard stores both modalities in half precision, else "float32"."""
     half = all(a.dtype == np.float16 for sh in shards for a in (sh.image, sh.text))
@@ -614,11 +619,19 @@ class DataCompSource:
             BadInput: a uid that is not 32 hex digits (naming file and row), or an unreadable file.
         """
 
-        def meta_of(shard: _Shard, table: pa.Table) -> pa.Table:
-            uid = normalize_uids(table.column("uid"), str(shard.meta_path))
-            return arrange_meta(table, uid, "text", drop=("uid",), origin=str(shard.meta_path))
+        yield from _stream(self._shards, batch_size, self._schema, self._meta_of)
 
-        yield from _stream(self._shards, batch_size, self._schema, meta_of)
+    def parts(self) -> list[Part]:
+        """One part per shard (a Ray build reads them in parallel, ``indexer.parallel``)."""
+        return _shard_parts(self._shards)
+
+    def read_part(self, part: Part, batch_size: int) -> Iterator[Batch]:
+        yield from _stream([self._shards[part.key]], batch_size, self._schema, self._meta_of)
+
+    @staticmethod
+    def _meta_of(shard: _Shard, table: pa.Table) -> pa.Table:
+        uid = normalize_uids(table.column("uid"), str(shard.meta_path))
+        return arrange_meta(table, uid, "text", drop=("uid",), origin=str(shard.meta_path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -729,18 +742,42 @@ class ClipRetrievalSource:
         derive = UidDeriver()
 
         def meta_of(shard: _Shard, table: pa.Table) -> pa.Table:
-            origin = str(shard.meta_path)
-            if self.uid_column is not None:
-                uid = normalize_uids(table.column(self.uid_column), origin)
-                return arrange_meta(table, uid, self.caption_column, drop=(self.uid_column,), origin=origin)
-            keys: list = [None] * table.num_rows
-            for col in ("url", "image_path"):  # later columns take precedence
-                if col in table.column_names:
-                    for row, value in enumerate(table.column(col).to_pylist()):
-                        if value is not None and value != "":
-                            keys[row] = str(value)
-            uid = pa.array([derive(key if key is not None else f"{shard.index}:{row}")
-                            for row, key in enumerate(keys)], pa.string())
-            return arrange_meta(table, uid, self.caption_column, origin=origin)
+            return self._meta_of(shard, table, lambda keys: pa.array([derive(k) for k in keys], pa.string()))
 
         yield from _stream(self._shards, batch_size, self._schema, meta_of)
+
+    def parts(self) -> list[Part]:
+        """One part per shard (a Ray build reads them in parallel, ``indexer.parallel``). Derived
+        uids depend on the keys of every shard before (``UidDeriver``): a part's ``uid`` column
+        holds the keys, which ``finish_part`` turns into uids in pool order."""
+        self._derive = UidDeriver()
+        return _shard_parts(self._shards)
+
+    def read_part(self, part: Part, batch_size: int) -> Iterator[Batch]:
+        def meta_of(shard: _Shard, table: pa.Table) -> pa.Table:
+            return self._meta_of(shard, table, lambda keys: pa.array(keys, pa.string()))
+
+        yield from _stream([self._shards[part.key]], batch_size, self._schema, meta_of)
+
+    def finish_part(self, meta: pa.Table) -> pa.Table:
+        """A part's rows with their uids, derived from the keys ``read_part`` left in ``uid``."""
+        if self.uid_column is not None:
+            return meta
+        keys = meta.column("uid").to_pylist()
+        return meta.set_column(0, "uid", pa.array([self._derive(k) for k in keys], pa.string()))
+
+    def _meta_of(self, shard: _Shard, table: pa.Table, derived: Callable[[list[str]], pa.Array]) -> pa.Table:
+        """A shard's metadata with uid and caption first; uids from ``uid_column``, or
+        ``derived(keys)`` of each row's key (its image_path, else url, else shard:row)."""
+        origin = str(shard.meta_path)
+        if self.uid_column is not None:
+            uid = normalize_uids(table.column(self.uid_column), origin)
+            return arrange_meta(table, uid, self.caption_column, drop=(self.uid_column,), origin=origin)
+        keys: list = [None] * table.num_rows
+        for col in ("url", "image_path"):  # later columns take precedence
+            if col in table.column_names:
+                for row, value in enumerate(table.column(col).to_pylist()):
+                    if value is not None and value != "":
+                        keys[row] = str(value)
+        keys = [key if key is not None else f"{shard.index}:{row}" for row, key in enumerate(keys)]
+        return arrange_meta(table, derived(keys), self.caption_column, origin=origin)

@@ -50,3 +50,18 @@ class Source(Protocol):
     info: SourceInfo
 
     def batches(self, batch_size: int) -> Iterator[Batch]: ...
+
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of a source that can be read on its own (a Ray build reads parts in parallel).
+
+    A source that can be split has ``parts()`` (every part, in pool order) and
+    ``read_part(part, batch_size)`` (its batches; the source object is copied to the worker), and
+    may have ``finish_part(meta)``, run on the driver in pool order (clip-retrieval derives uids
+    that depend on every row before them there)."""
+
+    index: int  # position among the parts
+    start: int  # first row, counted in the source's listing
+    rows: int  # rows listed: what it yields unless unreadable samples are skipped
+    key: object = None  # the source's own description (a shard number, ...)

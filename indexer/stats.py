@@ -73,6 +73,25 @@ class _Moments:
         with np.errstate(over="ignore"):  # huge vectors: whitening() names the non-finite result
             self.s2 += (y.T @ y).astype(np.float64, copy=False)
 
+    def merge(self, other: "_Moments") -> None:
+        """Add the moments of another stream (the rows of ``other`` follow this one's)."""
+        if other.n == 0:
+            return
+        if self.n == 0:
+            self.n, self.shift, self.s1, self.s2 = other.n, other.shift.copy(), other.s1.copy(), other.s2.copy()
+            return
+        # other's sums about this shift c: with d = c' - c, sum (x - c) = s1' + n' d and
+        # sum (x - c)(x - c)^T = s2' + s1' d^T + d s1'^T + n' d d^T
+        d = other._applied_shift() - self._applied_shift()
+        self.s2 += other.s2 + np.outer(other.s1, d) + np.outer(d, other.s1) + other.n * np.outer(d, d)
+        self.s1 += other.s1 + other.n * d
+        self.shift = self._applied_shift()
+        self.n += other.n
+
+    def _applied_shift(self) -> np.ndarray:
+        """The shift as ``update`` subtracts it (rounded to the product's type)."""
+        return self.shift.astype(self.gemm_dtype).astype(np.float64)
+
     def cov(self) -> np.ndarray:
         assert self.shift is not None and self.n >= 2
         delta = self.s1 / self.n
@@ -186,6 +205,20 @@ class StatsAccumulator:
                 assert rawnorm is not None
                 self._u.update(x * np.asarray(rawnorm[s : s + _BLOCK], dtype=self._gemm)[:, None])
 
+    def merge(self, other: "StatsAccumulator") -> None:
+        """Add what another accumulator saw (of the same dimension and kind), e.g. the part of the
+        pool a worker read: sums and second moments are additive, so the merged statistics are
+        those of one accumulator that saw both streams, to floating-point rounding."""
+        if (other.dim, other.raw, other._gemm) != (self.dim, self.raw, self._gemm):
+            raise InvalidParameter(f"Cannot merge statistics of dim {other.dim} (raw={other.raw}) into "
+                                   f"statistics of dim {self.dim} (raw={self.raw})")
+        self._n += other._n
+        self._sum += other._sum
+        if self._raw_sum is not None:
+            self._raw_sum += other._raw_sum
+            self._u.merge(other._u)
+        self._v.merge(other._v)
+
     def finalize(self, ridge: float = 1e-6) -> dict[str, np.ndarray]:
         """Return the statistics (see the module docstring), all float64.
 
@@ -218,18 +251,41 @@ class StatsAccumulator:
         return out
 
 
+def _cov_fraction(n: int, cov_sample: int) -> float:
+    return 1.0 if cov_sample == 0 else min(1.0, cov_sample / n)
+
+
 def cov_row_picker(n: int, cov_sample: int, seed: int = 0) -> Callable[[int], np.ndarray | None]:
     """The covariance subset of a pool of ``n`` rows read in batches: a function that, called with
     each batch's row count in order, returns the batch rows entering the covariances (``cov_rows``
     of ``StatsAccumulator.update``), a seeded uniform draw of about ``cov_sample`` rows in all;
-    None (every row) when ``cov_sample`` is 0 or at least ``n``."""
-    fraction = 1.0 if cov_sample == 0 else min(1.0, cov_sample / n)
+    None (every row) when ``cov_sample`` is 0 or at least ``n``. Row ``i`` of the pool is drawn
+    from the i-th value of one random stream (``cov_rows_at`` reads it at any position)."""
+    fraction = _cov_fraction(n, cov_sample)
     rng = np.random.default_rng([seed, 17])
 
     def pick(rows: int) -> np.ndarray | None:
         return None if fraction >= 1.0 else np.flatnonzero(rng.random(rows) < fraction)
 
     return pick
+
+
+def cov_rows_at(n: int, cov_sample: int, seed: int, start: int, rows: int) -> np.ndarray | None:
+    """The rows of pool rows ``[start, start + rows)`` that ``cov_row_picker(n, cov_sample, seed)``
+    puts in the covariance subset (positions relative to ``start``), without drawing the rows
+    before them: for a part of the pool read elsewhere.
+
+    >>> pick = cov_row_picker(1000, 100, seed=3)
+    >>> first, second = pick(400), pick(600)
+    >>> bool(np.array_equal(cov_rows_at(1000, 100, 3, 400, 600), second))
+    True
+    """
+    fraction = _cov_fraction(n, cov_sample)
+    if fraction >= 1.0:
+        return None
+    rng = np.random.default_rng([seed, 17])
+    rng.bit_generator.advance(start)  # one 64-bit draw per uniform double
+    return np.flatnonzero(rng.random(rows) < fraction)
 
 
 def whitening(cov: np.ndarray, ridge: float = 1e-6) -> tuple[np.ndarray, float]:

@@ -515,3 +515,60 @@ class Store(CatalogConnection):
             refs = _OPEN.get(self._key, [])
             refs[:] = [r for r in refs if r() is not None and r() is not self]
 
+    # --- build-side operations: what indexer.build writes into a new catalog ---------------------
+    def _run_on(self, name: str, tables: dict[str, Any], **params: Any) -> None:
+        """Execute ``sql/internal/<name>.sql`` with Arrow ``tables`` registered under their keys
+        (the names the statement reads) for the duration of the statement."""
+        with self.registered(**tables):
+            self.run(name, **params)
+
+    def write_samples(self, meta: Any, create: bool = False) -> None:
+        """Add a batch of ``samples`` rows (an Arrow table whose first column is ``vec_id``);
+        ``create``: the first batch, whose columns make the table."""
+        self._run_on("samples_create" if create else "samples_append", {"_batch": meta})
+
+    def index_samples(self) -> None:
+        """Index ``samples.vec_id``, once the table is complete."""
+        self.run("samples_index")
+
+    def first_duplicate_uid(self) -> tuple[str, int, int] | None:
+        """``(uid, vec_id, vec_id)`` of the first uid two samples share, or None."""
+        rows = self.run("samples_duplicate_uid").fetchall()
+        if not rows:
+            return None
+        uid, (a, b) = rows[0]
+        return uid, int(a), int(b)
+
+    def insert_stats(self, stats: list[tuple[str, str, Any]]) -> None:
+        """Insert ``(modality, name, array)`` rows into ``modality_stats`` (shape and row-major
+        float64 values), as one Arrow table."""
+        import numpy as np
+        import pyarrow as pa
+
+        def lists(arrays: list, type_: Any) -> Any:
+            offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int32)
+            values = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0)
+            return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_))
+
+        arrays = [np.asarray(v, dtype=np.float64) for _, _, v in stats]
+        table = pa.table({
+            "modality": [m for m, _, _ in stats], "name": [k for _, k, _ in stats],
+            "shape": lists([np.asarray(v.shape, dtype=np.int64) for v in arrays], pa.int64()),
+            "value": lists(arrays, pa.float64()),
+        })
+        self._run_on("modality_stats_insert", {"_stats": table})
+
+    def insert_manifest(self, **columns: Any) -> None:
+        """Insert the manifest row; ``columns`` are the manifest's columns by name."""
+        self.run("manifest_insert", **columns)
+
+    def insert_data_files(self, files: list[dict]) -> None:
+        """Insert the build's ``data_files`` records (``indexer.integrity.record``)."""
+        import pyarrow as pa
+
+        self._run_on("data_files_insert", {"_files": pa.Table.from_pylist(files)})
+
+    def finish_catalog(self) -> None:
+        """Write the write-ahead log into the new catalog file; unlike ``checkpoint``, DuckDB's
+        error (a full disk) is raised: a build is not done until its catalog is written."""
+        self.run("checkpoint")

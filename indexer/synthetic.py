@@ -59,14 +59,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from clip_density_index.indexer.errors import InvalidParameter
-from clip_density_index.indexer.source import Batch, SourceInfo
+from clip_density_index.indexer.source import Batch, Part, SourceInfo
 
 WORLD_VERSION = 1  # bump when generation changes, so manifests can tell worlds apart
 BLOCK_SIZE = 4096  # rows per generator block; fixed, so rows do not depend on the batch size
@@ -339,6 +339,16 @@ CONCEPTS_PER_SAMPLE = ((1, 2, 3), (0.35, 0.4, 0.25))
 RAW_SCALE = {"image": (10.0, 0.12), "text": (9.0, 0.10)}  # log-normal (median, sigma) of the scale
 
 
+@dataclass
+class _TailDraws:
+    """A block's draws for the heavy-tailed worlds (None / empty: the world has no such tail)."""
+
+    generic: np.ndarray | None = None  # rows whose caption is generic
+    kind: np.ndarray | None = None  # which generic caption each has
+    noise_mult: np.ndarray | None = None  # (2, B) noise multipliers, image and text
+    hubs: dict = field(default_factory=dict)  # modality -> (rows, pull strengths)
+
+
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -378,6 +388,13 @@ class SyntheticWorld:
         base, self._tails = TAIL_PRESETS.get(geometry, (geometry, Tails()))
         self._g = GEOMETRY_PRESETS[base]
 
+        cohesion = self._init_vocabulary()
+        self._init_geometry(cohesion)
+        self._block_cache: dict[int, tuple[pa.Table, np.ndarray, np.ndarray]] = {}
+
+    def _init_vocabulary(self) -> np.ndarray:
+        """The concepts, their categories and kinds in the vocabulary's literal order; returns each
+        concept's cohesion with its category."""
         self.concepts: list[str] = []
         self.categories: list[str] = []
         kinds, cohesion = [], []
@@ -388,10 +405,15 @@ class SyntheticWorld:
                 kinds.append(kind)
                 cohesion.append(0.95 if w in CATEGORY_WORDS else coh)
         self.kinds = np.array(kinds, dtype=np.int8)
+        self._kind_list = kinds  # per-row caption code reads plain ints
         self.concept_index = {c: i for i, c in enumerate(self.concepts)}
         self._surface = _surface_forms(self.concepts)
-        V, D = len(self.concepts), self.dim
+        return np.array(cohesion)
 
+    def _init_geometry(self, cohesion: np.ndarray) -> None:
+        """Concept frequencies and every direction of the world, from the world stream ``[seed, 0]``
+        (draws in a fixed order: the world depends on it)."""
+        V, D = len(self.concepts), self.dim
         rng = np.random.default_rng([self.seed, 0])  # world stream (samples use [seed, 1, block])
         ranks = rng.permutation(V)
         zipf = 1.0 / (ranks + 1.0) ** ZIPF_EXPONENT
@@ -401,7 +423,7 @@ class SyntheticWorld:
         cat_names = list(VOCABULARY)
         cat_dirs = _unit_rows(rng.standard_normal((len(cat_names), D)))
         cat_of = np.array([cat_names.index(c) for c in self.categories])
-        coh = np.clip(np.array(cohesion) * self._g.category_scale, 0.0, 0.99)
+        coh = np.clip(cohesion * self._g.category_scale, 0.0, 0.99)
         own = _unit_rows(rng.standard_normal((V, D)))
         shared = _unit_rows(np.sqrt(coh)[:, None] * cat_dirs[cat_of] + np.sqrt(1 - coh)[:, None] * own)
         r = self._g.alignment
@@ -431,7 +453,6 @@ class SyntheticWorld:
         self._noise_std = {m: (np.sqrt(self._g.noise(m)) * noise_std[m]).astype(f32) for m in means}
         self._templates = (np.sqrt(self._g.w_template) * templates).astype(f32)
         self._instance_basis = (np.sqrt(self._g.w_instance / rank) * basis).astype(f32)
-        self._block_cache: dict[int, tuple[pa.Table, np.ndarray, np.ndarray]] = {}
         if self._tails.active():
             self._init_tails(dirs, means)
 
@@ -454,6 +475,10 @@ class SyntheticWorld:
         self._generic = (_unit_rows(gen) * RAW_SCALE["text"][0]).astype(f32)
         p = 1.0 / np.arange(1, len(GENERIC_CAPTIONS) + 1)
         self._generic_p = p / p.sum()
+
+    def __getstate__(self) -> dict:
+        """Copied without its cache of generated blocks (a Ray build sends the world to workers)."""
+        return {**self.__dict__, "_block_cache": {}}
 
     # ----------------------------------------------------------------------------------------
     def _w_mean(self, modality: str) -> float:
@@ -580,9 +605,49 @@ class SyntheticWorld:
         return out
 
     def _generate_block(self, block: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-        B, D, V = BLOCK_SIZE, self.dim, len(self.concepts)
+        """One block from its streams: ``rng`` ``[seed, 1, block]`` (concepts, choices, scales,
+        vectors) and, for the heavy-tailed worlds, ``trng`` ``[seed, 2, block]``. The helpers draw in
+        a fixed order; the world depends on it."""
+        B = BLOCK_SIZE
         rng = np.random.default_rng([self.seed, 1, block])
-        # 1. Concepts: up to 3 distinct Zipf draws; at most one scene and one attribute.
+        slots = self._draw_slots(rng)
+        choices = rng.integers(0, 1 << 30, size=(B, 6))
+        jitter = rng.lognormal(0.0, self._g.weight_jitter, size=(2, B, 3))
+        scale = {m: RAW_SCALE[m][0] * rng.lognormal(0.0, RAW_SCALE[m][1], size=B) for m in ("image", "text")}
+        # Heavy-tailed worlds: their own stream, so the main one (and the base worlds) are unchanged.
+        t = self._tails
+        trng = np.random.default_rng([self.seed, 2, block]) if t.active() else None
+        src = None  # each row's duplicate-cluster source (itself when not a duplicate)
+        if t.dup_fraction:
+            src = self._duplicate_sources(trng, B)
+            slots = slots[src]
+            jitter[0] = jitter[0][src]  # a duplicate image shows its source's concepts, as strongly
+
+        captions, concept_lists, tpl = self._captions(slots, choices)  # strings only: no draws
+        tails = self._draw_tails(trng)
+        if tails.generic is not None:
+            for i, k in zip(tails.generic.tolist(), tails.kind.tolist()):
+                captions[i] = GENERIC_CAPTIONS[k]
+        out = self._vectors(rng, slots, jitter, scale, src, tpl, tails)
+        if src is not None:
+            self._reencode_duplicates(trng, out, src, scale["image"])
+        if tails.generic is not None:
+            out["text"][tails.generic] = self._generic[tails.kind]  # one fixed embedding per generic string
+        first = block * B
+        uids = [hashlib.md5(f"synthetic:{self.seed}:{i}".encode()).hexdigest()
+                for i in range(first, first + B)]
+        meta = pa.table({
+            "uid": pa.array(uids, pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "concepts": pa.array(concept_lists, pa.list_(pa.string())),
+            "synthetic": pa.array(np.ones(B, dtype=bool), pa.bool_()),
+        })
+        return meta, out["image"], out["text"]
+
+    def _draw_slots(self, rng: np.random.Generator) -> np.ndarray:
+        """(B, 3) concept ids of each sample (-1: empty slot): up to 3 distinct Zipf draws, at most
+        one scene and one attribute."""
+        B, V = BLOCK_SIZE, len(self.concepts)
         cand = rng.choice(V, size=(B, 8), p=self.frequencies)
         k = rng.choice(CONCEPTS_PER_SAMPLE[0], size=B, p=CONCEPTS_PER_SAMPLE[1])
         rows = np.arange(B)
@@ -599,39 +664,32 @@ class SyntheticWorld:
                 kind_i = np.where(slots[:, i] >= 0, self.kinds[slots[:, i]], -1)
                 clash = (kind_j == kind_i) & (kind_j != THING) & (kind_j >= 0)
                 slots[clash, j] = -1
-        choices = rng.integers(0, 1 << 30, size=(B, 6))
-        jitter = rng.lognormal(0.0, self._g.weight_jitter, size=(2, B, 3))
-        scale = {m: RAW_SCALE[m][0] * rng.lognormal(0.0, RAW_SCALE[m][1], size=B) for m in ("image", "text")}
-        # Heavy-tailed worlds: their own stream, so the main one (and the base worlds) are unchanged.
-        t = self._tails
-        trng = np.random.default_rng([self.seed, 2, block]) if t.active() else None
-        src = None  # each row's duplicate-cluster source (itself when not a duplicate)
-        if t.dup_fraction:
-            src = self._duplicate_sources(trng, B)
-            slots = slots[src]
-            jitter[0] = jitter[0][src]  # a duplicate image shows its source's concepts, as strongly
+        return slots
 
-        # 2. Captions (a Python loop over strings only).
-        captions, concept_lists, tpl = self._captions(slots, choices)
-        generic = kind = None
+    def _draw_tails(self, trng: np.random.Generator | None) -> "_TailDraws":
+        """A block's generic captions, noise multipliers and hubs (whichever the world has)."""
+        t, B = self._tails, BLOCK_SIZE
+        draws = _TailDraws()
         if t.template_fraction:
-            generic = np.flatnonzero(trng.random(B) < t.template_fraction)
-            kind = trng.choice(len(GENERIC_CAPTIONS), size=len(generic), p=self._generic_p)
-            for i, k in zip(generic.tolist(), kind.tolist()):
-                captions[i] = GENERIC_CAPTIONS[k]
-        noise_mult = None
+            draws.generic = np.flatnonzero(trng.random(B) < t.template_fraction)
+            draws.kind = trng.choice(len(GENERIC_CAPTIONS), size=len(draws.generic), p=self._generic_p)
         if t.noise_sigma:
             shared = np.sqrt(t.noise_corr) * trng.standard_normal(B)
             own = np.sqrt(1.0 - t.noise_corr) * trng.standard_normal((2, B))
-            noise_mult = np.exp(t.noise_sigma * (shared + own)).astype(np.float32)
-        hubs = {}
+            draws.noise_mult = np.exp(t.noise_sigma * (shared + own)).astype(np.float32)
         if t.hub_fraction:
             for m in ("image", "text"):
                 rows = np.flatnonzero(trng.random(B) < t.hub_fraction)
                 strength = t.hub_strength * (trng.pareto(t.hub_shape, len(rows)) + 1.0) / 2.0 ** (1.0 / t.hub_shape)
-                hubs[m] = (rows, np.sqrt(np.minimum(strength, 4.0 * t.hub_strength)).astype(np.float32))
+                draws.hubs[m] = (rows, np.sqrt(np.minimum(strength, 4.0 * t.hub_strength)).astype(np.float32))
+        return draws
 
-        # 3. Vectors (vectorised). The instance part z is shared by image and caption.
+    def _vectors(self, rng: np.random.Generator, slots: np.ndarray, jitter: np.ndarray,
+                 scale: dict[str, np.ndarray], src: np.ndarray | None, tpl: np.ndarray,
+                 tails: "_TailDraws") -> dict[str, np.ndarray]:
+        """Raw image and text vectors of a block (vectorised); the instance part z is shared by a
+        sample's image and caption."""
+        B, D = BLOCK_SIZE, self.dim
         z = rng.standard_normal((B, self._instance_basis.shape[0]), dtype=np.float32) @ self._instance_basis
         if src is not None:
             z = z[src]
@@ -639,45 +697,34 @@ class SyntheticWorld:
         out = {}
         for mi, m in enumerate(("image", "text")):
             w = (kw * jitter[mi]).astype(np.float32)
-            table = self._dirs[m]
-            mix = np.einsum("bk,bkd->bd", w, table[slots])  # slot -1 -> the zero row
+            mix = np.einsum("bk,bkd->bd", w, self._dirs[m][slots])  # slot -1 -> the zero row
             mix *= (np.float32(np.sqrt(self._g.w_concept))
                     / np.sqrt(np.einsum("bd,bd->b", mix, mix)))[:, None]
             x = rng.standard_normal((B, D), dtype=np.float32)
             x *= self._noise_std[m]
-            if noise_mult is not None:
-                x *= noise_mult[mi][:, None]
+            if tails.noise_mult is not None:
+                x *= tails.noise_mult[mi][:, None]
             x += mix
             x += z
             x += self._mean_part[m]
             if m == "text":
                 x += self._templates[tpl]
-            if m in hubs:
-                rows, pull = hubs[m]
+            if m in tails.hubs:
+                rows, pull = tails.hubs[m]
                 x[rows] += pull[:, None] * self._hub_dir[m]
             x *= scale[m].astype(np.float32)[:, None]
             out[m] = x
-        if src is not None:
-            # A duplicate's image is its source's, re-encoded: rescaled a little, slightly perturbed.
-            dup = np.flatnonzero(src != np.arange(B))
-            s = src[dup]
-            pert = trng.standard_normal((len(dup), D), dtype=np.float32)
-            pert *= self._noise_std["image"] * np.float32(t.dup_jitter)
-            ratio = trng.lognormal(0.0, 0.02, size=len(dup)).astype(np.float32)
-            out["image"][dup] = (out["image"][s] * ratio[:, None]
-                                 + pert * scale["image"][s].astype(np.float32)[:, None])
-        if generic is not None:
-            out["text"][generic] = self._generic[kind]  # one fixed embedding per generic string
-        first = block * B
-        uids = [hashlib.md5(f"synthetic:{self.seed}:{i}".encode()).hexdigest()
-                for i in range(first, first + B)]
-        meta = pa.table({
-            "uid": pa.array(uids, pa.string()),
-            "caption": pa.array(captions, pa.string()),
-            "concepts": pa.array(concept_lists, pa.list_(pa.string())),
-            "synthetic": pa.array(np.ones(B, dtype=bool), pa.bool_()),
-        })
-        return meta, out["image"], out["text"]
+        return out
+
+    def _reencode_duplicates(self, trng: np.random.Generator, out: dict[str, np.ndarray], src: np.ndarray,
+                             scale: np.ndarray) -> None:
+        """A duplicate's image is its source's, re-encoded: rescaled a little, slightly perturbed."""
+        dup = np.flatnonzero(src != np.arange(BLOCK_SIZE))
+        s = src[dup]
+        pert = trng.standard_normal((len(dup), self.dim), dtype=np.float32)
+        pert *= self._noise_std["image"] * np.float32(self._tails.dup_jitter)
+        ratio = trng.lognormal(0.0, 0.02, size=len(dup)).astype(np.float32)
+        out["image"][dup] = (out["image"][s] * ratio[:, None] + pert * scale[s].astype(np.float32)[:, None])
 
     def _duplicate_sources(self, rng: np.random.Generator, B: int) -> np.ndarray:
         """Near-duplicate clusters of one block: each row's source row (itself outside clusters).
@@ -703,81 +750,92 @@ class SyntheticWorld:
 
     def _captions(self, slots: np.ndarray, choices: np.ndarray) -> tuple[list[str], list[list[str]], np.ndarray]:
         """Caption strings, concept lists (in caption order) and template ids for one block."""
-        concepts, kinds, cats = self.concepts, self.kinds.tolist(), self.categories
         captions: list[str] = []
         lists: list[list[str]] = []
         tpl = np.empty(len(slots), dtype=np.int64)
         for row, (s, r) in enumerate(zip(slots.tolist(), choices.tolist())):
-            things, attr, scene = [], None, None
-            for c in s:
-                if c < 0:
-                    continue
-                kind = kinds[c]
-                if kind == THING:
-                    things.append(c)
-                elif kind == SCENE:
-                    scene = c
-                else:
-                    attr = c
+            things, attr, scene = self._roles(s)
             order: list[str] = []
             if things:
-                phrases = []
-                for j, c in enumerate(things):
-                    a = concepts[attr] if (j == 0 and attr is not None) else None
-                    if a is not None:
-                        order.append(a)
-                    order.append(concepts[c])
-                    phrases.append(_thing_phrase(concepts[c], a, r[1] if j == 0 else r[1] % 7))
-                verbs = _VERBS.get("animal" if cats[things[0]] == "animal" else
-                                   "people" if cats[things[0]] == "people" else
-                                   "vehicle" if cats[things[0]] == "vehicle" else "", None)
-                if scene is not None:
-                    order.append(concepts[scene])
-                    sp = _scene_phrase(concepts[scene], r[3])
-                    if len(things) == 1:
-                        if verbs and r[2] % 2 == 0:
-                            fam, fi = 3, r[0] % len(_SCENE_WITH_VERB)
-                            text = _SCENE_WITH_VERB[fi].format(phrases[0], verbs[r[4] % len(verbs)], sp)
-                        else:
-                            fam, fi = 2, r[0] % len(_SCENE_WITH)
-                            text = _SCENE_WITH[fi].format(phrases[0], sp)
-                    else:
-                        fam, fi = 4, r[0] % len(_TWO)
-                        text = _TWO[fi].format(*phrases) + " " + sp
-                elif len(things) == 1:
-                    if verbs and r[2] % 3 == 0:
-                        fam, fi = 1, r[0] % len(_ONE_VERB)
-                        text = _ONE_VERB[fi].format(phrases[0], verbs[r[4] % len(verbs)])
-                    else:
-                        fam, fi = 0, r[0] % len(_ONE_PREFIX)
-                        text = _ONE_PREFIX[fi].format(phrases[0])
-                elif len(things) == 2:
-                    fam, fi = 4, r[0] % len(_TWO)
-                    text = _TWO[fi].format(*phrases)
-                else:
-                    fam, fi = 5, r[0] % len(_THREE)
-                    text = _THREE[fi].format(*phrases)
+                text, fam, fi = self._things_caption(things, attr, scene, r, order)
             elif scene is not None:
-                sw = concepts[scene]
-                if attr is not None:
-                    order += [concepts[attr], sw]
-                    fam, fi = 7, r[0] % len(_ATTR_SCENE)
-                    text = _ATTR_SCENE[fi].format(_article(concepts[attr]), concepts[attr], sw)
-                else:
-                    order.append(sw)
-                    fam, fi = 6, r[0] % len(_SCENE_ONLY)
-                    art = "the" if (sw in THE_ONLY_SCENES or r[3] % 2) else _article(sw)
-                    text = _SCENE_ONLY[fi].format(f"{art} {sw}")
+                text, fam, fi = self._scene_caption(scene, attr, r, order)
             else:
-                order.append(concepts[attr])
+                order.append(self.concepts[attr])
                 fam, fi = 8, r[0] % len(_ATTR_ONLY)
-                text = _ATTR_ONLY[fi].format(concepts[attr])
+                text = _ATTR_ONLY[fi].format(self.concepts[attr])
             if r[5] % 4 == 0:
                 text = text[0].upper() + text[1:]
             captions.append(text)
             lists.append(order)
             tpl[row] = _FAMILY_OFFSET[fam] + fi
         return captions, lists, tpl
+
+    def _roles(self, slots: list[int]) -> tuple[list[int], int | None, int | None]:
+        """(things, attribute, scene) of a sample's concept slots (-1: empty)."""
+        things, attr, scene = [], None, None
+        for c in slots:
+            if c < 0:
+                continue
+            kind = self._kind_list[c]
+            if kind == THING:
+                things.append(c)
+            elif kind == SCENE:
+                scene = c
+            else:
+                attr = c
+        return things, attr, scene
+
+    def _things_caption(self, things: list[int], attr: int | None, scene: int | None, r: list[int],
+                        order: list[str]) -> tuple[str, int, int]:
+        """(caption, template family, template) of a sample showing things (the first one with the
+        attribute), maybe in a scene; ``order`` gets the concepts in caption order."""
+        concepts, cats = self.concepts, self.categories
+        phrases = []
+        for j, c in enumerate(things):
+            a = concepts[attr] if (j == 0 and attr is not None) else None
+            if a is not None:
+                order.append(a)
+            order.append(concepts[c])
+            phrases.append(_thing_phrase(concepts[c], a, r[1] if j == 0 else r[1] % 7))
+        cat = cats[things[0]]
+        verbs = _VERBS.get(cat if cat in ("animal", "people", "vehicle") else "", None)
+        if scene is not None:
+            order.append(concepts[scene])
+            sp = _scene_phrase(concepts[scene], r[3])
+            if len(things) > 1:
+                fam, fi = 4, r[0] % len(_TWO)
+                return _TWO[fi].format(*phrases) + " " + sp, fam, fi
+            if verbs and r[2] % 2 == 0:
+                fam, fi = 3, r[0] % len(_SCENE_WITH_VERB)
+                return _SCENE_WITH_VERB[fi].format(phrases[0], verbs[r[4] % len(verbs)], sp), fam, fi
+            fam, fi = 2, r[0] % len(_SCENE_WITH)
+            return _SCENE_WITH[fi].format(phrases[0], sp), fam, fi
+        if len(things) == 1:
+            if verbs and r[2] % 3 == 0:
+                fam, fi = 1, r[0] % len(_ONE_VERB)
+                return _ONE_VERB[fi].format(phrases[0], verbs[r[4] % len(verbs)]), fam, fi
+            fam, fi = 0, r[0] % len(_ONE_PREFIX)
+            return _ONE_PREFIX[fi].format(phrases[0]), fam, fi
+        if len(things) == 2:
+            fam, fi = 4, r[0] % len(_TWO)
+            return _TWO[fi].format(*phrases), fam, fi
+        fam, fi = 5, r[0] % len(_THREE)
+        return _THREE[fi].format(*phrases), fam, fi
+
+    def _scene_caption(self, scene: int, attr: int | None, r: list[int], order: list[str]) -> tuple[str, int, int]:
+        """(caption, template family, template) of a sample showing only a scene (maybe with an
+        attribute); ``order`` gets the concepts in caption order."""
+        sw = self.concepts[scene]
+        if attr is not None:
+            a = self.concepts[attr]
+            order += [a, sw]
+            fi = r[0] % len(_ATTR_SCENE)
+            return _ATTR_SCENE[fi].format(_article(a), a, sw), 7, fi
+        order.append(sw)
+        fi = r[0] % len(_SCENE_ONLY)
+        art = "the" if (sw in THE_ONLY_SCENES or r[3] % 2) else _article(sw)
+        return _SCENE_ONLY[fi].format(f"{art} {sw}"), 6, fi
 
 
 def _thing_phrase(word: str, attr: str | None, r: int) -> str:
@@ -866,9 +924,21 @@ class SyntheticSource:
         Yields:
             ``Batch`` with ``origin="synthetic"`` and ``row_offset`` = index of its first sample.
         """
+        yield from self._rows(0, self.n, batch_size)
+
+    def parts(self) -> list[Part]:
+        """The pool in parts of one generator block (``BLOCK_SIZE`` rows), read on their own by a
+        Ray build (``indexer.parallel``)."""
+        return [Part(i, start, min(BLOCK_SIZE, self.n - start))
+                for i, start in enumerate(range(0, self.n, BLOCK_SIZE))]
+
+    def read_part(self, part: Part, batch_size: int) -> Iterator[Batch]:
+        """The batches of one part: the same rows ``batches`` yields there."""
+        yield from self._rows(part.start, part.start + part.rows, batch_size)
+
+    def _rows(self, start: int, stop: int, batch_size: int) -> Iterator[Batch]:
         if batch_size < 1:
             raise InvalidParameter(f"batch_size must be >= 1, got {batch_size!r}")
-        for start in range(0, self.n, batch_size):
-            count = min(batch_size, self.n - start)
-            meta, image, text = self.world.sample(start, count)
-            yield Batch(meta=meta, image=image, text=text, origin="synthetic", row_offset=start)
+        for first in range(start, stop, batch_size):
+            meta, image, text = self.world.sample(first, min(batch_size, stop - first))
+            yield Batch(meta=meta, image=image, text=text, origin="synthetic", row_offset=first)

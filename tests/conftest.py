@@ -3,6 +3,7 @@
 modules beside this one: ``arrays_pool.py`` (the arrays index and its numpy scores),
 ``tiny_clip.py`` (a tiny random open_clip model) and ``explorer_pools.py``."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,21 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {TINY: save_tiny_model(root, TINY),
             TINY_BIASED: save_tiny_model(root, TINY_BIASED, TINY_CFG | {"init_logit_bias": -10.0})}
+
+
+@pytest.fixture(scope="module")
+def ray_engine():
+    """A Ray engine on a local cluster of 2 CPUs, for one test module. Its workers start with the tests
+    folder on their path, so that they import the test modules' task functions and sources."""
+    pytest.importorskip("ray")
+    from clip_density_index.indexer.engine import open_engine
+
+    here = str(Path(__file__).parent)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([here] + ([old] if old else []))
+    try:
+        engine = open_engine("ray", num_cpus=2)
+    finally:
+        os.environ.pop("PYTHONPATH") if old is None else os.environ.__setitem__("PYTHONPATH", old)
+    yield engine
+    engine.close()

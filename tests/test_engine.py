@@ -29,20 +29,6 @@ def _dies_once(item, shared):
     return item * item
 
 
-@pytest.fixture(scope="module")
-def ray_engine():
-    # the workers import this test module's task functions: they start with this environment
-    here = str(Path(__file__).parent)
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([here] + ([old] if old else []))
-    try:
-        engine = open_engine("ray", num_cpus=2)
-    finally:
-        os.environ.pop("PYTHONPATH") if old is None else os.environ.__setitem__("PYTHONPATH", old)
-    yield engine
-    engine.close()
-
-
 def test_ray_and_local_give_the_same_results(ray_engine):
     x = np.random.default_rng(0).standard_normal((1000, 8))
     items = [(lo, min(lo + 128, 1000)) for lo in range(0, 1000, 128)]

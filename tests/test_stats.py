@@ -220,3 +220,48 @@ def test_covariance_of_a_row_subset_and_exact_means():
     # ... and the subset's covariance is an estimate of the whole pool's, not something else
     full = np.cov(v, rowvar=False, ddof=1)
     assert np.linalg.norm(s["cov"] - full) < 0.25 * np.linalg.norm(full)
+
+
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_merged_parts_give_the_statistics_of_the_whole(raw, precision):
+    """What workers accumulate on parts of the pool, merged in order, is what one accumulator sees
+    (each part shifted by its own first rows: the large offset makes a wrong shift visible; well
+    conditioned, so that float32's rounding is not amplified by the whitening)."""
+    u, v, norms = raw_data(offset=30.0, well_conditioned=True)
+    whole = StatsAccumulator(D, raw=raw, precision=precision)
+    whole.update(v, norms if raw else None)
+    merged = StatsAccumulator(D, raw=raw, precision=precision)
+    for part in np.split(np.arange(N), [1, 150, 151, 420]):
+        acc = StatsAccumulator(D, raw=raw, precision=precision)
+        acc.update(v[part], norms[part] if raw else None)
+        merged.merge(acc)
+    merged.merge(StatsAccumulator(D, raw=raw, precision=precision))  # an empty part changes nothing
+    assert merged.count == N and merged.cov_count == N
+    want, got = whole.finalize(ridge=0.0), merged.finalize(ridge=0.0)
+    assert got.keys() == want.keys()
+    rtol = 1e-9 if precision == "float64" else 1e-4
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=rtol * np.abs(want[name]).max(),
+                                   err_msg=name)
+
+
+def test_merge_refuses_statistics_of_another_kind():
+    with pytest.raises(InvalidParameter, match="dim 8"):
+        StatsAccumulator(D, raw=True).merge(StatsAccumulator(8, raw=True))
+    with pytest.raises(InvalidParameter, match="raw=False"):
+        StatsAccumulator(D, raw=True).merge(StatsAccumulator(D, raw=False))
+
+
+@pytest.mark.parametrize("n, cov_sample", [(5000, 700), (5000, 0), (300, 1000)])
+def test_covariance_rows_of_a_part_are_the_ones_the_stream_gives(n, cov_sample):
+    pick = stats_mod.cov_row_picker(n, cov_sample, seed=4)
+    start = 0
+    for rows in (1, 999, 2, 1700, 2298)[: 5 if n == 5000 else 1]:
+        expected = pick(rows)
+        got = stats_mod.cov_rows_at(n, cov_sample, 4, start, rows)
+        if expected is None:
+            assert got is None
+        else:
+            np.testing.assert_array_equal(got, expected)
+        start += rows
