@@ -220,3 +220,58 @@ class Store:
             if version > current:
                 self.con.execute(load_sql(f"migrations/{name}"))
                 self.con.execute("INSERT INTO schema_version VALUES ($v)", {"v": version})
+
+    # --- scoring operations (queries/score_store.py: the atomic replace of `scores`) -------------
+
+    def table_columns(self, table: str) -> list[str]:
+        """The column names of ``table``, in order; empty when there is no such table."""
+        return [r[0] for r in self.run("table_columns", table=table).fetchall()]
+
+    def replace_scores(self, new: Any, sources: dict[str, str], allowed: tuple[str, ...], rows: int,
+                       record: Any) -> Any:
+        """Replace ``scores`` in one transaction: build ``scores__new`` from the samples and the
+        Arrow table ``new`` (``vec_id`` + the computed columns), check it has ``rows`` rows, swap
+        it in, and call ``record()`` (the run's bookkeeping inserts) before the commit; returns what
+        ``record`` returns. A failure or a kill at any point leaves the old table and no
+        ``scores__new``.
+
+        ``sources`` maps every score column, in table order, to ``"new"`` (from ``new``), ``"old"``
+        (carried over from the current ``scores``) or ``"null"``; each must be in ``allowed`` (the
+        identifier allowlist: ``queries.score_params.SCORE_COLUMNS``).
+        """
+        exprs = []
+        for column, source in sources.items():
+            if column not in allowed or not _NAME.match(column) or source not in ("new", "old", "null"):
+                raise ValueError(f"score column {column!r} ({source!r}) is not in the allowlist")
+            exprs.append({"new": f"c.{column}", "old": f"o.{column}", "null": f"CAST(NULL AS DOUBLE) AS {column}"}
+                         [source])
+        carry = load_sql("scores_new_carry") if "old" in sources.values() else ""
+        create = load_sql("scores_new_create").format(columns=", ".join(exprs), carry=carry)
+        self.con.register("_new_scores", new)
+        self.con.begin()
+        try:
+            self.run("scores_new_drop")
+            self.con.execute(create)
+            got = self.run("scores_new_count").fetchall()[0][0]
+            if got != rows:
+                raise BrokenIndex(f"{self.path}: samples has {got} rows matching vec_id 0..{rows - 1}, not {rows}")
+            self.run("scores_drop")
+            self.run("scores_new_rename")
+            out = record()
+            self.con.commit()
+        except BaseException:
+            self.con.rollback()
+            raise
+        finally:
+            self.con.unregister("_new_scores")
+        return out
+
+    def try_checkpoint(self) -> str | None:
+        """Write the write-ahead log into the catalog file; the error's first line when that fails
+        (a full disk: what was committed stays in the log, replayed on the next open), else None."""
+        try:
+            self.con.execute("CHECKPOINT")
+        except duckdb.Error as e:
+            text = str(e).strip()
+            return text.splitlines()[0] if text else type(e).__name__
+        return None
