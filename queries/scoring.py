@@ -3,7 +3,8 @@
 * KL columns (``kl_*``, ``klr_*``): an estimator (``queries.scorers``; ``auto`` chooses with
   ``queries.choice``), queries in chunks of ``batch_size``; each finished chunk is written under
   the run's work folder (``queries.chunks``), so a rerun with the same parameters after an
-  interruption skips the chunks already done (``queries.kl_local``).
+  interruption skips the chunks already done: in this process (``queries.kl_local``) or as tasks
+  of an engine such as a Ray cluster (``queries.kl_engine``), with the same numbers.
 * Closed-form columns (``dc``, ``dw``, ``rawnorm``, ``conformity``, ``conformity_est``, ``loglik``,
   ``clipscore``): ``queries.closed_form`` (O(n d)).
 * ``check=N``: exact KL on N random samples (seeded), compared with the approximate values
@@ -22,10 +23,12 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from clip_density_index.indexer import lock
+from clip_density_index.indexer.errors import InvalidParameter
 from clip_density_index.indexer.pool import PoolIndex, as_pool
 from clip_density_index.indexer.progress import Progress, null_progress
 from clip_density_index.queries import chunks
@@ -76,6 +79,8 @@ def score(
     strata_target: float | None = None,
     max_fraction: float | None = None,
     device: str = "auto",
+    engine: str | Any = "local",
+    address: str | None = None,
     progress: Progress | None = None,
 ) -> ScoreReport:
     """Compute score columns for every sample of an index and store them in its ``scores`` table.
@@ -117,6 +122,12 @@ def score(
         max_fraction: strata: the most of the pool one query scans (default
             ``queries.strata.DEFAULT_MAX_FRACTION``).
         device: torch device for the dense parts (``"auto"``: CUDA when available).
+        engine: where the KL chunks run (``indexer.engine``): ``"local"`` (this process) or
+            ``"ray"`` (tasks on a Ray cluster; the index must be on a path every node reads), or an
+            engine already open (``indexer.engine.open_engine``). The same estimators, parameters
+            and numbers either way; the driver (this process) plans, checks and stores.
+        address: the Ray cluster (``"auto"``, ``host:port``, ``ray://...``); default a local
+            cluster of this machine's CPUs. Only with ``engine="ray"``.
         progress: progress hook (see ``indexer.progress``).
 
     Returns:
@@ -149,11 +160,12 @@ def score(
             p = resolve(estimator="exact")
             estimator, reason = _choose(pool, p, device) if p.kl else ("exact", "")
         p = replace(resolve(estimator=estimator), reason=reason)
+        run = functools.partial(_run, pool, held=held, progress=progress, device=device, started=started,
+                                engine=_engine(engine, address, held))
         try:
-            return _run(pool, p, held, progress, device, started, fallback=auto_chose and not p.exact)
+            return run(p, fallback=auto_chose and not p.exact)
         except _Missed as missed:  # auto's strata missed the targets on its held-out rows: accuracy first
-            p = replace(resolve(estimator="exact"), reason=f"exact: {missed}")
-            return _run(pool, p, held, progress, device, started)
+            return run(replace(resolve(estimator="exact"), reason=f"exact: {missed}"))
 
 
 def _start(pool: PoolIndex, held: contextlib.ExitStack, device: str) -> None:
@@ -167,6 +179,19 @@ def _start(pool: PoolIndex, held: contextlib.ExitStack, device: str) -> None:
         pass
 
 
+def _engine(engine, address: str | None, held: contextlib.ExitStack):
+    """The engine asked for: opened here (and closed when the run ends) when given by name."""
+    if not isinstance(engine, str):
+        if address is not None:
+            raise InvalidParameter("address applies to an engine given by name (engine='ray'), not to an open one")
+        return engine
+    from clip_density_index.indexer.engine import open_engine
+
+    opened = open_engine(engine, address)
+    held.callback(opened.close)
+    return opened
+
+
 def _choose(pool: PoolIndex, p: ScoreParams, device: str) -> tuple[str, str]:
     """``auto``: exact or strata, and why (``queries.choice``)."""
     from clip_density_index.queries.choice import choose
@@ -174,16 +199,16 @@ def _choose(pool: PoolIndex, p: ScoreParams, device: str) -> tuple[str, str]:
     return choose(pool, p, device, exact_below=AUTO_EXACT_BELOW)
 
 
-def _run(pool: PoolIndex, p: ScoreParams, held: contextlib.ExitStack, progress: Progress, device: str,
-         started: float, fallback: bool = False) -> ScoreReport:
+def _run(pool: PoolIndex, p: ScoreParams, *, held: contextlib.ExitStack, progress: Progress, device: str,
+         started: float, engine, fallback: bool = False) -> ScoreReport:
     """``score`` after its checks, under the index's shared lock; ``held`` keeps the run's
     chunk-folder lock until the folder is cleaned up. With ``fallback`` (auto's choice), an
     approximate run whose held-out check misses the targets stores nothing and raises ``_Missed``."""
-    report = ScoreReport.start(pool, p)
+    report = ScoreReport.start(pool, p, engine=engine.name)
     work = pool.paths.work_dir(work_name(pool, p))
     cols: dict[str, np.ndarray] = {}
     if p.kl:
-        cols.update(_kl_columns(pool, p, work, held, report, progress, device))
+        cols.update(_kl_columns(pool, p, work, held, report, progress, device, engine))
     cols.update(_closed_form_columns(pool, p, report, progress))
     if p.check:
         t0 = time.perf_counter()
@@ -208,26 +233,31 @@ def _run(pool: PoolIndex, p: ScoreParams, held: contextlib.ExitStack, progress: 
 
 
 def _kl_columns(pool: PoolIndex, p: ScoreParams, work: Path, held: contextlib.ExitStack, report: ScoreReport,
-                progress: Progress, device: str) -> dict[str, np.ndarray]:
+                progress: Progress, device: str, engine) -> dict[str, np.ndarray]:
     """The KL columns of every side asked for, computed or reused chunk by chunk in ``work`` (held
-    locked by this run until ``held`` closes)."""
-    from clip_density_index.queries import kl_local
+    locked by this run until ``held`` closes): in this process (``queries.kl_local``), or as
+    tasks of ``engine`` (``queries.kl_engine``)."""
+    from clip_density_index.queries import kl_engine, kl_local
+
+    both, side = kl_local.kl_exact_both, kl_local.kl_side
+    if engine.name != "local":
+        both, side = functools.partial(kl_engine.kl_exact_both, engine), functools.partial(kl_engine.kl_side, engine)
 
     work.mkdir(parents=True, exist_ok=True)
     held.enter_context(lock.sole(work, f"A score with the same options is already running in "
                                        f"{str(pool.root)!r} (its chunks are in {work}); wait for "
                                        "it to finish"))
-    log.info("scoring KL (%s: %s) of %d samples, %s; chunks in %s", p.estimator, p.reason, pool.n,
-             "+".join(p.sides), work)
+    log.info("scoring KL (%s: %s) of %d samples, %s, %s engine; chunks in %s", p.estimator, p.reason, pool.n,
+             "+".join(p.sides), engine.name, work)
     cols: dict[str, np.ndarray] = {}
     if p.exact and len(p.sides) == 2:
         t0 = time.perf_counter()
-        cols.update(kl_local.kl_exact_both(pool, p, work, report, progress, device))
+        cols.update(both(pool, p, work, report, progress, device))
         report.seconds["kl_both"] = time.perf_counter() - t0
     else:
         for s in p.sides:
             t0 = time.perf_counter()
-            kl_local.kl_side(pool, s, p, work, report, progress, device)
+            side(pool, s, p, work, report, progress, device)
             cols.update(chunks.read_side(work, s, pool.n))
             report.seconds[f"kl_{s}"] = time.perf_counter() - t0
             log.info("KL %s side: %.1f s", s, report.seconds[f"kl_{s}"])
