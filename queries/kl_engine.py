@@ -13,7 +13,9 @@ The exact pass of both sides splits ``S = a T I'`` into tiles of a chunk of capt
 images (``key_block``): a tile returns its captions' row partials over its images and its images'
 column partials over its captions (``queries.exact.Moments``, merged associatively). A chunk is
 finished when its last tile is in: its rows are written, and its column partials are folded into the
-running file together, so the file never holds part of a chunk.
+running file together, so the file never holds part of a chunk. When a run has fewer chunks than
+the cluster has workers, chunks are split likewise into parts (``TASKS_PER_WORKER``); the chunk files
+stay those of the local engine.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ from clip_density_index.queries.scorers import SideJob, bind, cand_sum, finish_s
 #: float32: 2 GB) and returns its column partials (24 bytes per image). A multiple of the exact
 #: pass's own candidate blocks (``queries.exact.CPU_CHUNKS`` / ``GPU_CHUNKS``).
 KEY_BLOCK = 1 << 20
+#: Tasks per worker a run aims for when its chunks are fewer: each chunk is then split into parts
+#: (queries of one side; images of the exact pass), which the driver assembles before writing it.
+TASKS_PER_WORKER = 2
+#: The fewest queries or images in a part (a multiple of the exact pass's candidate block).
+MIN_PART = 4096
 
 
 @dataclass(frozen=True)
@@ -65,9 +72,10 @@ def _pool(ctx: TaskContext) -> PoolIndex:
     return pool
 
 
-def side_task(item: tuple[int, int], ctx: TaskContext) -> tuple[Any, dict[str, float]]:
-    """One chunk of one side's KL (queries ``item = (start, stop)``): ``(ChunkScores, timings)``."""
-    start, stop = item
+def side_task(item: tuple[int, int, int], ctx: TaskContext) -> tuple[Any, dict[str, float]]:
+    """Queries ``a:b`` of the chunk starting at ``item[0]`` of one side's KL (``item = (chunk, a,
+    b)``): ``(ChunkScores, timings)``."""
+    _, start, stop = item
     pool, job = _pool(ctx), ctx.job
     queries = np.asarray(pool.embeddings(job.side, checked=False)[start:stop], dtype=np.float32)
     timings: dict[str, float] = {}
@@ -109,43 +117,69 @@ def _resources(device: str) -> dict:
     return {"num_gpus": 1} if resolve_device(device).startswith("cuda") else {}
 
 
+def _split(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
+    """``lo..hi`` in at most ``parts`` near-equal ranges of at least ``MIN_PART`` (multiples of it)."""
+    size = max(MIN_PART, -(-(hi - lo) // max(1, parts)))
+    size = -(-size // MIN_PART) * MIN_PART
+    return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
+
+
+def _parts_per_chunk(engine, chunks_todo: int) -> int:
+    """Parts to split each chunk into so that the engine's workers all get tasks."""
+    return max(1, -(-TASKS_PER_WORKER * engine.workers // max(1, chunks_todo)))
+
+
 def kl_side(engine, pool: PoolIndex, side: str, p: ScoreParams, work: Path, report: ScoreReport,
             progress: Progress, device: str) -> None:
-    """Every chunk of ``kl_{side}``/``klr_{side}`` in ``work``: reused, or computed by ``engine``."""
+    """Every chunk of ``kl_{side}``/``klr_{side}`` in ``work``: reused, or computed by ``engine``
+    (in parts of queries when the chunks are fewer than the workers; a chunk is written whole)."""
     n = pool.n
     job = prepare_side(pool, side, p, report, device)
-    todo = []
+    todo = {}
     for start in range(0, n, p.batch_size):
         stop = min(start + p.batch_size, n)
         if chunks.rows_done(work, side, start, stop):
             report.chunks_reused += 1
         else:
-            todo.append((start, stop))
+            todo[start] = _Chunk(start, stop)
+    split = _parts_per_chunk(engine, len(todo))
+    items = []
+    for c in todo.values():
+        parts = _split(c.start, c.stop, split)
+        c.left = len(parts)
+        items += [(c.start, a, b) for a, b in parts]
     ctx = engine.put(_context(pool, device, job=job))
     scanned, rows = 0.0, 0
     with progress(f"KL scores ({side} side, {p.estimator}, {engine.name})", n) as advance:
-        advance(n - sum(stop - start for start, stop in todo))
-        for (start, stop), (out, timings) in engine.map(side_task, todo, ctx, **_resources(device)):
+        advance(n - sum(c.stop - c.start for c in todo.values()))
+        for (start, a, b), (out, timings) in engine.map(side_task, items, ctx, **_resources(device)):
             for key, seconds in timings.items():
                 report.add_seconds(key, seconds)
-            t0 = time.perf_counter()
-            chunks.write_rows(work, side, start, out.kl, out.klr)
-            report.add_seconds(f"kl_{side}.write", time.perf_counter() - t0)
-            report.chunks_computed += 1
-            scanned, rows = scanned + out.scanned, rows + (stop - start)
-            advance(stop - start)
+            scanned, rows = scanned + out.scanned, rows + (b - a)
+            chunk = todo[start]
+            chunk.pieces.append((a, out))
+            chunk.left -= 1
+            if chunk.left == 0:
+                t0 = time.perf_counter()
+                pieces = [o for _, o in sorted(todo.pop(start).pieces, key=lambda x: x[0])]
+                chunks.write_rows(work, side, start, np.concatenate([o.kl for o in pieces]),
+                                  np.concatenate([o.klr for o in pieces]))
+                report.add_seconds(f"kl_{side}.write", time.perf_counter() - t0)
+                report.chunks_computed += 1
+                advance(chunk.stop - chunk.start)
     finish_side(job, report, scanned, rows)
 
 
 @dataclass
 class _Chunk:
-    """A chunk of captions whose tiles are coming in."""
+    """A chunk of queries whose parts are coming in."""
 
     start: int
     stop: int
-    rows: Any  # queries.exact.Moments over the chunk's captions
-    tiles_left: int
-    cols: list = field(default_factory=list)  # (c0, c1, (max, s0, s1)) of each tile
+    left: int = 0  # parts not yet in
+    pieces: list = field(default_factory=list)  # one side: (first query, ChunkScores) of each part
+    rows: Any = None  # exact both sides: queries.exact.Moments over the chunk's captions
+    cols: list = field(default_factory=list)  # exact both sides: (c0, c1, (max, s0, s1)) of each tile
 
 
 def kl_exact_both(engine, pool: PoolIndex, p: ScoreParams, work: Path, report: ScoreReport, progress: Progress,
@@ -161,15 +195,18 @@ def kl_exact_both(engine, pool: PoolIndex, p: ScoreParams, work: Path, report: S
     mean_image = mean_scores(pool.embeddings("image"), cand_sum(pool, "text"), p.a, n)
     columns, merged = chunks.read_columns(work, n)
     open_chunks: dict[int, _Chunk] = {}
-    tiles = []
     for start in range(0, n, p.batch_size):
         stop = min(start + p.batch_size, n)
         if start in merged and chunks.rows_done(work, "text", start, stop):
             report.chunks_reused += 1
-            continue
-        blocks = [(c0, min(c0 + key_block, n)) for c0 in range(0, n, key_block)]
-        open_chunks[start] = _Chunk(start, stop, Moments(stop - start), len(blocks))
-        tiles += [(start, stop, c0, c1, start not in merged) for c0, c1 in blocks]
+        else:
+            open_chunks[start] = _Chunk(start, stop, rows=Moments(stop - start))
+    blocks = [(c0, c1) for k0, k1 in _split(0, n, -(-n // key_block))
+              for c0, c1 in _split(k0, k1, _parts_per_chunk(engine, len(open_chunks)))]
+    tiles = []
+    for c in open_chunks.values():
+        c.left = len(blocks)
+        tiles += [(c.start, c.stop, c0, c1, c.start not in merged) for c0, c1 in blocks]
     ctx = engine.put(_context(pool, device, p=p))
     with progress(f"KL scores (both sides, exact, {engine.name})", n) as advance:
         advance(n - sum(c.stop - c.start for c in open_chunks.values()))
@@ -180,8 +217,8 @@ def kl_exact_both(engine, pool: PoolIndex, p: ScoreParams, work: Path, report: S
             chunk.rows.merge(slice(None), *rows)
             if cols is not None:
                 chunk.cols.append((c0, c1, cols))
-            chunk.tiles_left -= 1
-            if chunk.tiles_left == 0:
+            chunk.left -= 1
+            if chunk.left == 0:
                 _finish_chunk(work, open_chunks.pop(start), mean_text, columns, merged, p, n, report)
                 advance(stop - start)
     out = chunks.read_side(work, "text", n)
