@@ -430,11 +430,17 @@ def info_cmd(index_dir, as_json, verify):
 @click.option("--precision", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
               help="Score precision of the exact work (default float32 on CPUs, float16 on CUDA GPUs).")
 @click.option("--device", default=defaults.DEVICE, show_default=True, help="torch device for the dense parts.")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="Where the KL chunks run: this process, or tasks on a Ray cluster (the index on a path "
+                   "every node reads); the same numbers either way.")
+@click.option("--address", default=None,
+              help="--engine ray: the cluster (auto, HOST:PORT, ray://...); default a local one of this machine's CPUs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fraction, paper_sample, side, logit_scale, log_logit_scale,
               logit_bias, metrics,
-              seed, batch_size, nprobe, check, target_spearman, target_overlap, precision, device, as_json, quiet):
+              seed, batch_size, nprobe, check, target_spearman, target_overlap, precision, device, engine, address,
+              as_json, quiet):
     """Score every sample: KL / KLR (both sides), D_C, D_W, raw norm, conformity, whitened
     log-likelihood and CLIPScore, into the catalog's `scores` table.
 
@@ -448,6 +454,7 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fr
       clip-density-index score index --estimator mimps   # SPEC 3.1, with its measured accuracy
       clip-density-index score index --estimator paper   # the paper's 0.2% sample, for comparison
       clip-density-index score index --side text --metrics kl,klr
+      clip-density-index score index --engine ray --address auto   # chunks as tasks on a Ray cluster
     """
     _note_synthetic(index_dir)
     logit_scale = _logit_scale(logit_scale, log_logit_scale)
@@ -470,8 +477,8 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fr
                    logit_scale=logit_scale, logit_bias=logit_bias, metrics=metric_list, seed=seed,
                    batch_size=batch_size, nprobe=nprobe, check=check, precision=precision,
                    paper_sample=paper_sample, target_spearman=target_spearman, target_overlap=target_overlap,
-                   strata_target=strata_target, max_fraction=max_fraction, device=device,
-                   progress=_progress(quiet))
+                   strata_target=strata_target, max_fraction=max_fraction, device=device, engine=engine,
+                   address=address, progress=_progress(quiet))
     if as_json:
         click.echo(json.dumps(report_dict(report), indent=2, default=str))
         return
@@ -494,6 +501,8 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fr
         cost = ("dot products per query not counted (a graph search's cost depends on the data)" if d is None
                 else f"{d:,.0f} dot products per query ({d / report.n:.2%} of exact)")
         click.echo(f"  {s} side: {searched}, {cost}")
+    if report.engine != "local":
+        click.echo(f"  engine: {report.engine}")
     if report.chunks_reused:
         click.echo(f"  resumed: reused {report.chunks_reused} finished chunks")
     for c in report.checks:

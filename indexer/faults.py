@@ -2,10 +2,15 @@
 
 Set ``CLIP_DENSITY_INDEX_FAULT`` to a point's name (or several, comma-separated) and the process
 sends itself SIGKILL when it reaches that point, as a power loss or ``kill -9`` would, with no
-cleanup of any kind. Unset (always, outside tests), ``fault_point`` costs one dictionary lookup.
+cleanup of any kind. Unset (always, outside tests), ``fault_point`` costs two dictionary lookups.
 
 Points (``POINTS``) are named ``stage.moment``; ``build.*`` and ``swap.*`` are in the builder
-(``indexer.build``, ``indexer.swap``).
+(``indexer.build``, ``indexer.swap``), ``score.*`` (``TASK_POINTS``) in the engine
+tasks of ``score``.
+
+``CLIP_DENSITY_INDEX_FAULT_ARMED`` names a folder of armed points instead: a point fires when a file
+of its name is in that folder, and the process that deletes the file dies, so each armed file kills
+one process once (a Ray worker on its first attempt; the retry runs on).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import signal
 
 ENV = "CLIP_DENSITY_INDEX_FAULT"
+ARMED_ENV = "CLIP_DENSITY_INDEX_FAULT_ARMED"
 
 #: Every named point, in the order a build reaches them.
 POINTS = (
@@ -24,10 +30,21 @@ POINTS = (
     "swap.after_new_renamed",     # the new index is DIR, the old one not yet removed
     "swap.removing_old",          # part of the old index removed
 )
+#: Points in the engine tasks of ``score`` (``queries.kl_engine``; on a worker, not in a build).
+TASK_POINTS = (
+    "score.task",                 # a task computed its chunk and has not returned it yet
+)
 
 
 def fault_point(name: str) -> None:
     """Kill this process with SIGKILL when ``CLIP_DENSITY_INDEX_FAULT`` names ``name``."""
     wanted = os.environ.get(ENV)
     if wanted and name in wanted.split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
+    armed = os.environ.get(ARMED_ENV)
+    if armed:
+        try:
+            os.unlink(os.path.join(armed, name))  # one process wins the file
+        except OSError:
+            return
         os.kill(os.getpid(), signal.SIGKILL)

@@ -572,3 +572,34 @@ class Store(CatalogConnection):
         """Write the write-ahead log into the new catalog file; unlike ``checkpoint``, DuckDB's
         error (a full disk) is raised: a build is not done until its catalog is written."""
         self.run("checkpoint")
+
+    # --- scoring operations (queries/score_store.py: the atomic replace of `scores`) -------------
+    def replace_scores(self, new: Any, sources: dict[str, str], allowed: tuple[str, ...], rows: int,
+                       record: Any) -> Any:
+        """Replace ``scores`` in one transaction: build ``scores__new`` from the samples and the
+        Arrow table ``new`` (``vec_id`` + the computed columns), check it has ``rows`` rows, swap
+        it in, and call ``record()`` (the run's bookkeeping inserts) before the commit; returns what
+        ``record`` returns. A failure or a kill at any point leaves the old table and no
+        ``scores__new``.
+
+        ``sources`` maps every score column, in table order, to ``"new"`` (from ``new``), ``"old"``
+        (carried over from the current ``scores``) or ``"null"``; each must be in ``allowed`` (the
+        identifier allowlist: ``queries.score_params.SCORE_COLUMNS``).
+        """
+        exprs = []
+        for column, source in sources.items():
+            if column not in allowed or not _NAME.match(column) or source not in ("new", "old", "null"):
+                raise ValueError(f"score column {column!r} ({source!r}) is not in the allowlist")
+            exprs.append({"new": f"c.{column}", "old": f"o.{column}", "null": f"CAST(NULL AS DOUBLE) AS {column}"}
+                         [source])
+        carry = load_sql("scores_new_carry") if "old" in sources.values() else ""
+        create = load_sql("scores_new_create").format(columns=", ".join(exprs), carry=carry)
+        with self.registered(_new_scores=new), self.transaction():
+            self.run("scores_new_drop")
+            self.con.execute(create)
+            got = self.value("scores_new_count")
+            if got != rows:
+                raise BrokenIndex(f"{self.path}: samples has {got} rows matching vec_id 0..{rows - 1}, not {rows}")
+            self.run("scores_drop")
+            self.run("scores_new_rename")
+            return record()

@@ -41,7 +41,8 @@ import pyarrow as pa
 import torch
 
 from clip_density_index.indexer.errors import InvalidParameter
-from clip_density_index.queries.exact import candidate_sum, check_scale, resolve_device, sample_ids, to_tensor
+from clip_density_index.indexer.device import resolve_device
+from clip_density_index.queries.exact import candidate_sum, check_scale, sample_ids, to_tensor
 from clip_density_index.indexer.store import load_sql
 from clip_density_index.queries.threads import deal_to_threads
 

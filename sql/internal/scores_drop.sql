@@ -1,0 +1,2 @@
+-- The old scores table, dropped inside the swap's transaction (Store.replace_scores).
+DROP TABLE IF EXISTS scores
