@@ -553,6 +553,16 @@ def _prompt_options(f):
     return f
 
 
+def _engine_options(f):
+    """--engine / --address of weights and sample: the pool's partitions as tasks on a Ray cluster."""
+    f = click.option("--address", default=None,
+                     help="--engine ray: the cluster (auto, HOST:PORT, ray://...); default a local one of this "
+                          "machine's CPUs.")(f)
+    return click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+                        help="Where the pool's images are read: this process, or one task per partition of the "
+                             "pool on a Ray cluster (the index on a path every node reads); the same results.")(f)
+
+
 def _need_prompt(prompt, prompt_embedding) -> None:
     if prompt is None and prompt_embedding is None:
         raise click.UsageError("give --prompt TEXT or --prompt-embedding FILE.npy")
@@ -750,7 +760,9 @@ def select_cmd(index_dir, by, top_fraction, keeps, mode, count, where, lowest, o
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also export uid, weight, normalized_weight to .parquet / .csv / .jsonl.")
 @force_option
-def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, pretrained, out, force):
+@_engine_options
+def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, pretrained, out, force, engine,
+                address):
     """Importance weights of every image for a domain prompt: w = exp(a' cos), stored in `weights`.
 
     Prints the effective sample size ESS = (sum w)^2 / sum w^2 and a summary of the normalised
@@ -763,13 +775,14 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model,
       clip-density-index weights dc --prompt "a photo of food"  # DataComp index: its ViT-L-14 / ViT-B-32
       clip-density-index weights dc --prompt "a photo of food" --pretrained /models/vit-l-14-openai.pt
       clip-density-index weights dc --prompt-embedding food.npy --prompt "a photo of food"
+      clip-density-index weights /shared/dc --prompt "a photo of food" --engine ray --address auto
     """
     _note_synthetic(index_dir)
     from clip_density_index.queries.weighting import weights
 
     _need_prompt(prompt, prompt_embedding)
     w = weights(index_dir, prompt, prompt_embedding, logit_scale, out=out, force=force, device=device, model=model,
-                pretrained=pretrained)
+                pretrained=pretrained, engine=engine, address=address)
     s = w.summary()
     click.echo(f"Prompt {w.prompt!r} ({w.encoder}), a' = {w.logit_scale:g}, {w.n:,} images")
     click.echo(f"  ESS {s['ess']:,.1f} ({s['ess_fraction']:.2%} of n)")
@@ -796,8 +809,9 @@ def weights_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model,
               help="Also write the rows to .parquet / .csv / .jsonl.")
 @force_option
 @width_option
+@_engine_options
 def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, pretrained, n, mode, seed, replace,
-               nprobe, exact, out, force, width):
+               nprobe, exact, out, force, width, engine, address):
     """Domain-weighted samples for a prompt: a seeded weighted draw, or the top samples by weight.
 
     \b
@@ -805,6 +819,7 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, 
       clip-density-index sample index --prompt "a photo of food" -n 20
       clip-density-index sample index --prompt "a photo of food" -n 1000 --seed 1 --out food_draw.parquet
       clip-density-index sample index --prompt "a photo of food" -n 20 --mode top
+      clip-density-index sample /shared/dc --prompt "a photo of food" -n 1000 --engine ray --address auto
     """
     _note_synthetic(index_dir)
     from clip_density_index.queries.formats import render_table
@@ -819,7 +834,7 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, 
         raise click.UsageError("give --nprobe or --exact, not both")
     table = sample(index_dir, prompt, prompt_embedding, n, mode=mode, seed=seed, replace=replace,
                    logit_scale=logit_scale, out=out, force=force, device=device, nprobe=nprobe, exact=exact,
-                   printed=out is None, model=model, pretrained=pretrained)
+                   printed=out is None, model=model, pretrained=pretrained, engine=engine, address=address)
     cols = [c for c in ("rank", "uid", "caption", "cosine", "weight", "normalized_weight") if c in table.column_names]
     shown = table.select(cols)
     if out is not None:

@@ -16,6 +16,10 @@ image index (the weight is monotone in the cosine), probing a quarter of the IVF
 proportional to the weights, seeded: without replacement by the Gumbel-top-k trick on ``log w``
 (equivalent to drawing one at a time proportionally to w and removing each draw), with replacement
 by ``Generator.choice`` with ``p = w / sum w``.
+
+``engine="ray"`` (``--engine ray [--address ADDR]``) computes the same things over a partitioned
+pool, as tasks on a Ray cluster (``queries.weights_engine``): the same weights (their normalisation
+merged from per-partition partials), the exact top n, and the same seeded draws.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from clip_density_index.indexer import defaults, lock
-from clip_density_index.indexer.errors import BadInput, DiskFull, InvalidParameter
+from clip_density_index.indexer.errors import BadInput, DiskFull, InvalidParameter, ParameterClash
 from clip_density_index.indexer.pool import as_pool
 from clip_density_index.indexer.validate import check_seed
 from clip_density_index.queries.formats import format_for, write_result
@@ -90,23 +94,26 @@ def check_logit_scale(a: float) -> float:
     return f
 
 
-def image_cosines(index, vector: np.ndarray, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
-    """``<v_x, v_t>`` for every image x of the pool (float64, chunked over the memory map).
+def image_cosines(index, vector: np.ndarray, chunk: int = DEFAULT_CHUNK, lo: int = 0,
+                  hi: int | None = None) -> np.ndarray:
+    """``<v_x, v_t>`` for every image x of the pool (float64, chunked over the memory map), or for
+    the images ``lo:hi`` (vec_ids) of a partition.
 
     A cosine that two unit vectors cannot have (NaN, |cos| > 1: a damaged embedding row, such as
     a NaN or 1e30) is refused, naming the file and row; checked on the result instead of a second
     pass over the file (``PoolIndex.embeddings(checked=True)``), which would double the time."""
     pool = as_pool(index)
     emb = pool.embeddings("image", checked=False)
+    hi = emb.shape[0] if hi is None else hi
     v = np.asarray(vector, dtype=np.float64)
-    out = np.empty(emb.shape[0], dtype=np.float64)
-    for s in range(0, emb.shape[0], chunk):
-        out[s : s + chunk] = np.asarray(emb[s : s + chunk], dtype=np.float64) @ v
+    out = np.empty(hi - lo, dtype=np.float64)
+    for s in range(lo, hi, chunk):
+        out[s - lo : min(s + chunk, hi) - lo] = np.asarray(emb[s : min(s + chunk, hi)], dtype=np.float64) @ v
     bad = ~(np.abs(out) <= 1.0 + 1e-2 * max(1.0, float(np.linalg.norm(v))))
     if bad.any():
-        row = int(np.flatnonzero(bad)[0])
+        row = lo + int(np.flatnonzero(bad)[0])
         pool.unit_rows("image", np.array([row]))  # raises BrokenIndex naming image_emb.npy and the row
-        raise BadInput(f"image row {row}: cosine {out[row]:.6g} with the prompt, not in [-1, 1]")
+        raise BadInput(f"image row {row}: cosine {out[row - lo]:.6g} with the prompt, not in [-1, 1]")
     return out
 
 
@@ -157,7 +164,9 @@ class Weights:
     @property
     def ess(self) -> float:
         """Effective sample size ``(sum w)^2 / sum w^2``, from log space."""
-        return math.exp(2 * _logsumexp(self.log_weight) - _logsumexp(2 * self.log_weight))
+        if "ess" not in self._cache:
+            self._cache["ess"] = math.exp(2 * _logsumexp(self.log_weight) - _logsumexp(2 * self.log_weight))
+        return self._cache["ess"]
 
     @property
     def ess_fraction(self) -> float:
@@ -184,6 +193,10 @@ def compute_weights(
     device: str = "auto",
     model: str | None = None,
     pretrained: str | None = None,
+    *,
+    engine: str | Any = "local",
+    address: str | None = None,
+    partition_rows: int | None = None,
 ) -> Weights:
     """Importance weights of every image for a prompt (not stored; see ``weights``).
 
@@ -194,6 +207,13 @@ def compute_weights(
         logit_scale: a' (default 10).
         device: torch device for open_clip models.
         model, pretrained: open_clip model / weights for the prompt instead of the manifest's.
+        engine: ``"local"`` (this process, one pass), ``"ray"`` (tasks on a Ray cluster over
+            partitions of the pool; the index on a path every node reads), or an engine already
+            open (``indexer.engine.open_engine``), which runs the partitions' tasks.
+        address: ``engine="ray"``: the cluster (``auto``, ``HOST:PORT``, ``ray://...``); default
+            a local one of this machine's CPUs, for this call.
+        partition_rows: ``engine="ray"``: images per partition (default: see
+            ``weights_engine.partitions``).
 
     Returns:
         ``Weights``.
@@ -201,11 +221,17 @@ def compute_weights(
     Raises:
         InvalidParameter, BadInput: see ``encode_prompt``; a non-positive ``logit_scale``.
     """
+    from clip_density_index.queries import weights_engine
+
     a = check_logit_scale(logit_scale)
     pool = as_pool(index)
-    p = encode_prompt(pool, prompt, prompt_embedding, device=device, model=model, pretrained=pretrained)
-    cos = image_cosines(pool, p.vector)
-    return Weights(p.label, a, cos, a * cos, p.encoder)
+    with weights_engine.opened(engine, address) as eng:
+        p = encode_prompt(pool, prompt, prompt_embedding, device=device, model=model, pretrained=pretrained)
+        if eng is None:
+            cos = image_cosines(pool, p.vector)
+            return Weights(p.label, a, cos, a * cos, p.encoder)
+        cos, sums = weights_engine.cosines(eng, pool, p.vector, a, partition_rows)
+        return Weights(p.label, a, cos, a * cos, p.encoder, _cache={"log_mean": sums.log_mean, "ess": sums.ess})
 
 
 def _out_suffix(out: str | Path) -> str:
@@ -229,6 +255,9 @@ def weights(
     device: str = "auto",
     model: str | None = None,
     pretrained: str | None = None,
+    engine: str | Any = "local",
+    address: str | None = None,
+    partition_rows: int | None = None,
 ) -> Weights:
     """Compute importance weights for a prompt, store them in the ``weights`` table, export them.
 
@@ -246,6 +275,8 @@ def weights(
         store: write the ``weights`` table (False: compute and export only).
         device: torch device for open_clip models.
         model, pretrained: open_clip model / weights for the prompt instead of the manifest's.
+        engine, address, partition_rows: where the weights are computed (see ``compute_weights``);
+            this process stores and exports them either way.
 
     Returns:
         ``Weights`` (see its ``ess`` and ``summary()``).
@@ -259,7 +290,7 @@ def weights(
         check_out(out, force)
     pool = as_pool(index)
     w = compute_weights(pool, prompt, prompt_embedding, logit_scale, device=device, model=model,
-                        pretrained=pretrained)
+                        pretrained=pretrained, engine=engine, address=address, partition_rows=partition_rows)
     if store:
         store_weights(pool, w)
     if out is not None:
@@ -346,14 +377,7 @@ def top_by_faiss(index, vector: np.ndarray, n: int, nprobe: int | None = None,
     if exact and nprobe is not None:
         raise InvalidParameter("Give either nprobe or exact, not both")
     if exact:
-        cos = image_cosines(pool, vector)
-        n_top = min(n, pool.n)
-        ids = np.argpartition(-cos, n_top - 1)[:n_top] if n_top < pool.n else np.arange(pool.n)
-        # ties at the boundary: every image whose cosine equals the n-th best competes by vec_id
-        cut = cos[ids].min()
-        ids = np.flatnonzero(cos >= cut)
-        order = np.lexsort((ids, -cos[ids]))[:n_top]
-        return ids[order], cos[ids[order]]
+        return top_rows(image_cosines(pool, vector), n)
     fx = pool.faiss("image")
     scores_exact = faiss_index.returns_exact_scores(fx)
     margin = max(16, n // 10) if scores_exact else max(64, 3 * n)
@@ -379,6 +403,19 @@ def top_by_faiss(index, vector: np.ndarray, n: int, nprobe: int | None = None,
     cos = pool.unit_rows("image", ids) @ np.asarray(vector, dtype=np.float64)
     order = np.lexsort((ids, -cos))[:n]
     return ids[order], cos[order]
+
+
+def top_rows(cos: np.ndarray, n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` highest of ``cos`` (the cosines of vec_ids ``offset, offset + 1, ...``), best first,
+    ties broken by vec_id: ``(vec_ids, cosines)``. The top n of a pool is the top n of the union of
+    its partitions' top n, ordered the same way."""
+    n_top = min(n, cos.shape[0])
+    ids = np.argpartition(-cos, n_top - 1)[:n_top] if n_top < cos.shape[0] else np.arange(cos.shape[0])
+    # ties at the boundary: every image whose cosine equals the n-th best competes by vec_id
+    cut = cos[ids].min()
+    ids = np.flatnonzero(cos >= cut)
+    order = np.lexsort((ids, -cos[ids]))[:n_top]
+    return ids[order] + offset, cos[ids[order]]
 
 
 #: Up to this many distinct vec_ids, captions are fetched by index point lookups; beyond, by a join.
@@ -421,6 +458,18 @@ def gumbel_top_k(log_w: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
     return part[np.argsort(-keys[part], kind="stable")]
 
 
+def gumbel_noise(seed: int, lo: int, hi: int) -> np.ndarray:
+    """The Gumbel noise of vec_ids ``lo:hi`` in the draw of ``seed``: entries ``lo:hi`` of
+    ``default_rng(seed).gumbel(size=n)``, the noise ``sample`` adds to the log weights, without
+    drawing the ones before. Each Gumbel value takes one 64-bit output of the PCG64 stream, so the
+    stream is advanced by ``lo`` (a jump, O(log lo)). So a partition's noise depends only on
+    ``(seed, vec_id)``, and a partitioned draw is the same draw. (numpy redraws a uniform that is
+    exactly 0, probability 2^-53 per value; after such a redraw the stream would shift by one.)"""
+    bits = np.random.PCG64(seed)
+    bits.advance(int(lo))
+    return np.random.Generator(bits).gumbel(size=int(hi) - int(lo))
+
+
 def sample_bytes(n: int, pool_n: int, text_bytes: float, out_format: str | None = None,
                  printed: bool = False) -> int:
     """Predicted peak memory of ``sample`` drawing ``n`` rows from a pool of ``pool_n`` samples whose
@@ -439,8 +488,10 @@ def sample_bytes(n: int, pool_n: int, text_bytes: float, out_format: str | None 
 
 
 def check_sample_memory(pool, n: int, out: str | Path | None = None, printed: bool = False,
-                        what: str | None = None) -> None:
-    """Refuse ``sample`` of ``n`` rows before anything is drawn when it would not fit in memory.
+                        what: str | None = None, pool_rows: int | None = None) -> None:
+    """Refuse ``sample`` of ``n`` rows before anything is drawn when it would not fit in memory;
+    ``pool_rows``: the rows of the pool this process holds (default all of them; ``engine="ray"``:
+    only the partitions' candidates).
 
     Raises:
         TooMuchMemory: naming the rows, the bytes needed and the bytes available.
@@ -452,7 +503,7 @@ def check_sample_memory(pool, n: int, out: str | Path | None = None, printed: bo
     with pool.reader().cursor() as s:
         text_bytes = float(s.value("samples_text_bytes"))
     fmt = None if out is None else format_for(out, None)
-    need = sample_bytes(n, pool.n, text_bytes, fmt, printed)
+    need = sample_bytes(n, pool.n if pool_rows is None else pool_rows, text_bytes, fmt, printed)
     hint = ("write the rows to a file with --out FILE.parquet instead of printing them" if printed else
             "write .parquet instead" if fmt in ("csv", "jsonl") else "ask for fewer rows")
     memory.check(need, what or f"sample -n {n:,}", hint)
@@ -476,6 +527,9 @@ def sample(
     printed: bool = False,
     model: str | None = None,
     pretrained: str | None = None,
+    engine: str | Any = "local",
+    address: str | None = None,
+    partition_rows: int | None = None,
 ) -> pa.Table:
     """Domain-weighted samples of the pool for a prompt.
 
@@ -495,6 +549,9 @@ def sample(
         exact: ``mode="top"``: probe every IVF list (the exact top n of an IVF-Flat index).
         printed: the caller prints every row (the CLI without ``--out``): counted in the memory check.
         model, pretrained: open_clip model / weights for the prompt instead of the manifest's.
+        engine, address, partition_rows: where the pool's partitions are read (see
+            ``compute_weights``). ``engine="ray"`` gives the same draw for the same seed; its
+            ``mode="top"`` is the exact top n (``exact=True``): every partition is scanned, no FAISS.
 
     Returns:
         A table in draw (or rank) order: ``rank, vec_id, uid, caption, cosine, weight`` and, for
@@ -506,6 +563,8 @@ def sample(
             replacement), bad prompt or logit scale, ``out`` exists without ``force``.
         TooMuchMemory: the n rows would not fit in the available memory (checked before drawing).
     """
+    from clip_density_index.queries import weights_engine
+
     _check_sample_args(mode, n, replace, nprobe, exact)
     a = check_logit_scale(logit_scale)
     seed = check_seed(seed)
@@ -518,14 +577,25 @@ def sample(
             "{n} {value} is larger than the pool ({size} samples); "
             + ("use {replace} to draw with replacement" if mode == "draw" else "ask for at most the pool size"),
             value=n, size=pool.n)
-    check_sample_memory(pool, int(n), out, printed,
-                        f"sample -n {int(n):,}" + (" --replace" if replace else "") + (f" --out {out}" if out else ""))
-    p = encode_prompt(pool, prompt, prompt_embedding, device=device, model=model, pretrained=pretrained)
-    if mode == "top":
-        cols = _top_columns(pool, p.vector, n, a, nprobe, exact)
-    else:
-        cos = image_cosines(pool, p.vector)
-        cols = _draw_columns(Weights(p.label, a, cos, a * cos, p.encoder), n, replace, seed)
+    partitioned = not (isinstance(engine, str) and engine == "local")
+    if partitioned and nprobe is not None:
+        raise ParameterClash.naming("{nprobe} applies to the FAISS search of {engine} local; {engine} {value} "
+                                    "finds the exact top n, scanning every partition",
+                                    value=engine if isinstance(engine, str) else engine.name)
+    with weights_engine.opened(engine, address) as eng:
+        held = None if eng is None else weights_engine.held_rows(eng, pool.n, n, mode, replace, partition_rows)
+        check_sample_memory(pool, int(n), out, printed,
+                            f"sample -n {int(n):,}" + (" --replace" if replace else "") + (f" --out {out}" if out else ""),
+                            pool_rows=held)
+        p = encode_prompt(pool, prompt, prompt_embedding, device=device, model=model, pretrained=pretrained)
+        if eng is not None:
+            cols = weights_engine.sample_columns(eng, pool, p.vector, a, n, mode=mode, seed=seed, replace=replace,
+                                                 partition_rows=partition_rows)
+        elif mode == "top":
+            cols = _top_columns(pool, p.vector, n, a, nprobe, exact)
+        else:
+            cos = image_cosines(pool, p.vector)
+            cols = _draw_columns(Weights(p.label, a, cos, a * cos, p.encoder), n, replace, seed)
     table = _sample_table(pool, cols)
     if out is not None:
         write_result(table, format_for(out, None), out, force=force)
