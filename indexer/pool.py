@@ -35,6 +35,11 @@ _MANIFEST_TYPES = {
 _NOTED: set[str] = set()  # indexes this process has printed the "no checksums" note for
 
 
+def _manifest_value(key: str, kind: type) -> property:
+    """A read-only ``PoolIndex`` attribute: the manifest's value ``key`` as ``kind``."""
+    return property(lambda self: kind(self.manifest[key]), doc=f"The manifest's ``{key}`` as {kind.__name__}.")
+
+
 class PoolIndex:
     """A built index. Cheap to open; arrays and FAISS indexes load on first use.
 
@@ -177,31 +182,18 @@ class PoolIndex:
                               f"from {lo} to {hi}); the manifest says n = {m['n']:,} (vec_id 0 to {m['n'] - 1}): "
                               "rows are missing or damaged; rebuild the index")
 
-    # -- manifest shortcuts ---------------------------------------------------------------
-    @property
-    def n(self) -> int:
-        return int(self.manifest["n"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
-
-    @property
-    def logit_scale(self) -> float:
-        return float(self.manifest["logit_scale"])
+    # -- manifest shortcuts (read-only) ----------------------------------------------------
+    n = _manifest_value("n", int)
+    dim = _manifest_value("dim", int)
+    logit_scale = _manifest_value("logit_scale", float)
+    synthetic = _manifest_value("synthetic", bool)
+    raw_known = _manifest_value("raw_known", bool)
 
     @property
     def logit_bias(self) -> float | None:
+        """The manifest's ``logit_bias`` (SigLIP's b) as a float, or None (CLIP)."""
         b = self.manifest.get("logit_bias")
         return None if b is None else float(b)
-
-    @property
-    def synthetic(self) -> bool:
-        return bool(self.manifest["synthetic"])
-
-    @property
-    def raw_known(self) -> bool:
-        return bool(self.manifest["raw_known"])
 
     # -- data -----------------------------------------------------------------------------
     def store(self, read_only: bool = True, wait: float | None = None) -> Store:

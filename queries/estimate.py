@@ -12,7 +12,7 @@ For a query ``q`` over N candidates with ``s_j = a <v_q, v_j>``:
 * ``D_KL ~ E_hat[s] - log Z_hat + log N``, ``D_KLR ~ log Z_hat - log N - mean s`` (SigLIP: SPEC 2).
 
 The work is split so that every heavy step is one vectorised array operation and the estimator
-itself is a readable SQL statement (``sql/kl_per_sample.sql``):
+itself is a readable SQL statement (``sql/internal/kl_per_sample.sql``):
 
 1. ``search_neighbours`` / ``neighbour_table`` (``neighbour_lists`` does both): FAISS search ->
    arrow table ``(query, candidate, rank, score)``.
@@ -40,10 +40,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from clip_density_index.indexer.errors import InvalidParameter
 from clip_density_index.indexer.device import resolve_device
 from clip_density_index.queries.exact import candidate_sum, check_scale, sample_ids, to_tensor
-from clip_density_index.indexer.store import load_sql
+from clip_density_index.queries.kl_sql import run_kl_statement
 from clip_density_index.queries.threads import deal_to_threads
 
 log = logging.getLogger(__name__)
@@ -469,11 +468,11 @@ def kl_from_lists(
     n: int,
     b: float | None = None,
 ) -> pa.Table:
-    """Run ``sql/kl_per_sample.sql`` over the two arrow tables.
+    """Run ``sql/internal/kl_per_sample.sql`` over the two arrow tables (``queries.kl_sql``).
 
     Args:
         con: a DuckDB connection (the tables are registered on it as ``neighbours`` and ``tails``
-            for the duration of the call).
+            for the duration of the call, and the macro of ``sql/internal/kl_formula.sql`` created).
         neighbours: ``neighbour_table`` output.
         tails: ``tail_sums`` output, with the same neighbours excluded (``exclude=``).
         n: N, the number of candidates.
@@ -483,16 +482,7 @@ def kl_from_lists(
         Arrow table ``(query BIGINT, kl DOUBLE, klr DOUBLE)``, one row per row of ``tails``,
         ordered by query.
     """
-    if b is not None and n < 2:
-        raise InvalidParameter(f"SigLIP scores need at least 2 candidates, got N={n}")
-    names = {"neighbours": neighbours, "tails": tails}
-    for name, table in names.items():
-        con.register(name, table)
-    try:
-        return con.sql(load_sql("kl_per_sample"), params={"n": int(n), "bias": b}).to_arrow_table()
-    finally:
-        for name in names:
-            con.unregister(name)
+    return run_kl_statement(con, "kl_per_sample", {"neighbours": neighbours, "tails": tails}, n, b)
 
 
 def estimate_kl(

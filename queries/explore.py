@@ -3,7 +3,7 @@
 Everything here reads the catalog through the read-only, sandboxed connection that
 ``PoolIndex.reader()`` keeps (``indexer.store.READ_ONLY_CONFIG``), and every user value reaches SQL
 the way ``cli.py query`` sends it: named queries from ``sql/*.sql`` whose column parameters are
-checked against the ``scores`` allowlist and whose values are bound (``queries.sqlrun.bind_query``),
+checked against the ``scores`` allowlist and whose values are bound (``queries.sqlrun.run_named``),
 or vec_ids bound one parameter each. Selections and prompts go through ``queries.selection`` and
 ``queries.weighting`` unchanged, so the explorer shows what ``select`` / ``weights`` / ``sample``
 compute and downloads the file ``select --out X.npy`` writes.
@@ -33,8 +33,7 @@ from clip_density_index.indexer.errors import InvalidParameter
 from clip_density_index.indexer.pool import as_pool
 from clip_density_index.queries.identifiers import check_score_column, score_columns
 from clip_density_index.queries.named import get_query
-from clip_density_index.queries.readonly import check_read_only
-from clip_density_index.queries.sqlrun import bind_query
+from clip_density_index.queries.sqlrun import run_named
 
 #: Gallery orders.
 ORDERS = ("top", "bottom", "decile", "random")
@@ -61,9 +60,7 @@ def named(index, name: str, **params: Any) -> pa.Table:
     pool = as_pool(index)
     query = get_query(name)
     with pool.reader().cursor() as s:
-        sql, bindings = bind_query(query, s, params)
-        check_read_only(sql)
-        return s.arrow_text(sql, bindings)
+        return run_named(s, query, params)
 
 
 def _rows_by_vec_id(pool, sql_name: str, vec_ids: list[int]) -> dict[int, dict]:

@@ -17,8 +17,11 @@ A parameter line is ``-- param: NAME (KIND[>=MIN][, default VALUE])[: descriptio
     ``{{NAME}}``, and the value must be one of the numeric columns of the ``scores`` table
     (``queries.identifiers``) before it is filled in, double-quoted (``queries.sqlrun.bind_query``).
 
-A parameter without a default is required. The files of ``sql/internal/`` (statements the code
-runs itself) have no header and are not named queries.
+A parameter without a default is required. A line ``-- uses: NAME`` names a statement of
+``sql/internal/`` that defines a temporary macro the query reads (``sample_cards``: the card columns
+that top_by_score, bottom_by_score and caption_search share); it runs on the connection before the
+query (``queries.sqlrun.run_named``). The files of ``sql/internal/`` (statements the code runs
+itself) have no header and are not named queries.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from clip_density_index.indexer.errors import InvalidParameter, QueryError, Unkn
 from clip_density_index.indexer.store import PLACEHOLDER
 
 PARAM_KINDS = ("column", "int", "float", "text")
-_HEADER = re.compile(r"^--\s*(name|description|param)\s*:\s*(.*?)\s*$")
+_HEADER = re.compile(r"^--\s*(name|description|param|uses)\s*:\s*(.*?)\s*$")
 _PARAM = re.compile(
     r"^(?P<name>[a-z_][a-z0-9_]*)\s*\(\s*(?P<kind>[a-z]+)\s*(?:>=\s*(?P<min>-?\d+(?:\.\d+)?))?"
     r"\s*(?:,\s*default\s+(?P<default>[^)]*?))?\s*\)\s*(?::\s*(?P<desc>.*))?$"
@@ -108,12 +111,14 @@ class NamedQuery:
         description: what it returns.
         params: declared parameters, in header order.
         sql: the SQL text (with ``$value`` parameters and ``{{column}}`` placeholders).
+        uses: the ``sql/internal/`` statements that define the macros it reads, run before it.
     """
 
     name: str
     description: str
     params: tuple[Param, ...]
     sql: str
+    uses: tuple[str, ...] = ()
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -151,9 +156,10 @@ def parse_named_query(name: str, text: str) -> NamedQuery | None:
     Raises:
         QueryError: the header is inconsistent with the SQL (name differs from the file name, a
             ``$x`` or ``{{x}}`` used but not declared, a declared parameter never used, a
-            ``{{x}}`` placeholder for a non-column parameter or a ``$x`` for a column one).
+            ``{{x}}`` placeholder for a non-column parameter or a ``$x`` for a column one, a
+            ``-- uses:`` naming no statement of ``sql/internal/``).
     """
-    fields: dict[str, list[str]] = {"name": [], "description": [], "param": []}
+    fields: dict[str, list[str]] = {"name": [], "description": [], "param": [], "uses": []}
     for line in text.splitlines():
         s = line.strip()
         if not s:
@@ -184,7 +190,16 @@ def parse_named_query(name: str, text: str) -> NamedQuery | None:
     unused = [p.name for p in params if p.name not in used_ids | used_vals]
     if unused:
         raise QueryError(f"sql/{name}.sql declares parameters it never uses: {', '.join(unused)}")
-    return NamedQuery(name, " ".join(fields["description"]), params, text)
+    for used in fields["uses"]:
+        _check_uses(name, used)
+    return NamedQuery(name, " ".join(fields["description"]), params, text, tuple(fields["uses"]))
+
+
+def _check_uses(query: str, used: str) -> None:
+    """Raise ``QueryError`` unless ``used`` names a statement of ``sql/internal/``."""
+    if not (re.match(r"^[a-z][a-z0-9_]*$", used)
+            and files("clip_density_index.sql").joinpath("internal", f"{used}.sql").is_file()):
+        raise QueryError(f"sql/{query}.sql uses {used!r}, which is not a statement of sql/internal/")
 
 
 def strip_strings(sql: str) -> str:

@@ -8,7 +8,8 @@ Two entry points, both on a catalog connection opened read-only and sandboxed
 * ``run_query(index, name, **params)``: a *named query*, a ``sql/<name>.sql`` file whose header
   declares its parameters (``queries.named``). Values are bound; a column parameter is checked
   against the numeric columns of ``scores`` (``queries.identifiers``) and only then filled in as
-  a quoted identifier (``bind_query``).
+  a quoted identifier (``bind_query``); the macros it reads (its ``-- uses:`` header) are created on
+  the connection first (``run_named``).
 
 Results are ``pyarrow.Table``; ``queries.formats`` prints or saves them. Failures are one line
 naming the statement (``QueryError``, ``NotReadOnly``), with a hint when a table the statement
@@ -111,6 +112,17 @@ def bind_query(query: NamedQuery, store: CatalogConnection, params: dict[str, An
     return fill_identifiers(query.sql, columns, f"Query {query.name!r}"), bindings
 
 
+def run_named(store: CatalogConnection, query: NamedQuery, params: dict[str, Any]) -> pa.Table:
+    """Run ``query`` with user ``params`` on an open read-only catalog connection: bound
+    (``bind_query``), checked read-only, after the statements of its ``-- uses:`` header have
+    created the macros it reads on this connection (temporary: they live as long as it does)."""
+    sql, bindings = bind_query(query, store, params)
+    check_read_only(sql)
+    for statement in query.uses:
+        store.run(statement)
+    return store.arrow_text(sql, bindings)
+
+
 def run_query(index, name: str, **params: Any) -> pa.Table:
     """Run the named query ``name`` over the catalog of ``index`` (read-only).
 
@@ -128,8 +140,5 @@ def run_query(index, name: str, **params: Any) -> pa.Table:
         QueryError: the query fails on this index (e.g. a table it needs is missing).
     """
     query = get_query(name)
-    with read_only_store(index) as store:
-        sql, bindings = bind_query(query, store, params)
-        check_read_only(sql)
-        with query_errors(store, f"Query {name!r}"):
-            return store.arrow_text(sql, bindings)
+    with read_only_store(index) as store, query_errors(store, f"Query {name!r}"):
+        return run_named(store, query, params)

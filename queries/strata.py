@@ -35,11 +35,11 @@ Usage for one side (queries = the other modality)::
     plan = build_plan(candidates, seed=0, queries=query_sample)
     gamma = calibrate(plan, calib_queries, a, own_ids=calib_own)
     table = partials(plan, queries, a, gamma=gamma, query_ids=ids, own_ids=own)   # arrow partials
-    kl = strata_kl(con, table, plan.n, b)                               # sql/kl_strata.sql
+    kl = strata_kl(con, table, plan.n, b)                               # sql/internal/kl_strata.sql
     table = widen(plan, table, queries, a, gamma=gamma, flags=hard, target=0.995)
     scanned_fraction(table, plan.n)
 
-The partials table is what DuckDB turns into scores (``sql/kl_strata.sql``), like
+The partials table is what DuckDB turns into scores (``sql/internal/kl_strata.sql``), like
 ``queries.estimate`` does for the MIMPS estimator.
 """
 
@@ -56,7 +56,7 @@ from clip_density_index.indexer import defaults
 from clip_density_index.indexer.errors import InvalidParameter
 from clip_density_index.indexer.progress import Progress, null_progress
 from clip_density_index.queries.exact import check_scale, to_tensor
-from clip_density_index.indexer.store import load_sql
+from clip_density_index.queries.kl_sql import run_kl_statement
 from clip_density_index.queries.threads import deal_to_threads, one_torch_thread
 
 #: Lists per sqrt(N): L = LISTS_PER_SQRT_N * sqrt(N). Lists of ~sqrt(N)/2 rows are large enough for
@@ -411,7 +411,7 @@ def partials(
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
 ) -> pa.Table:
-    """Per-query partial sums of the stratified estimate (the input of ``sql/kl_strata.sql``).
+    """Per-query partial sums of the stratified estimate (the input of ``sql/internal/kl_strata.sql``).
 
     Args:
         plan: :func:`build_plan` of the candidates.
@@ -660,10 +660,11 @@ def _minimise(err, grid: np.ndarray, steps: int = 12) -> float:
 
 
 def strata_kl(con, partials_table: pa.Table, n: int, b: float | None = None) -> pa.Table:
-    """Run ``sql/kl_strata.sql`` over a :func:`partials` table.
+    """Run ``sql/internal/kl_strata.sql`` over a :func:`partials` table (``queries.kl_sql``).
 
     Args:
-        con: a DuckDB connection (the table is registered as ``partials`` for the call).
+        con: a DuckDB connection (the table is registered as ``partials`` for the call, and the
+            macro of ``sql/internal/kl_formula.sql`` created).
         partials_table: :func:`partials` output.
         n: N, the number of candidates.
         b: SigLIP logit bias, or None (CLIP).
@@ -673,10 +674,4 @@ def strata_kl(con, partials_table: pa.Table, n: int, b: float | None = None) -> 
         ``model_share`` is the modelled part of each query's estimated Z (what :func:`widen` may
         rescan).
     """
-    if b is not None and n < 2:
-        raise InvalidParameter(f"SigLIP scores need at least 2 candidates, got N={n}")
-    con.register("partials", partials_table)
-    try:
-        return con.sql(load_sql("kl_strata"), params={"n": int(n), "bias": b}).to_arrow_table()
-    finally:
-        con.unregister("partials")
+    return run_kl_statement(con, "kl_strata", {"partials": partials_table}, n, b)

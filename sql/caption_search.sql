@@ -3,14 +3,9 @@
 -- param: text (text): the text to look for in captions, e.g. "dog"
 -- param: column (column, default kl_text): the score column to rank by
 -- param: limit (int>=0, default 20): how many samples
-SELECT
-    row_number() OVER (ORDER BY sc.{{column}} DESC NULLS LAST, sm.uid) AS rank,
-    sm.vec_id,
-    sm.uid,
-    COLUMNS('^(caption|url|image_path)$'),  -- the caption, and the url / image_path where the pool has them
-    sc.{{column}}
-FROM scores AS sc
-JOIN samples AS sm USING (vec_id)
-WHERE contains(lower(sm.caption), lower($text))
+-- uses: sample_cards
+SELECT row_number() OVER (ORDER BY {{column}} DESC NULLS LAST, uid) AS rank, *
+FROM sample_cards({{column}})
+WHERE contains(lower(caption), lower($text))
 ORDER BY rank
 LIMIT $limit

@@ -19,8 +19,7 @@
 --   Z'     = sum_K e^(s - shift) + w * sum_{R\K} e^(s - shift)            Z_hat = e^shift * Z'
 --   E_hat  = (sum_K e^(s - shift) s + w * sum_{R\K} e^(s - shift) s) / Z'
 --   log Z_hat = shift + ln Z'
---   CLIP:    D_KL  = E_hat - log Z_hat + log N        D_KLR = log Z_hat - log N - mean_s
---   SigLIP:  D_KL  = E_hat + log(N - 1) + b           D_KLR = -log(N - 1) - b - mean_s
+--   D_KL, D_KLR = kl_scores(log Z_hat, E_hat, mean_s, N, b)    (the macro of kl_formula.sql, SPEC 2)
 -- A query with neither neighbours nor tail (Z' = 0) gets NULL scores.
 WITH head AS (
     -- the exact head K
@@ -59,9 +58,6 @@ z AS (
 )
 SELECT
     query,
-    CASE WHEN $bias::DOUBLE IS NULL THEN e_s - log_z + ln($n)
-         ELSE e_s + ln($n - 1) + $bias::DOUBLE END                  AS kl,
-    CASE WHEN $bias::DOUBLE IS NULL THEN log_z - ln($n) - mean_s
-         ELSE -ln($n - 1) - $bias::DOUBLE - mean_s END              AS klr
+    unnest(kl_scores(log_z, e_s, mean_s, $n, $bias::DOUBLE))        -- the columns kl, klr
 FROM z
 ORDER BY query

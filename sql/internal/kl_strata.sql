@@ -16,8 +16,7 @@
 -- Per query:
 --   Z'     = scanned_sum + model_sum                  Z_hat = e^shift * Z',   log Z_hat = shift + ln Z'
 --   E_hat  = (scanned_sum_s + model_sum_s) / Z'
---   CLIP:    D_KL  = E_hat - log Z_hat + log N        D_KLR = log Z_hat - log N - mean_s
---   SigLIP:  D_KL  = E_hat + log(N - 1) + b           D_KLR = -log(N - 1) - b - mean_s
+--   D_KL, D_KLR = kl_scores(log Z_hat, E_hat, mean_s, N, b)    (the macro of kl_formula.sql, SPEC 2)
 --   model_share = model_sum / Z'   (the modelled part of Z: what a wider scan would replace)
 -- With every list scanned (model_sum = 0) this is SPEC section 2 exactly. Z' = 0 gives NULL scores.
 WITH z AS (
@@ -31,10 +30,7 @@ WITH z AS (
 )
 SELECT
     query,
-    CASE WHEN $bias::DOUBLE IS NULL THEN e_s - log_z + ln($n)
-         ELSE e_s + ln($n - 1) + $bias::DOUBLE END                            AS kl,
-    CASE WHEN $bias::DOUBLE IS NULL THEN log_z - ln($n) - mean_s
-         ELSE -ln($n - 1) - $bias::DOUBLE - mean_s END                        AS klr,
+    unnest(kl_scores(log_z, e_s, mean_s, $n, $bias::DOUBLE)),                -- the columns kl, klr
     model_share
 FROM z
 ORDER BY query
