@@ -19,9 +19,9 @@ columns; the same estimator and seeds should give the same numbers) and a Ray-bu
 embeddings with the local one's. A markdown table is printed (machine, load, commands) and the
 raw results written to ``OUT/ray.json``.
 
-    PYTHONPATH=$PWD/.pkg python -m bench.ray                              # 200k and 1M: many hours
-    PYTHONPATH=$PWD/.pkg python -m bench.ray --sizes 3000 --workers 1,2   # a quick check
-    PYTHONPATH=$PWD/.pkg python -m bench.ray --sizes 200000 --commands exact --workers 2
+    python -m bench.ray                              # 200k and 1M: many hours
+    python -m bench.ray --sizes 3000 --workers 1,2   # a quick check
+    python -m bench.ray --sizes 200000 --commands exact --workers 2
 
 It needs ``build-index`` / ``score`` with ``--engine ray --address``: without them it stops with one
 line before running anything. ``--workers none`` runs the local engine only. The cluster (this
