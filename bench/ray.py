@@ -193,11 +193,8 @@ class LocalCluster:
 
 
 def _env(extra: dict | None = None) -> dict:
-    """The benchmark's environment for a command: this checkout first on the path (``.pkg`` maps
-    it to ``clip_density_index`` in a worktree)."""
-    paths = [str(ROOT / ".pkg")] if (ROOT / ".pkg").is_dir() else []
-    paths += [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {**os.environ, **(extra or {}), "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    """The benchmark's environment for a command (the installed package, ``pip install -e .``)."""
+    return {**os.environ, **(extra or {})}
 
 
 def check_engine_flags(commands: list[str]) -> None:
