@@ -458,7 +458,8 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fr
     """
     _note_synthetic(index_dir)
     logit_scale = _logit_scale(logit_scale, log_logit_scale)
-    from clip_density_index.queries.scoring import report_dict, score
+    from clip_density_index.queries.score_report import report_dict
+    from clip_density_index.queries.scoring import score
 
     if exact and estimator not in ("auto", "exact"):
         raise click.UsageError(f"--exact contradicts --estimator {estimator}")
