@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from clip_density_index.indexer import defaults, lock
-from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.engine import engine_for
 from clip_density_index.indexer.pool import PoolIndex, as_pool
 from clip_density_index.indexer.progress import Progress, null_progress
 from clip_density_index.queries import chunks
@@ -153,7 +153,7 @@ def score(
             estimator, reason = _choose(pool, p, device) if p.kl else ("exact", "")
         p = replace(resolve(estimator=estimator), reason=reason)
         run = functools.partial(_run, pool, held=held, progress=progress, device=device, started=started,
-                                engine=_engine(engine, address, held))
+                                engine=held.enter_context(engine_for(engine, address)))
         try:
             return run(p, fallback=auto_chose and not p.exact)
         except _Missed as missed:  # auto's strata missed the targets on its held-out rows: accuracy first
@@ -169,19 +169,6 @@ def _start(pool: PoolIndex, held: contextlib.ExitStack, device: str) -> None:
     resolve_device(device)
     with pool.store(read_only=False, wait=CATALOG_WAIT):  # a reader that never lets go: fail now
         pass
-
-
-def _engine(engine, address: str | None, held: contextlib.ExitStack):
-    """The engine asked for: opened here (and closed when the run ends) when given by name."""
-    if not isinstance(engine, str):
-        if address is not None:
-            raise InvalidParameter("address applies to an engine given by name (engine='ray'), not to an open one")
-        return engine
-    from clip_density_index.indexer.engine import open_engine
-
-    opened = open_engine(engine, address)
-    held.callback(opened.close)
-    return opened
 
 
 def _choose(pool: PoolIndex, p: ScoreParams, device: str) -> tuple[str, str]:
