@@ -458,7 +458,8 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fr
     """
     _note_synthetic(index_dir)
     logit_scale = _logit_scale(logit_scale, log_logit_scale)
-    from clip_density_index.queries.scoring import report_dict, score
+    from clip_density_index.queries.score_report import report_dict
+    from clip_density_index.queries.scoring import score
 
     if exact and estimator not in ("auto", "exact"):
         raise click.UsageError(f"--exact contradicts --estimator {estimator}")
@@ -482,6 +483,12 @@ def score_cmd(index_dir, estimator, exact, k, tail_sample, strata_target, max_fr
     if as_json:
         click.echo(json.dumps(report_dict(report), indent=2, default=str))
         return
+    _echo_score_report(report, paper_sample)
+
+
+def _echo_score_report(report, paper_sample: float) -> None:
+    """``score``'s summary for people: the estimator and why, the columns, each side's cost, the
+    engine, reused chunks, the held-out checks and whether they met the targets."""
     how = {"exact": f"exact softmax, {report.precision}", "strata": "strata: scanned lists + calibrated model",
            "mimps": f"mimps: top-k {report.k} + tail sample {report.m}",
            "paper": f"paper: softmax over a {paper_sample:g} sample", None: "no KL"}[report.estimator]

@@ -50,7 +50,7 @@ def plan(n: int, quick: bool = False) -> dict:
 
 
 def _stats(approx, exact):
-    from clip_density_index.queries.scoring import spearman, top_overlap
+    from clip_density_index.queries.accuracy import spearman, top_overlap
 
     err = np.abs(approx - exact)
     return {"spearman": spearman(approx, exact), "mae": float(err.mean()), "max_err": float(err.max()),
@@ -169,7 +169,7 @@ def run(n: int, geometry: str, out: Path, *, q: int = 1000, quick: bool = False,
                         "kl": _stats(kl_e, kl_x), "klr": _stats(klr_e, klr_x)})
         # the real estimator, end to end (search + table + tail + SQL), on the default configuration
         if key == choose.choose_index_key(n, cands.shape[1], choose.parse_memory("8G")):
-            from clip_density_index.queries.scoring import DEFAULT_K, DEFAULT_TAIL
+            from clip_density_index.queries.score_params import DEFAULT_K, DEFAULT_TAIL
 
             k, m = min(DEFAULT_K, n), min(DEFAULT_TAIL, n)
             nprobe = choose.default_nprobe(key, n) or None

@@ -48,7 +48,7 @@ def main() -> None:
 
     from bench.common import machine
     from clip_density_index.queries.exact import exact_moments
-    from clip_density_index.queries.scoring import spearman, top_overlap
+    from clip_density_index.queries.accuracy import spearman, top_overlap
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000000,12800000")

@@ -35,7 +35,7 @@ def run_world(geometry: str, n: int, n_queries: int, n_calib: int, target: float
     from bench.common import A, world
     from clip_density_index.queries import strata
     from clip_density_index.queries.exact import exact_kl
-    from clip_density_index.queries.scoring import spearman, top_overlap
+    from clip_density_index.queries.accuracy import spearman, top_overlap
 
     if lists_per_sqrt:
         strata.LISTS_PER_SQRT_N = lists_per_sqrt

@@ -35,7 +35,7 @@ FLAT_MAX_N = 20_000
 MIN_POINTS_PER_CENTROID = 39
 #: The dot-product budget of the default KL estimate, as a fraction of the exact method's n per query.
 SCORE_BUDGET = 0.05
-#: The scorer's default tail sample m (``queries.scoring.DEFAULT_TAIL`` is this value).
+#: The scorer's default tail sample m (``queries.score_params.DEFAULT_TAIL`` is this value).
 SCORE_TAIL = defaults.TAIL_SAMPLE
 #: At most this many vectors scanned per query by the default nprobe (the 1M wall-time target:
 #: 2000 gives nprobe 8 at 1M, whose whole ``score`` took 396 s with a 1000-sample check, BENCHMARKS.md).

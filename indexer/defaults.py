@@ -1,6 +1,6 @@
 """The defaults of the library's parameters that the command line shows in its help.
 
-One place for each value: the library modules take their defaults from here (``queries.scoring``
+One place for each value: the library modules take their defaults from here (``queries.score_params``
 ``DEFAULT_K`` is ``K``), and ``cli.py`` shows them (``show_default`` or its help texts), so a help
 text cannot drift from what a run does. Plain values only: importing this module costs nothing,
 which keeps ``--help`` fast.
@@ -45,7 +45,7 @@ COV_SAMPLE = 1 << 17
 DTYPE = "auto"
 
 # -- score --------------------------------------------------------------------------------------
-#: The KL estimator (``queries.scoring.ESTIMATORS``): exact or strata, whichever is faster.
+#: The KL estimator (``queries.score_params.ESTIMATORS``): exact or strata, whichever is faster.
 ESTIMATOR = "auto"
 #: Pools smaller than this are scored exactly by ``auto`` without timing anything: the exact pass
 #: takes seconds there, less than building the strata.

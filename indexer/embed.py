@@ -780,7 +780,7 @@ class OpenClipSource:
         self.skipped = []
         model = self.bundle.model
         device = resolve_device(self.device)  # on a Ray worker: the GPU Ray gave the task, if any
-        if _model_device(model).type != device.split(":")[0]:
+        if _model_device(model).type != device.type:
             self.bundle = self.bundle._replace(model=model.to(device))
         yield from self._encoded(range(part.start, part.start + part.rows), batch_size, null_progress, 0)
 

@@ -17,6 +17,7 @@ numpy arrays are not copied).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -136,3 +137,25 @@ def open_engine(name: str = "local", address: str | None = None, **kwargs) -> Lo
     if name == "ray":
         return RayEngine(address, **kwargs)
     raise InvalidParameter(f"Unknown --engine {name!r}: expected one of {', '.join(ENGINES)}")
+
+
+@contextlib.contextmanager
+def engine_for(engine: str | LocalEngine | RayEngine, address: str | None = None
+               ) -> Iterator[LocalEngine | RayEngine]:
+    """The engine of one call: an engine already open, used as it is (its opener closes it), or one
+    opened here by name (``open_engine(engine, address)``) and closed when the call ends.
+
+    Raises:
+        InvalidParameter: ``address`` with an engine already open, or as ``open_engine`` raises.
+    """
+    if not isinstance(engine, str):
+        if address is not None:
+            raise InvalidParameter.naming("{address} applies to an engine given by name ({engine}='ray'), "
+                                          "not to an open one")
+        yield engine
+        return
+    opened = open_engine(engine, address)
+    try:
+        yield opened
+    finally:
+        opened.close()

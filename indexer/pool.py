@@ -195,6 +195,12 @@ class PoolIndex:
         b = self.manifest.get("logit_bias")
         return None if b is None else float(b)
 
+    @property
+    def created_at(self) -> str:
+        """The manifest's ``created_at`` as text: with ``root``, what names this build to an engine's
+        tasks (``task_index``)."""
+        return str(self.manifest.get("created_at"))
+
     # -- data -----------------------------------------------------------------------------
     def store(self, read_only: bool = True, wait: float | None = None) -> Store:
         """A new ``Store`` over the catalog (a context manager that closes it).
@@ -366,3 +372,26 @@ def open_index(path: str | Path, mmap: bool = False) -> PoolIndex:
 def as_pool(index: "str | Path | PoolIndex") -> PoolIndex:
     """``index`` itself if it is an opened ``PoolIndex``, else ``open_index(index)``."""
     return index if isinstance(index, PoolIndex) else open_index(index)
+
+
+#: Indexes this worker process has open for engine tasks, by directory: a worker runs many tasks of
+#: a run and opens the index (manifest, memory maps, FAISS) once.
+_TASK_INDEXES: dict[str, PoolIndex] = {}
+
+
+def task_index(root: str, created_at: str) -> PoolIndex:
+    """The index this worker process has open at ``root``, created at ``created_at`` (the build the
+    run's driver opened): opened by the process's first task at ``root`` and kept for the next ones,
+    opened again when the directory holds another build.
+
+    Raises:
+        IndexReplaced: the index at ``root`` is not the build created at ``created_at`` (it was
+            rebuilt after the run opened it), or was rebuilt since this process opened it.
+    """
+    pool = _TASK_INDEXES.get(root)
+    if pool is None or pool.created_at != created_at:
+        pool = _TASK_INDEXES[root] = open_index(root)
+    pool.check_current()
+    if pool.created_at != created_at:
+        raise IndexReplaced(f"Index {root!r} was rebuilt after this run opened it; run the command again")
+    return pool

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from clip_density_index.indexer.faults import fault_point
-from clip_density_index.indexer.pool import PoolIndex, open_index
+from clip_density_index.indexer.pool import PoolIndex, task_index
 from clip_density_index.indexer.progress import Progress
 from clip_density_index.queries import chunks
 from clip_density_index.queries.score_params import ScoreParams
@@ -59,24 +59,11 @@ class TaskContext:
 
 # -- the tasks (module level: every worker imports them) ----------------------------------------
 
-#: Indexes this worker process has open, by directory: a worker runs many tasks of a run and opens
-#: the index (manifest, memory maps, FAISS) once.
-_POOLS: dict[str, PoolIndex] = {}
-
-
-def _pool(ctx: TaskContext) -> PoolIndex:
-    pool = _POOLS.get(ctx.root)
-    if pool is None or str(pool.manifest.get("created_at")) != ctx.created_at:
-        pool = _POOLS[ctx.root] = open_index(ctx.root)
-    pool.check_current()
-    return pool
-
-
 def side_task(item: tuple[int, int, int], ctx: TaskContext) -> tuple[Any, dict[str, float]]:
     """Queries ``a:b`` of the chunk starting at ``item[0]`` of one side's KL (``item = (chunk, a,
     b)``): ``(ChunkScores, timings)``."""
     _, start, stop = item
-    pool, job = _pool(ctx), ctx.job
+    pool, job = task_index(ctx.root, ctx.created_at), ctx.job
     queries = np.asarray(pool.embeddings(job.side, checked=False)[start:stop], dtype=np.float32)
     timings: dict[str, float] = {}
     with bind(job, pool, ctx.device) as step:
@@ -92,7 +79,7 @@ def tile_task(item: tuple[int, int, int, int, bool], ctx: TaskContext) -> tuple[
     from clip_density_index.queries.exact import exact_moments
 
     start, stop, c0, c1, want_cols = item
-    pool, p = _pool(ctx), ctx.p
+    pool, p = task_index(ctx.root, ctx.created_at), ctx.p
     t0 = time.perf_counter()
     rows, cols = exact_moments(pool.embeddings("text", checked=False)[start:stop],
                                pool.embeddings("image", checked=False)[c0:c1], p.a, rows=True, cols=want_cols,
@@ -106,7 +93,7 @@ def tile_task(item: tuple[int, int, int, int, bool], ctx: TaskContext) -> tuple[
 
 
 def _context(pool: PoolIndex, device: str, **kw) -> TaskContext:
-    return TaskContext(root=str(pool.root.resolve()), created_at=str(pool.manifest.get("created_at")),
+    return TaskContext(root=str(pool.root.resolve()), created_at=pool.created_at,
                        device=device, **kw)
 
 

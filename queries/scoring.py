@@ -28,29 +28,18 @@ from typing import Any
 import numpy as np
 
 from clip_density_index.indexer import defaults, lock
-from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.engine import engine_for
 from clip_density_index.indexer.pool import PoolIndex, as_pool
 from clip_density_index.indexer.progress import Progress, null_progress
 from clip_density_index.queries import chunks
-from clip_density_index.queries.accuracy import (BOOTSTRAP, TOP_FRACTION, CheckResult, check_sample,  # noqa: F401
-                                                 compare, held_out_check, spearman, top_overlap)
-from clip_density_index.queries.score_params import (  # noqa: F401  (the public names of score's parameters)
-    CLOSED_FORM_METRICS, DEFAULT_BATCH, DEFAULT_CHECK, DEFAULT_K, DEFAULT_TAIL, ESTIMATORS, KL_METRICS, METRICS,
-    PAPER_MIN, PAPER_SAMPLE, SCORE_COLUMNS, SIDES, TARGET_OVERLAP, TARGET_SPEARMAN, ScoreParams,
-    check_estimator_options, default_check, other_modality, resolve_params, work_name)
-from clip_density_index.queries.score_report import ScoreReport, report_dict  # noqa: F401
+from clip_density_index.queries.accuracy import held_out_check
+from clip_density_index.queries.score_params import (CLOSED_FORM_METRICS, PAPER_SAMPLE, TARGET_OVERLAP,
+                                                     TARGET_SPEARMAN, ScoreParams, check_estimator_options,
+                                                     resolve_params, work_name)
+from clip_density_index.queries.score_report import ScoreReport
 from clip_density_index.queries.score_store import CATALOG_WAIT, store_scores
-from clip_density_index.queries.scorers import calibration_ids, mean_scores, paper_sample_ids  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-#: Pools smaller than this are scored exactly by ``auto`` without timing anything: the exact pass
-#: takes seconds there, less than building the strata.
-AUTO_EXACT_BELOW = defaults.AUTO_EXACT_BELOW
-
-# the names tests and benchmarks use for the parameter checks
-_resolve = resolve_params
-_work_name = work_name
 
 
 class _Missed(Exception):
@@ -84,6 +73,9 @@ def score(
     progress: Progress | None = None,
 ) -> ScoreReport:
     """Compute score columns for every sample of an index and store them in its ``scores`` table.
+
+    The names of the parameters' values and their defaults (``ESTIMATORS``, ``METRICS``,
+    ``DEFAULT_K``, ...) are ``queries.score_params``'s; ``AUTO_EXACT_BELOW`` is ``indexer.defaults``'.
 
     Args:
         pool_or_path: an opened ``PoolIndex`` or the index directory.
@@ -161,7 +153,7 @@ def score(
             estimator, reason = _choose(pool, p, device) if p.kl else ("exact", "")
         p = replace(resolve(estimator=estimator), reason=reason)
         run = functools.partial(_run, pool, held=held, progress=progress, device=device, started=started,
-                                engine=_engine(engine, address, held))
+                                engine=held.enter_context(engine_for(engine, address)))
         try:
             return run(p, fallback=auto_chose and not p.exact)
         except _Missed as missed:  # auto's strata missed the targets on its held-out rows: accuracy first
@@ -179,24 +171,11 @@ def _start(pool: PoolIndex, held: contextlib.ExitStack, device: str) -> None:
         pass
 
 
-def _engine(engine, address: str | None, held: contextlib.ExitStack):
-    """The engine asked for: opened here (and closed when the run ends) when given by name."""
-    if not isinstance(engine, str):
-        if address is not None:
-            raise InvalidParameter("address applies to an engine given by name (engine='ray'), not to an open one")
-        return engine
-    from clip_density_index.indexer.engine import open_engine
-
-    opened = open_engine(engine, address)
-    held.callback(opened.close)
-    return opened
-
-
 def _choose(pool: PoolIndex, p: ScoreParams, device: str) -> tuple[str, str]:
     """``auto``: exact or strata, and why (``queries.choice``)."""
     from clip_density_index.queries.choice import choose
 
-    return choose(pool, p, device, exact_below=AUTO_EXACT_BELOW)
+    return choose(pool, p, device, exact_below=defaults.AUTO_EXACT_BELOW)
 
 
 def _run(pool: PoolIndex, p: ScoreParams, *, held: contextlib.ExitStack, progress: Progress, device: str,

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from clip_density_index.indexer.errors import ClipIndexError, IndexReplaced, InvalidParameter
-from clip_density_index.indexer.pool import PoolIndex, open_index
+from clip_density_index.indexer.errors import ClipIndexError, InvalidParameter
+from clip_density_index.indexer.pool import PoolIndex, task_index
 from clip_density_index.queries.weighting import DEFAULT_CHUNK, gumbel_noise, image_cosines, top_rows
 
 #: The most images in one partition (1M x 768 float32: 3 GB read in ``DEFAULT_CHUNK`` rows; the
@@ -126,26 +126,13 @@ def partitions(n: int, workers: int = 1, rows: int | None = None) -> list[tuple[
 
 @contextlib.contextmanager
 def opened(engine: str | Any, address: str | None = None) -> Iterator[Any]:
-    """The engine that runs the partitions' tasks: one already open, used as it is (a
-    ``LocalEngine`` runs them in this process), or one opened here by name
-    (``indexer.engine.open_engine``) and closed on exit; None for ``"local"``, the unpartitioned
-    code of ``weighting``."""
-    from clip_density_index.indexer.engine import open_engine
+    """The engine that runs the partitions' tasks (``indexer.engine.engine_for``: one already open,
+    used as it is, a ``LocalEngine`` running them in this process; or one opened here by name and
+    closed on exit); None for ``"local"`` by name, the unpartitioned code of ``weighting``."""
+    from clip_density_index.indexer.engine import engine_for
 
-    if not isinstance(engine, str):
-        if address is not None:
-            raise InvalidParameter.naming("{address} applies to an engine given by name ({engine}='ray'), "
-                                          "not to an open one")
-        yield engine
-        return
-    eng = open_engine(engine, address)
-    if eng.name == "local":
-        yield None
-        return
-    try:
-        yield eng
-    finally:
-        eng.close()
+    with engine_for(engine, address) as eng:
+        yield None if isinstance(engine, str) and eng.name == "local" else eng
 
 
 def held_rows(engine, pool_n: int, n: int, mode: str, replace: bool, partition_rows: int | None = None) -> int:
@@ -179,23 +166,9 @@ class Failed:
     error: ClipIndexError
 
 
-#: Indexes this worker process has open, by directory (a worker runs several partitions of a run).
-_POOLS: dict[str, PoolIndex] = {}
-
-
-def _pool(ctx: PartContext) -> PoolIndex:
-    pool = _POOLS.get(ctx.root)
-    if pool is None or str(pool.manifest.get("created_at")) != ctx.created_at:
-        pool = _POOLS[ctx.root] = open_index(ctx.root)
-    pool.check_current()
-    if str(pool.manifest.get("created_at")) != ctx.created_at:
-        raise IndexReplaced(f"Index {ctx.root!r} was rebuilt after this run opened it; run the command again")
-    return pool
-
-
 def _cosines(item: tuple[int, int], ctx: PartContext) -> np.ndarray:
     lo, hi = item[0], item[1]
-    return image_cosines(_pool(ctx), ctx.vector, ctx.chunk, lo=lo, hi=hi)
+    return image_cosines(task_index(ctx.root, ctx.created_at), ctx.vector, ctx.chunk, lo=lo, hi=hi)
 
 
 def _guarded(part: Callable, item: Any, ctx: PartContext) -> Any:
@@ -272,7 +245,7 @@ def locate_task(item, ctx):
 
 def _context(pool: PoolIndex, vector: np.ndarray, a: float, **kw) -> PartContext:
     v = np.asarray(vector, dtype=np.float64)
-    return PartContext(root=str(pool.root.resolve()), created_at=str(pool.manifest.get("created_at")),
+    return PartContext(root=str(pool.root.resolve()), created_at=pool.created_at,
                        vector=v, a=float(a), **kw)
 
 

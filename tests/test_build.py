@@ -425,6 +425,25 @@ def test_every_earlier_build_is_noticed_even_when_inodes_are_reused(tmp_path):
     pools[-1].check_current()
 
 
+def test_a_task_keeps_the_runs_build_open_and_refuses_another(tmp_path):
+    """indexer.pool.task_index: the index an engine's worker keeps open for a run's tasks."""
+    from clip_density_index.indexer.errors import IndexReplaced
+    from clip_density_index.indexer.pool import task_index
+
+    out = tmp_path / "idx"
+    build_index(make(n=300)[0], out)
+    run = open_index(out)  # the driver's
+    first = task_index(str(out), run.created_at)
+    assert first.n == 300 and task_index(str(out), run.created_at) is first  # opened once per process
+    build_index(make(n=400, seed=1)[0], out)
+    with pytest.raises(IndexReplaced, match="was rebuilt or removed after it was opened"):
+        task_index(str(out), run.created_at)  # the worker's open index is the old build
+    new = open_index(out)
+    assert new.created_at != run.created_at and task_index(str(out), new.created_at).n == 400
+    with pytest.raises(IndexReplaced, match="was rebuilt after this run opened it; run the command again"):
+        task_index(str(out), run.created_at)  # a task of the old run on a worker that opened the new build
+
+
 def test_a_second_store_on_a_new_catalog_keeps_the_first_open(tmp_path):
     from clip_density_index.indexer.store import Store
 

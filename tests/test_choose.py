@@ -183,7 +183,7 @@ def test_default_cost_is_a_small_fraction_of_n(n):
 
 @pytest.mark.parametrize("n", [50_000, 100_000, 200_000, 300_000, 1_000_000, 3_000_000])
 def test_default_nprobe_spends_the_budget_and_no_more(n):
-    from clip_density_index.queries.scoring import DEFAULT_TAIL
+    from clip_density_index.queries.score_params import DEFAULT_TAIL
 
     assert SCORE_TAIL == DEFAULT_TAIL
     nlist = default_nlist(n)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clip_density_index.indexer.engine import LocalEngine, open_engine
+from clip_density_index.indexer.engine import LocalEngine, engine_for, open_engine
 from clip_density_index.indexer.errors import InvalidParameter
 
 ray = pytest.importorskip("ray")
@@ -51,3 +51,28 @@ def test_bad_engine_options_are_one_line():
         open_engine("spark")
     with pytest.raises(InvalidParameter, match="--address needs --engine ray"):
         open_engine("local", address="auto")
+
+
+def test_engine_for_closes_the_engine_it_opened_and_only_that(monkeypatch):
+    from clip_density_index.indexer import engine as engine_module
+
+    closed = []
+
+    class Spy(LocalEngine):
+        def close(self):
+            closed.append(self)
+
+    own = Spy()
+    with engine_for(own) as eng:
+        assert eng is own
+    assert closed == []  # an engine given open is its opener's to close
+    monkeypatch.setattr(engine_module, "open_engine", lambda name, address=None: Spy())
+    with engine_for("local") as eng:
+        assert isinstance(eng, Spy) and eng is not own and closed == []
+    assert closed == [eng]
+    with pytest.raises(RuntimeError), engine_for("local") as failing:
+        raise RuntimeError("the call failed")
+    assert closed[-1] is failing and failing is not eng
+    with pytest.raises(InvalidParameter, match="address applies to an engine given by name"):
+        with engine_for(own, address="auto"):
+            pass

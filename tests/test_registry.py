@@ -74,7 +74,7 @@ def test_library_errors_name_parameters_and_the_cli_its_flags(tmp_path):
 
 def test_cli_defaults_are_the_librarys():
     from clip_density_index.indexer.build import build_index
-    from clip_density_index.queries import scoring, strata, weighting
+    from clip_density_index.queries import score_params, scoring, strata, weighting
 
     def default(f, name):
         return inspect.signature(f).parameters[name].default
@@ -87,14 +87,15 @@ def test_cli_defaults_are_the_librarys():
     assert _option("score", "target_overlap").default == default(scoring.score, "target_overlap")
     assert _option("weights", "logit_scale").default == default(weighting.weights, "logit_scale")
     # defaults the library picks itself (the option's own default is None) are the ones its help names
-    for command, option, value in [("score", "k", scoring.DEFAULT_K), ("score", "tail_sample", scoring.DEFAULT_TAIL),
+    for command, option, value in [("score", "k", score_params.DEFAULT_K),
+                                   ("score", "tail_sample", score_params.DEFAULT_TAIL),
                                    ("score", "strata_target", strata.DEFAULT_TARGET),
                                    ("score", "max_fraction", strata.DEFAULT_MAX_FRACTION),
-                                   ("score", "paper_sample", scoring.PAPER_SAMPLE),
-                                   ("score", "batch_size", scoring.DEFAULT_BATCH),
-                                   ("score", "check", scoring.DEFAULT_CHECK)]:
+                                   ("score", "paper_sample", score_params.PAPER_SAMPLE),
+                                   ("score", "batch_size", score_params.DEFAULT_BATCH),
+                                   ("score", "check", score_params.DEFAULT_CHECK)]:
         assert f"(default {value:g}" in _option(command, option).help, (command, option)
-    assert f"exact under {scoring.AUTO_EXACT_BELOW:,} samples" in _option("score", "estimator").help
+    assert f"exact under {defaults.AUTO_EXACT_BELOW:,} samples" in _option("score", "estimator").help
 
 
 def test_one_uid_pattern_and_one_device_check():

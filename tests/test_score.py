@@ -13,8 +13,10 @@ from clip_density_index.indexer.errors import IndexNotFound, InvalidParameter
 from clip_density_index.indexer.pool import open_index
 from clip_density_index.indexer.sources import ArraySource
 from clip_density_index.queries import estimate
+from clip_density_index.queries.accuracy import spearman, top_overlap
 from clip_density_index.queries.exact import exact_kl
-from clip_density_index.queries.scoring import SCORE_COLUMNS, score, spearman, top_overlap
+from clip_density_index.queries.score_params import SCORE_COLUMNS
+from clip_density_index.queries.scoring import score
 
 N = 1200
 
@@ -93,7 +95,7 @@ def test_check_report_and_table(index):
     # the check's numbers, recomputed by hand on the same samples
     pool = open_index(index)
     cols = scores(index)
-    from clip_density_index.queries.scoring import check_sample
+    from clip_density_index.queries.accuracy import check_sample
 
     ids = check_sample(N, 300, 3)
     kl, _ = exact_kl(pool.embeddings("text")[ids], pool.embeddings("image"), 100.0)
@@ -263,7 +265,8 @@ def test_scores_table_always_has_every_public_column(tmp_path):
 
     from clip_density_index.indexer.build import build_index
     from clip_density_index.indexer.sources import ArraySource
-    from clip_density_index.queries.scoring import SCORE_COLUMNS, score
+    from clip_density_index.queries.score_params import SCORE_COLUMNS
+    from clip_density_index.queries.scoring import score
     from clip_density_index.queries.sqlrun import run_query, run_sql
 
     image, text = clustered_pairs(400, 16, seed=5)
@@ -278,7 +281,7 @@ def test_scores_table_always_has_every_public_column(tmp_path):
 
 def test_a_graph_index_reports_its_cost_as_not_counted(tmp_path):
     """HNSW's search cost depends on the data: the run says so instead of NaN (invalid JSON)."""
-    from clip_density_index.queries.scoring import report_dict
+    from clip_density_index.queries.score_report import report_dict
 
     image, text = clustered_pairs(600, 16, seed=6)
     build_index(ArraySource(image, text), tmp_path / "idx", index_key="HNSW16")
@@ -356,7 +359,7 @@ def test_paper_estimator_equals_an_independent_numpy_version(index):
     """The paper's filter: a softmax over ceil(0.05 N) candidates drawn with replacement per side."""
     from scipy.special import logsumexp
 
-    from clip_density_index.queries.scoring import paper_sample_ids
+    from clip_density_index.queries.scorers import paper_sample_ids
 
     report = score(index, estimator="paper", paper_sample=0.05, metrics=["kl", "klr"], precision="float64",
                    check=300)
@@ -377,7 +380,7 @@ def test_paper_estimator_equals_an_independent_numpy_version(index):
 
 def test_held_out_interval_covers_the_error_on_the_whole_pool(index):
     """The check's bootstrap interval (300 of 1,200 rows) holds the agreement measured on all rows."""
-    from clip_density_index.queries.scoring import compare
+    from clip_density_index.queries.accuracy import compare
 
     report = score(index, k=8, tail_sample=32, nprobe=1, metrics=["kl", "klr"], check=300, seed=5)
     pool, cols = open_index(index), scores(index)
@@ -415,7 +418,7 @@ def test_a_broken_estimator_is_caught_by_its_own_check(index, monkeypatch):
 def test_runs_with_other_sides_or_metrics_do_not_share_a_work_folder(index, monkeypatch):
     """The folder key held neither the side nor the metrics: these two refused each other."""
     from clip_density_index.indexer import lock
-    from clip_density_index.queries.scoring import _resolve, _work_name
+    from clip_density_index.queries.score_params import resolve_params as _resolve, work_name as _work_name
 
     pool = open_index(index)
     common = dict(estimator="mimps", k=None, tail_sample=None, logit_scale=None, logit_bias=None, seed=0,
@@ -495,7 +498,8 @@ def test_strata_estimator_checks_itself_and_equals_exact_at_full_budget(index):
 
 
 def test_calibration_rows_are_disjoint_from_the_held_out_rows():
-    from clip_density_index.queries.scoring import calibration_ids, check_sample
+    from clip_density_index.queries.accuracy import check_sample
+    from clip_density_index.queries.scorers import calibration_ids
 
     for n, check in ((1200, 300), (50_000, 4000)):
         cal = calibration_ids(n, 512, check, 7, "text")
@@ -503,9 +507,9 @@ def test_calibration_rows_are_disjoint_from_the_held_out_rows():
 
 
 def test_auto_times_both_estimators_above_its_threshold(index, monkeypatch):
-    import clip_density_index.queries.scoring as qs
+    from clip_density_index.indexer import defaults
 
-    monkeypatch.setattr(qs, "AUTO_EXACT_BELOW", 0)
+    monkeypatch.setattr(defaults, "AUTO_EXACT_BELOW", 0)
     report = score(index, metrics=["kl"], side="text")
     assert report.estimator in ("exact", "strata") and "predicted" in report.reason
     assert "s exact vs" in report.reason and "s strata" in report.reason

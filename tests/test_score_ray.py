@@ -17,7 +17,8 @@ from clip_density_index.indexer.pool import open_index
 from clip_density_index.indexer.sources import ArraySource
 from clip_density_index.queries import kl_engine
 from clip_density_index.queries.exact import Moments, exact_moments
-from clip_density_index.queries.scoring import SCORE_COLUMNS, score
+from clip_density_index.queries.score_params import SCORE_COLUMNS
+from clip_density_index.queries.scoring import score
 
 ray = pytest.importorskip("ray")
 

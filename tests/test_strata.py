@@ -86,7 +86,7 @@ def test_partial_budget_scans_less_and_ranks_like_exact():
     of the pairs, calibrated model for the rest, rankings close to exact (the accuracy at scale is
     measured by bench/strata.py)."""
     from bench.common import world
-    from clip_density_index.queries.scoring import spearman
+    from clip_density_index.queries.accuracy import spearman
 
     _, image, text = world(2000, "calibrated")
     p = strata.build_plan(image, seed=0, queries=text)
