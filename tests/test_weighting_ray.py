@@ -18,7 +18,7 @@ from scipy.special import logsumexp
 from clip_density_index import cli
 from conftest import clustered_pairs
 from clip_density_index.indexer.build import build_index
-from clip_density_index.indexer.engine import LocalEngine, open_engine
+from clip_density_index.indexer.engine import LocalEngine
 from clip_density_index.indexer.errors import BrokenIndex, InvalidParameter, ParameterClash
 from clip_density_index.indexer.sources import ArraySource
 from clip_density_index.queries import weights_engine
@@ -34,17 +34,10 @@ ROWS = 3000
 
 
 @pytest.fixture(scope="module")
-def engine():
-    # the workers import this module's task wrapper (_dies_once): they start with this environment
-    here = str(Path(__file__).parent)
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([here] + ([old] if old else []))
-    try:
-        eng = open_engine("ray", num_cpus=2)
-    finally:
-        os.environ.pop("PYTHONPATH") if old is None else os.environ.__setitem__("PYTHONPATH", old)
-    yield eng
-    eng.close()
+def engine(ray_engine):
+    """The module's Ray cluster (conftest's ``ray_engine``: its workers import this module's task
+    wrapper ``_dies_once``)."""
+    return ray_engine
 
 
 @pytest.fixture(scope="module")
