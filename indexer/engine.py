@@ -77,8 +77,8 @@ class RayEngine:
         try:
             import ray
         except ImportError:
-            raise InvalidParameter(
-                "--engine ray needs Ray: pip install 'clip-density-index[ray]' (or pip install ray)"
+            raise InvalidParameter.naming(
+                "{engine} ray needs Ray: pip install 'clip-density-index[ray]' (or pip install ray)"
             ) from None
         self._ray = ray
         self._started = False
@@ -89,7 +89,8 @@ class RayEngine:
             try:
                 ray.init(address=address, **kwargs)
             except ConnectionError as e:
-                raise InvalidParameter(f"Cannot reach the Ray cluster at --address {address!r}: {e}") from None
+                raise InvalidParameter.naming("Cannot reach the Ray cluster at {address} {value!r}: {detail}",
+                                              value=address, detail=str(e)) from None
             self._started = True
         self.max_retries = max_retries
         self.max_in_flight = max_in_flight
@@ -129,14 +130,15 @@ class RayEngine:
 
 
 def open_engine(name: str = "local", address: str | None = None, **kwargs) -> LocalEngine | RayEngine:
-    """The engine ``--engine NAME [--address ADDR]`` asks for."""
+    """The engine named ``name`` (``"local"`` or ``"ray"``; ``address``: the Ray cluster)."""
     if name == "local":
         if address is not None:
-            raise InvalidParameter("--address needs --engine ray")
+            raise InvalidParameter.naming("{address} needs {engine} ray")
         return LocalEngine()
     if name == "ray":
         return RayEngine(address, **kwargs)
-    raise InvalidParameter(f"Unknown --engine {name!r}: expected one of {', '.join(ENGINES)}")
+    raise InvalidParameter.naming("Unknown {engine} {value!r}: expected one of {choices}", value=name,
+                                  choices=", ".join(ENGINES))
 
 
 @contextlib.contextmanager

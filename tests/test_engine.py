@@ -47,10 +47,19 @@ def test_a_killed_worker_costs_only_its_item(ray_engine, tmp_path):
 
 
 def test_bad_engine_options_are_one_line():
-    with pytest.raises(InvalidParameter, match="Unknown --engine 'spark'"):
+    with pytest.raises(InvalidParameter, match="^Unknown engine 'spark': expected one of local, ray$"):
         open_engine("spark")
-    with pytest.raises(InvalidParameter, match="--address needs --engine ray"):
+    with pytest.raises(InvalidParameter, match="^address needs engine ray$"):
         open_engine("local", address="auto")
+
+
+def test_the_cli_names_the_engine_options_by_their_flags(tmp_path):
+    from click.testing import CliRunner
+
+    from clip_density_index import cli
+
+    r = CliRunner().invoke(cli.cli, ["build-index", "--n", "100", "--out", str(tmp_path / "i"), "--address", "auto"])
+    assert r.exit_code != 0 and "--address needs --engine ray" in r.output
 
 
 def test_engine_for_closes_the_engine_it_opened_and_only_that(monkeypatch):
