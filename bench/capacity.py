@@ -62,51 +62,54 @@ def fmt_hours(h: float) -> str:
     return f"{h:,.3g} h" if h >= 1 else f"{h * 60:,.3g} min"
 
 
+def _table(header: list[str], row) -> list[str]:
+    """A markdown table: ``header``, then ``row(name, n, d)`` (the cells) for every pool and d."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row(name, n, d))) + " |" for name, n in SIZES.items() for d in DIMS]
+    return lines + [""]
+
+
+def _sizes(name: str, n: int, d: int) -> list:
+    return [name, d, fmt_bytes(2 * n * d * EMB_BYTES), fmt_bytes(n * CATALOG_BYTES_PER_SAMPLE),
+            fmt_bytes(n * SCORE_BYTES_PER_SAMPLE), fmt_bytes(n * PARTIAL_BYTES)]
+
+
+def _hours(name: str, n: int, d: int) -> list:
+    pairs = float(n) ** 2
+    core_h = pairs / cpu_pairs_per_core(d) / 3600
+    h100 = pairs / gpu_pairs(d, GPU_HBM["H100"], False) / 3600
+    h200 = pairs / gpu_pairs(d, GPU_HBM["H200"], False) / 3600
+    fused = pairs / gpu_pairs(d, GPU_HBM["H200"], True) / 3600
+    return [name, d, f"{pairs:.3g}", f"{2 * pairs * d:.3g}", f"{core_h:,.3g}", fmt_hours(core_h / 1000),
+            f"{h100:,.3g}", f"{h200:,.3g}", f"{fused:,.3g}", fmt_hours(h200 / 64)]
+
+
+def _moved(name: str, n: int, d: int) -> list:
+    one = n * d * EMB_BYTES
+    workers = 64 * one + one
+    tiles = (n / CHUNK_Q) * one + (n / KEY_BLOCK) * one
+    return [name, d, fmt_bytes(one), fmt_bytes(workers), fmt_bytes(tiles), fmt_bytes(64 * n * PARTIAL_BYTES),
+            fmt_bytes(n / CHUNK_Q * n * PARTIAL_BYTES)]
+
+
+def _memory(name: str, n: int, d: int) -> list:
+    cpu = (KEY_BLOCK + CHUNK_Q) * (d * 4 + PARTIAL_BYTES) + 3 * CPU_BLOCK * 4
+    gpu = (KEY_BLOCK + CHUNK_Q) * d * EMB_BYTES + 3 * GPU_BLOCK * 4
+    driver = n * (SCORE_BYTES_PER_SAMPLE + PARTIAL_BYTES)
+    return [name, d, fmt_bytes(cpu), fmt_bytes(gpu), fmt_bytes(driver), fmt_bytes(n / 64 * d * EMB_BYTES)]
+
+
 def tables() -> str:
-    out = []
-    out.append("| pool | d | embeddings (2 modalities, float16) | catalog | scores in the driver | column partials (one set) |")
-    out.append("|---|---|---|---|---|---|")
-    for name, n in SIZES.items():
-        for d in DIMS:
-            out.append(f"| {name} | {d} | {fmt_bytes(2 * n * d * EMB_BYTES)} | {fmt_bytes(n * CATALOG_BYTES_PER_SAMPLE)} "
-                       f"| {fmt_bytes(n * SCORE_BYTES_PER_SAMPLE)} | {fmt_bytes(n * PARTIAL_BYTES)} |")
-    out.append("")
-    out.append("| pool | d | pairs n^2 | GEMM FLOPs 2n^2d | CPU core-hours | on 1,000 cores | H100-hours as written "
-               "| H200-hours as written | GPU-hours, fused bound | on 64 H200 as written |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
-    for name, n in SIZES.items():
-        for d in DIMS:
-            pairs = float(n) ** 2
-            core_h = pairs / cpu_pairs_per_core(d) / 3600
-            h100 = pairs / gpu_pairs(d, GPU_HBM["H100"], False) / 3600
-            h200 = pairs / gpu_pairs(d, GPU_HBM["H200"], False) / 3600
-            fused = pairs / gpu_pairs(d, GPU_HBM["H200"], True) / 3600
-            out.append(f"| {name} | {d} | {pairs:.3g} | {2 * pairs * d:.3g} | {core_h:,.3g} | {fmt_hours(core_h / 1000)} "
-                       f"| {h100:,.3g} | {h200:,.3g} | {fused:,.3g} | {fmt_hours(h200 / 64)} |")
-    out.append("")
-    out.append("| pool | d | one modality | read, W = 64 workers each streaming the candidates once | "
-               "read, tiles of 65,536 captions x 2^20 images, no cache | column partials to merge, W = 64 "
-               "| column partials, tiles |")
-    out.append("|---|---|---|---|---|---|---|")
-    for name, n in SIZES.items():
-        for d in DIMS:
-            one = n * d * EMB_BYTES
-            workers = 64 * one + one
-            tiles = (n / CHUNK_Q) * one + (n / KEY_BLOCK) * one
-            out.append(f"| {name} | {d} | {fmt_bytes(one)} | {fmt_bytes(workers)} | {fmt_bytes(tiles)} "
-                       f"| {fmt_bytes(64 * n * PARTIAL_BYTES)} | {fmt_bytes(n / CHUNK_Q * n * PARTIAL_BYTES)} |")
-    out.append("")
-    out.append("| pool | d | CPU tile task (RAM) | GPU tile task (GPU memory) | driver: scores + column partials "
-               "| per worker, n/64 captions resident (float16) |")
-    out.append("|---|---|---|---|---|---|")
-    for name, n in SIZES.items():
-        for d in DIMS:
-            cpu = (KEY_BLOCK + CHUNK_Q) * (d * 4 + PARTIAL_BYTES) + 3 * CPU_BLOCK * 4
-            gpu = (KEY_BLOCK + CHUNK_Q) * d * EMB_BYTES + 3 * GPU_BLOCK * 4
-            driver = n * (SCORE_BYTES_PER_SAMPLE + PARTIAL_BYTES)
-            out.append(f"| {name} | {d} | {fmt_bytes(cpu)} | {fmt_bytes(gpu)} | {fmt_bytes(driver)} "
-                       f"| {fmt_bytes(n / 64 * d * EMB_BYTES)} |")
-    out.append("")
+    out = _table(["pool", "d", "embeddings (2 modalities, float16)", "catalog", "scores in the driver",
+                  "column partials (one set)"], _sizes)
+    out += _table(["pool", "d", "pairs n^2", "GEMM FLOPs 2n^2d", "CPU core-hours", "on 1,000 cores",
+                   "H100-hours as written", "H200-hours as written", "GPU-hours, fused bound",
+                   "on 64 H200 as written"], _hours)
+    out += _table(["pool", "d", "one modality", "read, W = 64 workers each streaming the candidates once",
+                   "read, tiles of 65,536 captions x 2^20 images, no cache", "column partials to merge, W = 64",
+                   "column partials, tiles"], _moved)
+    out += _table(["pool", "d", "CPU tile task (RAM)", "GPU tile task (GPU memory)",
+                   "driver: scores + column partials", "per worker, n/64 captions resident (float16)"], _memory)
     out.append("Rates used: CPU " + ", ".join(f"d {d}: {cpu_pairs_per_core(d) / 1e6:.1f}M pairs/s per core" for d in DIMS)
                + "; GPU as written " + ", ".join(f"{g} d {d}: {gpu_pairs(d, bw, False) / 1e9:.0f}G"
                                                 for g, bw in GPU_HBM.items() for d in DIMS)
