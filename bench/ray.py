@@ -6,8 +6,9 @@ For each pool size (a synthetic world, ``build-index --n N``) the same commands 
 * on a Ray cluster of this machine started by the benchmark for each ``--workers`` count
   (``ray start --head --num-cpus W``), with ``--engine ray --address 127.0.0.1:PORT``:
 
-  ``build-index`` (its own index per engine), ``score --estimator exact`` and ``score`` (the default
-  estimator), each a subprocess timed from start to exit. Memory is sampled every 0.2 s over the
+  ``build-index`` (its own index per engine), ``score --estimator exact``, ``score`` (the default
+  estimator) and ``score --estimator mimps`` (``--commands`` picks), each a subprocess timed from
+  start to exit. Memory is sampled every 0.2 s over the
   whole process tree: the command and its children, plus every process of the Ray cluster (the
   workers are children of the raylet, not of the command). Both sums are given: RSS (shared pages,
   such as Ray's object store, counted in every process that maps them) and PSS (shared pages split
@@ -22,6 +23,7 @@ raw results written to ``OUT/ray.json``.
     python -m bench.ray                              # 200k and 1M: many hours
     python -m bench.ray --sizes 3000 --workers 1,2   # a quick check
     python -m bench.ray --sizes 200000 --commands exact --workers 2
+    python -m bench.ray --sizes 1000000 --commands build,mimps
 
 It needs ``build-index`` / ``score`` with ``--engine ray --address``: without them it stops with one
 line before running anything. ``--workers none`` runs the local engine only. The cluster (this
@@ -47,7 +49,9 @@ import numpy as np
 from bench.common import ROOT, command_line, machine, save_json
 
 PY = sys.executable
-COMMANDS = ("build", "exact", "default")
+COMMANDS = ("build", "exact", "default", "mimps")
+#: score commands: their extra arguments
+SCORE_ARGS = {"exact": ["--estimator", "exact"], "default": [], "mimps": ["--estimator", "mimps"]}
 #: score columns compared between engines (those a run wrote, of these)
 KL_COLUMNS = ("kl_text", "klr_text", "kl_image", "klr_image")
 
@@ -200,7 +204,7 @@ def _env(extra: dict | None = None) -> dict:
 def check_engine_flags(commands: list[str]) -> None:
     """Stop with one line when ``build-index`` / ``score`` have no ``--engine ray --address``."""
     needed = {"build-index"} if "build" in commands else set()
-    if {"exact", "default"} & set(commands):
+    if set(SCORE_ARGS) & set(commands):
         needed.add("score")
     for cmd in sorted(needed):
         r = subprocess.run([PY, "cli.py", cmd, "--help"], cwd=ROOT, env=_env(), capture_output=True, text=True)
@@ -293,8 +297,8 @@ def bench_size(n: int, args, out: Path) -> list[dict]:
                         row["same_embeddings"] = same_embeddings(local_idx, idx)
                     rows.append(row)
                     print(_line(row), flush=True)
-            for cmd in (c for c in ("exact", "default") if c in args.commands):
-                argv = [PY, "cli.py", "score", str(idx), "--json", "-q"] + (["--estimator", "exact"] if cmd == "exact" else [])
+            for cmd in (c for c in SCORE_ARGS if c in args.commands):
+                argv = [PY, "cli.py", "score", str(idx), "--json", "-q"] + SCORE_ARGS[cmd]
                 r = run(argv + flags, logf, cluster)
                 row = {"n": n, "command": f"score ({cmd})", "engine": tag, **r}
                 if r["rc"] == 0:
