@@ -105,7 +105,8 @@ class LimitedSource:
 #: an index at ``--out`` is the user's, and a rebuild refuses to delete it.
 _INDEX_FILES = re.compile(r"^(catalog\.duckdb(\.wal|\.tmp)?|(image|text)(\.faiss|_emb\.npy|_rawnorm\.npy)"
                           r"|skipped\.tsv|work|\.lock|\.lock-swap|\.build"  # .tmp: DuckDB's spill folder
-                          rf"|{re.escape(remote.MARKER)}|{re.escape(remote.MIRROR_LOCK)}|\..+{re.escape(remote.PART_SUFFIX)})$")
+                          rf"|{re.escape(remote.MARKER)}|{re.escape(remote.MIRROR_LOCK)}"  # a mirror's (indexer.remote)
+                          rf"|\..+{re.escape(remote.PART_SUFFIX)})$")
 
 
 def _check_replaceable(out: Path) -> None:

@@ -2,9 +2,10 @@
 ``--engine ray``).
 
 The pool is split into vec_id ranges (``partitions``). A task opens the index itself (a path every
-worker reads, or a URI its node mirrors; memory-mapped embeddings, read-only), computes its images' cosines with the prompt
-(``weighting.image_cosines`` on its range) and returns its part; the driver (the process that runs
-the command) merges the parts, and stores and writes everything, as the local engine does:
+worker reads, or a URI its node mirrors; memory-mapped embeddings, read-only), computes its
+images' cosines with the prompt (``weighting.image_cosines`` on its range) and returns its part;
+the driver (the process that runs the command) merges the parts, and stores and writes
+everything, as the local engine does:
 
 - ``weights``: the partition's cosines and its normalisation partial ``LogSums`` (max, sum of
   ``exp(x - max)`` and of ``exp(2 (x - max))`` of the log weights), merged associatively in log
