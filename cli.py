@@ -111,10 +111,11 @@ class MemoryType(click.ParamType):
 
 
 class InputType(click.Path):
-    """An input that exists on this machine, or a URI (s3://..., memory://...) read through fsspec."""
+    """A path on this machine (that exists, with ``exists``), or a URI (s3://..., memory://...) kept
+    as text: read or written through fsspec."""
 
-    def __init__(self) -> None:
-        super().__init__(exists=True, path_type=Path)
+    def __init__(self, exists: bool = True, **kwargs) -> None:
+        super().__init__(exists=exists, path_type=Path, **kwargs)
 
     def convert(self, value, param, ctx):
         from clip_density_index.indexer.fs import is_uri
@@ -122,6 +123,26 @@ class InputType(click.Path):
         if isinstance(value, str) and is_uri(value):
             return value
         return super().convert(value, param, ctx)
+
+
+class IndexType(InputType):
+    """An index directory, or the URI of an index published to an object store (s3://...). A URI's
+    local mirror is brought up to date here, with a progress bar on stderr for what it downloads;
+    the command then opens the URI from the mirror (``indexer.pool.open_index``)."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=False, file_okay=False)
+
+    def convert(self, value, param, ctx):
+        from clip_density_index.indexer.progress import tqdm_progress
+        from clip_density_index.indexer.remote import index_uri, mirror
+
+        value = super().convert(value, param, ctx)
+        uri = index_uri(value)
+        if uri is None:
+            return value
+        mirror(uri, progress=tqdm_progress())
+        return uri
 
 
 def _logit_scale(a: float | None, log_a: float | None) -> float | None:
@@ -184,9 +205,7 @@ def _plain(value) -> str:
     return str(value)
 
 
-index_dir_argument = click.argument(
-    "index_dir", type=click.Path(file_okay=False, path_type=Path), default=defaults.INDEX_DIR, required=False
-)
+index_dir_argument = click.argument("index_dir", type=IndexType(), default=defaults.INDEX_DIR, required=False)
 
 
 @click.group(cls=Cli)
@@ -220,8 +239,10 @@ def _terminate(signum, frame) -> None:
 @click.option("--input", "input_path", type=InputType(),
               help="Input of --source " + "; ".join(f"{k.name}: {k.input}" for k in SOURCES.values() if k.input)
                    + ". Precomputed embeddings may be a URI (s3://bucket/metadata, memory://...).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(defaults.INDEX_DIR),
-              show_default=True, help="Index directory to write (replaced only when the build succeeds).")
+@click.option("--out", type=InputType(exists=False, file_okay=False), default=Path(defaults.INDEX_DIR),
+              show_default=True,
+              help="Index directory to write (replaced only when the build succeeds), or a URI (s3://bucket/idx): "
+                   "built in a local mirror folder, then published there.")
 @click.option("--n", "n", type=click.IntRange(min=2), default=None,
               help=f"Pool size for --source synthetic (default {defaults.SYNTHETIC_N}); for other sources, keep "
                    "only the first N samples.")
@@ -319,7 +340,10 @@ def build_index_cmd(source, input_path, out, n, arch, logit_scale, log_logit_sca
     finally:
         runner.close()
     label = " (SYNTHETIC data: the built-in synthetic CLIP-like world)" if report.synthetic else ""
-    click.echo(f"Built {report.path}: {report.n:,} samples, dim {report.dim}, source {report.source}{label}")
+    click.echo(f"Built {report.uri or report.path}: {report.n:,} samples, dim {report.dim}, source "
+               f"{report.source}{label}")
+    if report.uri:
+        click.echo(f"  published to {report.uri}; its local mirror is {report.path}")
     if report.replaced:
         click.echo("  replaced the previous index there (its scores and weights are gone; run score again)")
     click.echo(f"  FAISS: {', '.join(f'{m} {k}' for m, k in report.index_keys.items())}")
@@ -364,7 +388,8 @@ def info_cmd(index_dir, as_json, verify):
     m = info["manifest"]
     if m["synthetic"]:
         click.echo("SYNTHETIC DATA: this index holds the built-in synthetic CLIP-like world, not real data.")
-    _echo_kv(f"Index {info['path']}", {k: v for k, v in m.items()})
+    where = f"{info['uri']} (mirror {info['path']})" if info["uri"] else info["path"]
+    _echo_kv(f"Index {where}", {k: v for k, v in m.items()})
     _echo_kv("Tables (rows)", info["tables"])
     _echo_kv("Files (bytes)", {k: f"{v:,}" for k, v in info["files"].items()})
     for modality, s in info["stats"].items():
@@ -432,7 +457,7 @@ def info_cmd(index_dir, as_json, verify):
 @click.option("--device", default=defaults.DEVICE, show_default=True, help="torch device for the dense parts.")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
               help="Where the KL chunks run: this process, or tasks on a Ray cluster (the index on a path "
-                   "every node reads); the same numbers either way.")
+                   "every node reads, or a URI each node mirrors); the same numbers either way.")
 @click.option("--address", default=None,
               help="--engine ray: the cluster (auto, HOST:PORT, ray://...); default a local one of this machine's CPUs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
@@ -567,7 +592,8 @@ def _engine_options(f):
                           "machine's CPUs.")(f)
     return click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
                         help="Where the pool's images are read: this process, or one task per partition of the "
-                             "pool on a Ray cluster (the index on a path every node reads); the same results.")(f)
+                             "pool on a Ray cluster (the index on a path every node reads, or a URI each node "
+                             "mirrors); the same results.")(f)
 
 
 def _need_prompt(prompt, prompt_embedding) -> None:
@@ -587,7 +613,7 @@ def _emit(table, fmt, out, force, width, what: str = "rows") -> None:
 
 
 @cli.command("sql")
-@click.argument("index_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("index_dir", type=IndexType())
 @click.argument("query")
 @format_option
 @out_option
@@ -617,7 +643,7 @@ def sql_cmd(index_dir, query, fmt, out, force, width):
 
 
 @cli.command("query")
-@click.argument("index_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("index_dir", required=False, type=IndexType())
 @click.argument("name", required=False)
 @click.option("--list", "list_", is_flag=True, help="List the named queries, their descriptions and parameters.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
@@ -854,8 +880,8 @@ def sample_cmd(index_dir, prompt, prompt_embedding, logit_scale, device, model, 
 
 @cli.command("encode-text")
 @click.argument("texts", nargs=-1, required=True)
-@click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Index whose manifest names the model (and whose dimension is checked).")
+@click.option("--index", "index_dir", type=IndexType(), default=None,
+              help="Index (a directory or a URI) whose manifest names the model (and whose dimension is checked).")
 @click.option("--model", default=None, help="open_clip model (default: the --index's).")
 @click.option("--pretrained", default=None, help="open_clip weights: a tag or a local checkpoint file (default: the --index's).")
 @click.option("--raw", is_flag=True, help="Keep the model's raw vectors (default: unit vectors).")

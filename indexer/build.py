@@ -28,12 +28,13 @@ import numpy as np
 import pyarrow as pa
 
 from clip_density_index import __version__
-from clip_density_index.indexer import defaults, integrity, lock, swap
+from clip_density_index.indexer import defaults, integrity, lock, remote, swap
 from clip_density_index.indexer.arrays import NpyWriter
 from clip_density_index.indexer.choose import parse_memory
 from clip_density_index.indexer.diskspace import disk_full, is_disk_full
 from clip_density_index.indexer.errors import BadInput, ClipIndexError, InvalidParameter
 from clip_density_index.indexer.faults import fault_point
+from clip_density_index.indexer.fs import input_path
 from clip_density_index.indexer.layout import FORMAT_VERSION, MODALITIES, IndexPaths
 from clip_density_index.indexer.normalise import normalise_rows
 from clip_density_index.indexer.progress import Progress, null_progress
@@ -69,6 +70,7 @@ class BuildReport:
     skipped_report: Path | None = None
     replaced: bool = False  # an older index at ``path`` was replaced
     engine: str = "local"  # where the reading and FAISS work ran (indexer.engine)
+    uri: str | None = None  # where the index was published (``path`` is then its local mirror)
 
     @property
     def total_seconds(self) -> float:
@@ -102,7 +104,9 @@ class LimitedSource:
 #: What a build writes into an index directory (and ``score`` / the locks add); anything else in
 #: an index at ``--out`` is the user's, and a rebuild refuses to delete it.
 _INDEX_FILES = re.compile(r"^(catalog\.duckdb(\.wal|\.tmp)?|(image|text)(\.faiss|_emb\.npy|_rawnorm\.npy)"
-                          r"|skipped\.tsv|work|\.lock|\.lock-swap|\.build)$")  # .tmp: DuckDB's spill folder
+                          r"|skipped\.tsv|work|\.lock|\.lock-swap|\.build"  # .tmp: DuckDB's spill folder
+                          rf"|{re.escape(remote.MARKER)}|{re.escape(remote.MIRROR_LOCK)}"  # a mirror's (indexer.remote)
+                          rf"|\..+{re.escape(remote.PART_SUFFIX)})$")
 
 
 def _check_replaceable(out: Path) -> None:
@@ -146,6 +150,9 @@ def build_index(
         source: any ``indexer.source.Source`` (synthetic world, DataComp, clip-retrieval, open_clip).
         out: the index directory; an existing index there is replaced only when the build succeeds
             (with its scores and weights). A symbolic link is followed: its target is replaced.
+            A URI (``s3://bucket/idx``): the index is built in its mirror folder
+            (``indexer.remote.build_dir``), then published there (``indexer.remote.publish``) and
+            kept as its mirror.
         index_key: FAISS factory string; default chosen from n, dim and ``max_memory``.
         max_memory: memory budget in bytes for one modality's FAISS index.
         dtype: storage of the normalised embeddings, "float32", "float16" or "auto" (the source's
@@ -165,20 +172,22 @@ def build_index(
         progress: progress hook (see indexer.progress).
 
     Returns:
-        A ``BuildReport``.
+        A ``BuildReport`` (``uri`` set when ``out`` is one).
 
     Raises:
         BadInput: malformed input (the message names the file and row).
-        InvalidParameter: a bad option value.
+        InvalidParameter: a bad option value, or a URI whose protocol's fsspec package is missing.
         BudgetTooSmall: no FAISS index fits ``max_memory``.
         IndexBusy: a ``score`` is running in the index at ``out``.
+        RemoteError: publishing to the URI failed (the build is kept in its mirror folder).
     """
     index_key = _check_options(dtype, batch_size, cov_sample, index_key)
     if limit is not None:
         if limit < 2:
             raise InvalidParameter(f"n must be >= 2 (an index needs two samples), got {limit}")
         source = LimitedSource(source, limit)
-    out = _prepare_out(Path(out))
+    uri = remote.index_uri(out)
+    out = _prepare_out(remote.build_dir(uri) if uri else input_path(out))
     info = source.info
     options = BuildOptions(index_key=index_key, max_memory=max_memory, dtype=_storage_dtype(dtype, info),
                            batch_size=batch_size, nprobe=nprobe, use_gpu=use_gpu, seed=seed,
@@ -199,7 +208,12 @@ def build_index(
     except BaseException as e:
         build.abandon(e)
         raise
-    return build.report()
+    report = build.report()
+    if uri:
+        t0 = time.perf_counter()
+        remote.publish(out, uri, progress=progress)
+        report.seconds["publish"], report.uri = time.perf_counter() - t0, uri
+    return report
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,11 @@ class IndexReplaced(ClipIndexError):
     """The index directory was rebuilt (or removed) after this object opened it."""
 
 
+class RemoteError(ClipIndexError):
+    """An index's copy at a URI could not be read or written (network, permissions): the message
+    names the URI and what was kept."""
+
+
 class DiskFull(ClipIndexError):
     """The filesystem ran out of space (or quota) while writing: the message names the path and
     the space needed; what was there before is intact."""

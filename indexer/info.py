@@ -22,7 +22,8 @@ def verify_index(path: str | Path) -> list[dict]:
 
 
 def index_info(path: str | Path) -> dict:
-    """Manifest, table row counts, file sizes and a statistics summary of the index at ``path``."""
+    """Manifest, table row counts, file sizes and a statistics summary of the index at ``path`` (a
+    directory or a URI: ``path`` is then its local mirror, ``uri`` the URI)."""
     pool = open_index(path)
     with pool.store(read_only=True) as s:
         counts = s.table_counts()
@@ -46,5 +47,5 @@ def index_info(path: str | Path) -> dict:
             stats[m]["raw_mean_over_std"] = float(np.linalg.norm(raw_mean) / np.sqrt(np.trace(raw_cov)))
     files = {p.name: p.stat().st_size for p in sorted(pool.root.iterdir())
              if p.is_file() and not p.name.startswith(".")}  # not the lock file
-    return {"path": str(pool.root), "manifest": pool.manifest, "tables": counts, "files": files,
+    return {"path": str(pool.root), "uri": pool.uri, "manifest": pool.manifest, "tables": counts, "files": files,
             "stats": stats, "last_score_run": runs[0] if runs else None, "notes": pool.notes}

@@ -14,6 +14,8 @@
       work/                 resumable chunks of a running or interrupted ``score``
       .build                the token of the build that wrote the directory (``indexer.swap``)
       .lock                 flock target: ``score`` vs a rebuild (``indexer.lock``)
+      index.json            a mirror of a URI only: its copy of the URI's marker (``indexer.remote``)
+      .lock-mirror          a mirror only: flock target of its downloads and publishes (``indexer.remote``)
 
 Row ``i`` of every array and ``vec_id = i`` in ``samples`` describe the same (image, caption) pair;
 the raw embedding is ``rawnorm[i] * emb[i]``.

@@ -6,6 +6,9 @@ replaces the directory. So a rebuild refuses to pull an index from under a runni
 would lose its work), and a ``score`` started while a rebuild swaps the directory in refuses to
 start instead of reading half of each.
 
+``waiting`` is a plain exclusive lock that blocks: the processes of one machine that bring an
+index's mirror up to date (``indexer.remote``) take turns, so one downloads and the others reuse.
+
 The locks are ``flock(2)`` locks: the kernel drops them when the process ends, however it ends, so
 a crashed job never leaves an index locked. Where they are unavailable (no ``fcntl``, a read-only
 directory, a filesystem without ``flock``), nothing is locked.
@@ -129,6 +132,24 @@ def replacing(root: str | Path, wait: bool = False):
 def sole(folder: str | Path, busy: str):
     """Hold the exclusive lock of ``folder`` (e.g. one score run's chunk folder) or raise ``IndexBusy(busy)``."""
     return _held(Path(folder), True, busy)
+
+
+@contextmanager
+def waiting(folder: str | Path, name: str) -> Iterator[None]:
+    """Hold the exclusive lock file ``folder/name``, waiting while another process holds it (e.g.
+    one process of a node downloading an index's mirror while the others wait for it)."""
+    fd = _open(Path(folder), name)
+    if fd is None:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without flock: run unlocked
+            log.debug("flock failed: %s", e)
+        yield
+    finally:
+        os.close(fd)
 
 
 def in_use(folder: str | Path) -> bool:

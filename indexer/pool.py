@@ -1,20 +1,23 @@
-"""Open a built index directory: manifest, embeddings (memory-mapped), FAISS indexes, statistics."""
+"""Open a built index (a directory, or a URI through its local mirror): manifest, embeddings
+(memory-mapped), FAISS indexes, statistics."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager, Iterator
 
 import numpy as np
 
-from clip_density_index.indexer import integrity
+from clip_density_index.indexer import integrity, remote
 from clip_density_index.indexer.errors import (BrokenIndex, FormatVersionMismatch, IndexNotFound, IndexReplaced,
                             MissingStatistic)
+from clip_density_index.indexer.fs import input_path
 from clip_density_index.indexer.layout import FLAT_KEY, FORMAT_VERSION, MODALITIES, IndexPaths, check_modality
 from clip_density_index.indexer.swap import recover
 from clip_density_index.indexer.store import Store, first_line
@@ -46,10 +49,14 @@ class PoolIndex:
     Args:
         path: the index directory.
         mmap: memory-map the FAISS indexes read-only instead of reading them into memory.
+        uri: the URI the index was published to, when ``path`` is its local mirror
+            (``indexer.remote``; ``open_index`` sets it): writes to the catalog are published there.
     """
 
-    def __init__(self, path: str | Path, mmap: bool = False):
+    def __init__(self, path: str | Path, mmap: bool = False, uri: str | None = None):
         self.root = Path(path)
+        #: The URI of an index opened from its mirror (``root``), else None.
+        self.uri = uri
         self.paths = IndexPaths(self.root)
         self.mmap = mmap
         #: What opening the index noticed (an index put back after a killed build, no checksums).
@@ -201,21 +208,38 @@ class PoolIndex:
         tasks (``task_index``)."""
         return str(self.manifest.get("created_at"))
 
+    @property
+    def location(self) -> str:
+        """What names this index to an engine's tasks, with ``created_at`` (``task_index``): its URI,
+        which each worker mirrors on its own node, or its directory's absolute path (a path every
+        node reads)."""
+        return self.uri or str(self.root.resolve())
+
     # -- data -----------------------------------------------------------------------------
-    def store(self, read_only: bool = True, wait: float | None = None) -> Store:
+    def store(self, read_only: bool = True, wait: float | None = None) -> "Store | ContextManager[Store]":
         """A new ``Store`` over the catalog (a context manager that closes it).
 
         A writable one first closes this object's kept reader (see ``reader``): DuckDB opens a file
         with one configuration per process. ``wait``: seconds to retry while another process holds
         the catalog (``Store``); default ``READ_WAIT`` for a reader (a writer's commit is short),
-        0 for a writer.
+        0 for a writer. For an index opened from a URI, a writable store is a context manager
+        that yields the ``Store`` and, when its block succeeds, publishes the changed catalog to
+        the URI (``indexer.remote.publish``, which first checks that the URI still holds this
+        build: ``IndexReplaced``).
         """
         self.check_current()
         if not read_only:
             self.close()
         if wait is None:
             wait = READ_WAIT if read_only else 0.0
-        return Store(self.paths.catalog, read_only=read_only, must_exist=True, wait=wait)
+        store = Store(self.paths.catalog, read_only=read_only, must_exist=True, wait=wait)
+        return store if read_only or self.uri is None else self._publishing(store)
+
+    @contextlib.contextmanager
+    def _publishing(self, store: Store) -> Iterator[Store]:
+        with store:
+            yield store
+        remote.publish(self.root, self.uri, expected_created_at=self.created_at)
 
     def reader(self) -> Store:
         """A read-only ``Store`` kept open until ``close()`` (do not close it yourself).
@@ -364,34 +388,46 @@ class PoolIndex:
                                    "the index is damaged or was built by an older version; rebuild it") from None
 
 
-def open_index(path: str | Path, mmap: bool = False) -> PoolIndex:
-    """Open the index at ``path``; raises ``IndexNotFound`` or ``FormatVersionMismatch``."""
-    return PoolIndex(path, mmap=mmap)
+def open_index(path: str | Path, mmap: bool = False, cache_dir: str | Path | None = None) -> PoolIndex:
+    """Open the index at ``path``: a directory, or the URI of an index published to an object store
+    (``s3://bucket/idx``), opened from its local mirror in ``cache_dir`` (default
+    ``indexer.remote.cache_root()``), which is brought up to date first (``indexer.remote.mirror``).
+
+    Raises:
+        IndexNotFound: no index at ``path``.
+        FormatVersionMismatch: an index of another format version.
+        InvalidParameter: a URI whose protocol's fsspec package is missing.
+    """
+    uri = remote.index_uri(path)
+    if uri is None:
+        return PoolIndex(input_path(path), mmap=mmap)
+    return PoolIndex(remote.mirror(uri, cache_dir), mmap=mmap, uri=uri)
 
 
 def as_pool(index: "str | Path | PoolIndex") -> PoolIndex:
-    """``index`` itself if it is an opened ``PoolIndex``, else ``open_index(index)``."""
+    """``index`` itself if it is an opened ``PoolIndex``, else ``open_index(index)`` (a directory or a URI)."""
     return index if isinstance(index, PoolIndex) else open_index(index)
 
 
-#: Indexes this worker process has open for engine tasks, by directory: a worker runs many tasks of
+#: Indexes this worker process has open for engine tasks, by location: a worker runs many tasks of
 #: a run and opens the index (manifest, memory maps, FAISS) once.
 _TASK_INDEXES: dict[str, PoolIndex] = {}
 
 
-def task_index(root: str, created_at: str) -> PoolIndex:
-    """The index this worker process has open at ``root``, created at ``created_at`` (the build the
-    run's driver opened): opened by the process's first task at ``root`` and kept for the next ones,
-    opened again when the directory holds another build.
+def task_index(location: str, created_at: str) -> PoolIndex:
+    """The index this worker process has open at ``location`` (``PoolIndex.location``: a directory,
+    or a URI mirrored on this node), created at ``created_at`` (the build the run's driver opened):
+    opened by the process's first task there and kept for the next ones, opened again when the
+    location holds another build.
 
     Raises:
-        IndexReplaced: the index at ``root`` is not the build created at ``created_at`` (it was
+        IndexReplaced: the index at ``location`` is not the build created at ``created_at`` (it was
             rebuilt after the run opened it), or was rebuilt since this process opened it.
     """
-    pool = _TASK_INDEXES.get(root)
+    pool = _TASK_INDEXES.get(location)
     if pool is None or pool.created_at != created_at:
-        pool = _TASK_INDEXES[root] = open_index(root)
+        pool = _TASK_INDEXES[location] = open_index(location)
     pool.check_current()
     if pool.created_at != created_at:
-        raise IndexReplaced(f"Index {root!r} was rebuilt after this run opened it; run the command again")
+        raise IndexReplaced(f"Index {location!r} was rebuilt after this run opened it; run the command again")
     return pool

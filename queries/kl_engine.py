@@ -4,9 +4,10 @@ The driver (the process that runs ``score``) prepares each side once (``queries.
 paper sample, mimps' tail, the strata plan and its calibration), puts those constants in the
 engine's object store once, and submits the chunks that the run's work folder does not already
 hold. A task opens the index's memory-mapped embeddings itself (read-only: the index lives on a
-path every worker can read), computes its chunk with the same step as the local engine, and returns
-the result; only the driver writes (the chunk files, the running column partials, the catalog), so
-a chunk retried after a lost worker is written once and counted once. The work folder is the local
+path every worker can read, or at a URI that each worker's node mirrors), computes its chunk with
+the same step as the local engine, and returns the result; only the driver writes (the chunk
+files, the running column partials, the catalog), so a chunk retried after a lost worker is
+written once and counted once. The work folder is the local
 engine's, file for file: a run interrupted on one engine resumes on the other.
 
 The exact pass of both sides splits ``S = a T I'`` into tiles of a chunk of captions by a block of
@@ -50,7 +51,7 @@ MIN_PART = 4096
 class TaskContext:
     """What every task of a run receives (put in the object store once)."""
 
-    root: str
+    root: str  # the index's location (PoolIndex.location: a directory or a URI)
     created_at: str
     device: str
     job: SideJob | None = None  # one side's constants (kl_side)
@@ -93,7 +94,7 @@ def tile_task(item: tuple[int, int, int, int, bool], ctx: TaskContext) -> tuple[
 
 
 def _context(pool: PoolIndex, device: str, **kw) -> TaskContext:
-    return TaskContext(root=str(pool.root.resolve()), created_at=pool.created_at,
+    return TaskContext(root=pool.location, created_at=pool.created_at,
                        device=device, **kw)
 
 

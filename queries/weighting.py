@@ -201,15 +201,16 @@ def compute_weights(
     """Importance weights of every image for a prompt (not stored; see ``weights``).
 
     Args:
-        index: index directory or an opened ``PoolIndex``.
+        index: index directory or URI, or an opened ``PoolIndex``.
         prompt: the prompt text (encoded with the index's model), or the label of ``prompt_embedding``.
         prompt_embedding: the prompt's text embedding (``.npy`` file or array).
         logit_scale: a' (default 10).
         device: torch device for open_clip models.
         model, pretrained: open_clip model / weights for the prompt instead of the manifest's.
         engine: ``"local"`` (this process, one pass), ``"ray"`` (tasks on a Ray cluster over
-            partitions of the pool; the index on a path every node reads), or an engine already
-            open (``indexer.engine.open_engine``), which runs the partitions' tasks.
+            partitions of the pool; the index on a path every node reads, or a URI each node
+            mirrors), or an engine already open (``indexer.engine.open_engine``), which runs the
+            partitions' tasks.
         address: ``engine="ray"``: the cluster (``auto``, ``HOST:PORT``, ``ray://...``); default
             a local one of this machine's CPUs, for this call.
         partition_rows: ``engine="ray"``: images per partition (default: see
@@ -265,7 +266,7 @@ def weights(
     cosine, log_weight, weight, normalized_weight``; earlier rows of the same prompt are replaced.
 
     Args:
-        index: index directory or an opened ``PoolIndex``.
+        index: index directory or URI, or an opened ``PoolIndex``.
         prompt: the prompt text, e.g. "a photo of food" (or the label of ``prompt_embedding``).
         prompt_embedding: the prompt's text embedding (``.npy`` file or array).
         logit_scale: a' (default 10).
@@ -534,7 +535,7 @@ def sample(
     """Domain-weighted samples of the pool for a prompt.
 
     Args:
-        index: index directory or an opened ``PoolIndex``.
+        index: index directory or URI, or an opened ``PoolIndex``.
         prompt: the prompt text (or the label of ``prompt_embedding``).
         prompt_embedding: the prompt's text embedding (``.npy`` file or array).
         n: how many samples (rows).

@@ -2,9 +2,10 @@
 ``--engine ray``).
 
 The pool is split into vec_id ranges (``partitions``). A task opens the index itself (a path every
-worker reads; memory-mapped embeddings, read-only), computes its images' cosines with the prompt
-(``weighting.image_cosines`` on its range) and returns its part; the driver (the process that runs
-the command) merges the parts, and stores and writes everything, as the local engine does:
+worker reads, or a URI its node mirrors; memory-mapped embeddings, read-only), computes its
+images' cosines with the prompt (``weighting.image_cosines`` on its range) and returns its part;
+the driver (the process that runs the command) merges the parts, and stores and writes
+everything, as the local engine does:
 
 - ``weights``: the partition's cosines and its normalisation partial ``LogSums`` (max, sum of
   ``exp(x - max)`` and of ``exp(2 (x - max))`` of the log weights), merged associatively in log
@@ -150,7 +151,7 @@ def held_rows(engine, pool_n: int, n: int, mode: str, replace: bool, partition_r
 class PartContext:
     """What every task of a run receives (put in the engine's object store once)."""
 
-    root: str
+    root: str  # the index's location (PoolIndex.location: a directory or a URI)
     created_at: str
     vector: np.ndarray  # the prompt, float64, unit length
     a: float  # a'
@@ -245,7 +246,7 @@ def locate_task(item, ctx):
 
 def _context(pool: PoolIndex, vector: np.ndarray, a: float, **kw) -> PartContext:
     v = np.asarray(vector, dtype=np.float64)
-    return PartContext(root=str(pool.root.resolve()), created_at=pool.created_at,
+    return PartContext(root=pool.location, created_at=pool.created_at,
                        vector=v, a=float(a), **kw)
 
 
