@@ -47,7 +47,8 @@ CAPTION_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "json
                     ".ndjson": "jsonl", ".parquet": "parquet"}
 _MAX_SKIP_WARNINGS = 20  # per-sample warnings before switching to DEBUG (a summary follows)
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
-#: Samples per part of a Ray build (``OpenClipSource.parts``): a lost worker re-encodes at most this many.
+#: Samples per part of a Ray build (``OpenClipSource.parts``, rounded up to whole batches): a lost
+#: actor re-encodes at most this many.
 PART_SAMPLES = 4096
 
 
@@ -750,7 +751,8 @@ class OpenClipSource:
         origin, row = self._origin_row(index)
         return normalize_uids(pa.array([str(value)]), f"{self._describe(index)} json", row)[0].as_py()
 
-    #: a Ray build gives each task reading a part one GPU when its cluster has GPUs
+    #: a Ray build reads the parts on Ray Data actors that load the model once each (``indexer.parallel``),
+    #: one GPU per actor when its cluster has GPUs
     encodes = True
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
@@ -768,25 +770,29 @@ class OpenClipSource:
         yield from self._encoded(None, batch_size, self.progress or null_progress, self.num_workers)
 
     def parts(self) -> list[Part]:
-        """The listing in parts of ``PART_SAMPLES`` samples, encoded on their own by a Ray build
-        (``indexer.parallel``); ``skipped`` is reset to the damaged shards read only in part."""
+        """The listing in parts of ``PART_SAMPLES`` samples (rounded up to whole batches of
+        ``batch_size``), encoded on their own by a Ray build's actors (``indexer.parallel``);
+        ``skipped`` is reset to the damaged shards read only in part. A part starts where a batch of
+        ``batches()`` starts, so its samples are encoded in the same forward passes, and come out
+        the same to the last bit on the same kind of device (a matrix product's rounding depends on
+        how many rows it has)."""
         self.skipped = list(self._shard_problems)
-        return [Part(i, start, min(PART_SAMPLES, self._n - start))
-                for i, start in enumerate(range(0, self._n, PART_SAMPLES))]
+        size = -(-PART_SAMPLES // self.batch_size) * self.batch_size
+        return [Part(i, start, min(size, self._n - start)) for i, start in enumerate(range(0, self._n, size))]
 
     def read_part(self, part: Part, batch_size: int) -> Iterator[Batch]:
         """The batches of one part, encoded in this process on ``device`` (images decoded here, no
         DataLoader workers); ``skipped`` lists the part's skipped samples."""
         self.skipped = []
         model = self.bundle.model
-        device = resolve_device(self.device)  # on a Ray worker: the GPU Ray gave the task, if any
+        device = resolve_device(self.device)  # on a Ray actor: the GPU Ray gave it, if any
         if _model_device(model).type != device.type:
             self.bundle = self.bundle._replace(model=model.to(device))
         yield from self._encoded(range(part.start, part.start + part.rows), batch_size, null_progress, 0)
 
     def __getstate__(self) -> dict:
-        """What a Ray build sends to its workers: the model itself (so that they encode with the
-        same weights, wherever the checkpoint is), on the CPU; no progress hook."""
+        """What a Ray build sends to its actors, each once: the model itself (so that they encode
+        with the same weights, wherever the checkpoint is), on the CPU; no progress hook."""
         state = {**self.__dict__, "progress": None}
         model = self.bundle.model
         if _model_device(model).type != "cpu":

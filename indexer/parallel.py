@@ -8,7 +8,10 @@ listing) is read by ``read_part`` tasks. Each validates and normalises its rows 
 their statistics, its covariance rows drawn where the part sits in the pool
 (``stats.cov_rows_at``), and returns all of it; the driver merges the statistics in pool order
 (sums and second moments are additive). A task writes nothing, so a task retried after its worker
-was lost leaves nothing behind twice.
+was lost leaves nothing behind twice. A source that encodes with a model (``encodes``: open_clip)
+has its parts read on the engine's actors instead (``engine.map_actors``: on Ray, a pool of Ray Data
+actors, one GPU each where the cluster has GPUs), each of which receives the source, and its model,
+once and reads every part it is given with it.
 
 FAISS: the driver trains the index on a sample (``faiss_index.train_index``); ``fill_lists`` tasks
 add row ranges of the written embeddings to copies of it; the driver merges the copies' inverted
@@ -141,7 +144,7 @@ def parts_in_order(engine: Any, source: Any, parts: list[Part], settings: ReadSe
             taken += 1
         waiting: dict[int, PartRead] = {}
         expect = round_[0].index
-        for part, read in run_tasks(engine, read_part, round_, shared, **_resources(engine, source)):
+        for part, read in run_tasks(engine, read_part, round_, shared, actors=getattr(source, "encodes", False)):
             waiting[part.index] = read
             while expect in waiting and done < limit:
                 read = waiting.pop(expect)
@@ -157,21 +160,16 @@ def parts_in_order(engine: Any, source: Any, parts: list[Part], settings: ReadSe
                 return
 
 
-def _resources(engine: Any, source: Any) -> dict:
-    """One GPU per task for a source that encodes with a model, when the cluster has GPUs."""
-    if engine.name != "ray" or not getattr(source, "encodes", False):
-        return {}
-    import ray
-
-    return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {}
-
-
-def run_tasks(engine: Any, task: Callable[[Any, Any], Any], items: Iterable[Any], shared: Any = None,
-              **resources) -> Iterator[tuple[Any, Any]]:
-    """``engine.map``, with a domain error raised on a worker raised here as itself (Ray wraps it
-    with the worker's traceback)."""
+def run_tasks(engine: Any, task: Callable[[Any, Any], Any], items: Iterable[Any], shared: Any = None, *,
+              actors: bool = False) -> Iterator[tuple[Any, Any]]:
+    """``engine.map`` (``actors``: ``engine.map_actors``, one GPU per actor where the cluster has
+    GPUs), with a domain error raised on a worker raised here as itself (Ray wraps it with the
+    worker's traceback)."""
     try:
-        yield from engine.map(task, items, shared, **resources)
+        if actors:
+            yield from engine.map_actors(task, items, shared, gpus=True)
+        else:
+            yield from engine.map(task, items, shared)
     except Exception as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, ClipIndexError) and cause is not e:

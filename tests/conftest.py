@@ -3,6 +3,7 @@
 modules beside this one: ``arrays_pool.py`` (the arrays index and its numpy scores),
 ``tiny_clip.py`` (a tiny random open_clip model) and ``explorer_pools.py``."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -68,19 +69,48 @@ def models(tmp_path_factory):
             TINY_BIASED: save_tiny_model(root, TINY_BIASED, TINY_CFG | {"init_logit_bias": -10.0})}
 
 
-@pytest.fixture(scope="module")
-def ray_engine():
-    """A Ray engine on a local cluster of 2 CPUs, for one test module. Its workers start with the tests
-    folder on their path, so that they import the test modules' task functions and sources."""
-    pytest.importorskip("ray")
-    from clip_density_index.indexer.engine import open_engine
-
+@contextlib.contextmanager
+def tests_on_worker_path():
+    """The tests folder on PYTHONPATH while a Ray node starts: its workers import the test modules'
+    task functions and sources. This process's environment is restored after."""
     here = str(Path(__file__).parent)
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([here] + ([old] if old else []))
     try:
-        engine = open_engine("ray", num_cpus=2)
+        yield
     finally:
         os.environ.pop("PYTHONPATH") if old is None else os.environ.__setitem__("PYTHONPATH", old)
+
+
+@pytest.fixture(scope="module")
+def ray_engine():
+    """A Ray engine on a local cluster of 2 CPUs, for one test module (``tests_on_worker_path``)."""
+    pytest.importorskip("ray")
+    from clip_density_index.indexer.engine import open_engine
+
+    with tests_on_worker_path():
+        engine = open_engine("ray", num_cpus=2)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """``(cluster, engine)``: a Ray cluster of two nodes on this machine (``ray.cluster_utils.Cluster``:
+    a head and a second node, 1 CPU each) and a Ray engine that joined it by its address, for one
+    test module (``tests_on_worker_path``)."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    from clip_density_index.indexer.engine import open_engine
+
+    with tests_on_worker_path():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        cluster.add_node(num_cpus=1)
+    try:
+        cluster.wait_for_nodes()
+        engine = open_engine("ray", address=cluster.address)
+        yield cluster, engine
+        engine.close()
+    finally:
+        cluster.shutdown()

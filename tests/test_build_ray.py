@@ -1,7 +1,8 @@
 """build_index on an engine (indexer.parallel): parts read by tasks, FAISS lists filled by tasks and
 merged. The index equals the local build: the same embeddings, raw norms, catalog rows and FAISS
 search results, the statistics to floating-point rounding. On a real local Ray cluster; a worker
-killed mid-build costs only its part."""
+killed mid-build costs only its part. An open_clip source is encoded by Ray Data actors, one model
+each; an actor killed mid-part costs only that part."""
 
 import io
 import json
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import uuid
 from pathlib import Path
 
 import duckdb
@@ -22,6 +24,7 @@ import pytest
 from conftest import ROOT, clustered_pairs
 from clip_density_index.indexer import faiss_index, parallel
 from clip_density_index.indexer.build import build_index
+from clip_density_index.indexer.embed import OpenClipSource
 from clip_density_index.indexer.engine import LocalEngine
 from clip_density_index.indexer.errors import BadInput
 from clip_density_index.indexer.pool import open_index
@@ -62,8 +65,8 @@ def rows(path: Path, sql: str) -> list:
         return con.execute(sql).fetchall()
 
 
-def assert_same_index(a: Path, b: Path) -> None:
-    """``b`` is the index ``a`` is: arrays and catalog rows equal, statistics to rounding, FAISS
+def assert_same_index(a: Path, b: Path, stats=STATS) -> None:
+    """``b`` is the index ``a`` is: arrays and catalog rows equal, ``stats`` to rounding, FAISS
     answers equal."""
     for name in ("image_emb.npy", "text_emb.npy", "image_rawnorm.npy", "text_rawnorm.npy"):
         if (a / name).exists() or (b / name).exists():
@@ -73,7 +76,7 @@ def assert_same_index(a: Path, b: Path) -> None:
     assert rows(b, manifest) == rows(a, manifest)
     with open_index(a) as pa_, open_index(b) as pb:
         for m in ("image", "text"):
-            for name in STATS:
+            for name in stats:
                 if pa_.raw_known or not name.startswith("raw"):
                     want = pa_.stat(m, name)  # float32 products summed in another order: rounding apart
                     np.testing.assert_allclose(pb.stat(m, name), want, rtol=1e-5, atol=1e-6 * np.abs(want).max(),
@@ -185,33 +188,84 @@ def test_a_bad_row_on_a_worker_is_one_line(tmp_path, ray_engine):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.slow  # the workers import torch and open_clip: about a minute here
-def test_open_clip_parts_encoded_on_workers_equal_the_local_encoding(tmp_path, ray_engine, monkeypatch):
-    """The model goes to the workers with the source (a random tiny model: no checkpoint to find);
-    parts of 4 samples, one unreadable image skipped. A worker's torch runs on one thread: the
-    embeddings agree to float32 rounding, everything else exactly."""
+class Watched(OpenClipSource):
+    """An open_clip source that leaves files in ``folder``: ``loaded-PID-*`` each time it is
+    unpickled (the model loaded by an actor) and ``part-I-PID`` for each part read; the process that
+    reads part ``die_on`` is killed the first time (a marker file remembers)."""
+
+    def __init__(self, folder: Path, *args, die_on: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.folder, self.die_on = str(folder), die_on
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        (Path(self.folder) / f"loaded-{os.getpid()}-{uuid.uuid4().hex}").write_text("")
+
+    def read_part(self, part, batch_size):
+        folder = Path(self.folder)
+        if part.index == self.die_on and not (folder / "died").exists():
+            (folder / "died").write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        (folder / f"part-{part.index}-{os.getpid()}").write_text("")
+        yield from super().read_part(part, batch_size)
+
+
+@pytest.fixture
+def encoded(tmp_path, monkeypatch):
+    """``(source(**kwargs), local index)``: a .tar shard of 11 images (sample 6 unreadable,
+    skipped) encoded by a random tiny model (no checkpoint to find: the model goes to the actors
+    with the source) in batches of 2 samples, listed in parts of 3 samples rounded up to 4 (whole
+    batches); the local build made from it."""
     open_clip = pytest.importorskip("open_clip")
     import clip_density_index.indexer.embed as embed
 
     tiny = tiny_open_clip(tmp_path / "configs", open_clip)
     shard = webdataset(tmp_path / "shard.tar", 11, broken=6)
-    monkeypatch.setattr(embed, "PART_SAMPLES", 4)  # parts are listed on the driver
+    monkeypatch.setattr(embed, "PART_SAMPLES", 3)  # parts are listed on the driver
+    (tmp_path / "marks").mkdir()
 
-    def source():
-        return embed.OpenClipSource(shard, None, model="cdi-tiny-ray-test", pretrained=None, skip_bad=True,
-                                    device="cpu", bundle=tiny)
+    def source(**kwargs):
+        return Watched(tmp_path / "marks", shard, None, model="cdi-tiny-ray-test", pretrained=None, skip_bad=True,
+                       device="cpu", bundle=tiny, batch_size=2, **kwargs)
 
     local = build_index(source(), tmp_path / "local")
-    report = build_index(source(), tmp_path / "ray", engine=ray_engine)
-    assert (report.n, report.skipped) == (local.n, local.skipped) == (10, 1)
-    a, b = tmp_path / "local", tmp_path / "ray"
+    assert (local.n, local.skipped) == (10, 1)
+    return source, tmp_path / "local"
+
+
+def assert_same_encoding(a: Path, b: Path) -> None:
+    """``b`` is the index of ``a``'s encoding: the same skipped samples, samples, embeddings and raw
+    norms (byte for byte), the statistics to rounding (whitening aside)."""
     def skipped(index):  # paths and the start of their reason (PIL's message names an object's address)
         return [line.split(":", 3)[:3] for line in (index / "skipped.tsv").read_text().splitlines()]
 
     assert skipped(b) == skipped(a) and len(skipped(a)) == 2
-    assert rows(b, "SELECT * FROM samples ORDER BY vec_id") == rows(a, "SELECT * FROM samples ORDER BY vec_id")
-    for name in ("image_emb.npy", "text_emb.npy", "image_rawnorm.npy", "text_rawnorm.npy"):
-        np.testing.assert_allclose(np.load(b / name), np.load(a / name), rtol=1e-4, atol=1e-5, err_msg=name)
+    # 10 samples in 32 dimensions: a singular covariance, whose whitening magnifies rounding
+    assert_same_index(a, b, stats=[s for s in STATS if not s.startswith("whiten")])
+
+
+def test_open_clip_parts_encoded_on_actors_equal_the_local_encoding(tmp_path, ray_engine, encoded):
+    """Three parts read by Ray Data actors that unpickle the source, and its model, once each."""
+    source, local = encoded
+    report = build_index(source(), tmp_path / "ray", engine=ray_engine)
+    assert (report.n, report.skipped) == (10, 1)
+    assert_same_encoding(local, tmp_path / "ray")
+    marks = tmp_path / "marks"
+    loaded = [p.name.split("-")[1] for p in marks.glob("loaded-*")]
+    parts = sorted((int(p.name.split("-")[1]), p.name.split("-")[2]) for p in marks.glob("part-*"))
+    assert [i for i, _ in parts] == [0, 1, 2]  # each part read once
+    assert len(set(loaded)) == len(loaded) <= 2  # one model per actor (2 CPUs: 2 actors), not one per part
+    assert {pid for _, pid in parts} <= set(loaded)
+
+
+def test_a_killed_actor_costs_only_its_part(tmp_path, ray_engine, encoded):
+    source, local = encoded
+    report = build_index(source(die_on=1), tmp_path / "ray", engine=ray_engine)
+    marks = tmp_path / "marks"
+    assert (marks / "died").exists()  # the actor reading part 1 was killed; restarted, it read part 1 again
+    assert sorted(int(p.name.split("-")[1]) for p in marks.glob("part-*")) == [0, 1, 2]
+    assert (report.n, report.skipped) == (10, 1)  # nothing counted twice
+    assert_same_encoding(local, tmp_path / "ray")
 
 
 def test_cli_engine_options(tmp_path):

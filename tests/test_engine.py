@@ -1,15 +1,18 @@
 """indexer.engine: the same task results from the local engine and a real local Ray cluster, and a
-worker killed mid-task costs only its own item."""
+worker killed mid-task costs only its own item; ``map_actors`` reads its shared state once per
+actor, and an actor killed mid-item costs only that item."""
 
 import os
 import signal
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from clip_density_index.indexer import parallel
 from clip_density_index.indexer.engine import LocalEngine, engine_for, open_engine
-from clip_density_index.indexer.errors import InvalidParameter
+from clip_density_index.indexer.errors import BadInput, InvalidParameter
 
 ray = pytest.importorskip("ray")
 
@@ -29,6 +32,30 @@ def _dies_once(item, shared):
     return item * item
 
 
+class Marked:
+    """Shared state that leaves a file in ``folder`` each time it is unpickled: a model loaded."""
+
+    def __init__(self, folder: Path):
+        self.folder = str(folder)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        (Path(self.folder) / f"loaded-{os.getpid()}-{uuid.uuid4().hex}").write_text("")
+
+
+def _square(item, shared: Marked):
+    """Kills its own process the first time it sees item -1 (a marker file remembers); raises a
+    domain error for item -2; else leaves a file naming the item and its process."""
+    folder = Path(shared.folder)
+    if item == -2:
+        raise BadInput("item -2 is not a number one can square here")
+    if item == -1 and not (folder / "died").exists():
+        (folder / "died").write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    (folder / f"ran-{item}-{os.getpid()}").write_text("")
+    return item * item
+
+
 def test_ray_and_local_give_the_same_results(ray_engine):
     x = np.random.default_rng(0).standard_normal((1000, 8))
     items = [(lo, min(lo + 128, 1000)) for lo in range(0, 1000, 128)]
@@ -44,6 +71,35 @@ def test_a_killed_worker_costs_only_its_item(ray_engine, tmp_path):
     assert sorted(got) == [(i, i * i) for i in range(6)]  # every item once, item 2 included
     assert (tmp_path / "died-2").exists()
     assert len(list(tmp_path.glob("ran-2-*"))) == 1  # the retry ran it once more, not twice
+
+
+def test_actors_read_the_shared_state_once_each(ray_engine, tmp_path):
+    items = list(range(10))
+    (tmp_path / "local").mkdir()
+    local = list(LocalEngine().map_actors(_square, items, Marked(tmp_path / "local")))
+    assert local == [(i, i * i) for i in items]
+    got = list(ray_engine.map_actors(_square, items, ray_engine.put(Marked(tmp_path))))
+    assert sorted(got) == local
+    loads = {p.name.split("-")[1] for p in tmp_path.glob("loaded-*")}
+    ran = {p.name.split("-")[2] for p in tmp_path.glob("ran-*")}
+    assert len(list(tmp_path.glob("loaded-*"))) == len(loads) <= 2  # one load per actor (2 CPUs: 2 actors)
+    assert ran == loads and len(list(tmp_path.glob("ran-*"))) == len(items)  # 10 items, each once
+
+
+def test_a_killed_actor_costs_only_its_item(ray_engine, tmp_path):
+    items = [3, -1, 4, 5, 6]
+    got = list(ray_engine.map_actors(_square, items, Marked(tmp_path)))
+    assert sorted(got) == sorted((i, i * i) for i in items)  # every item once, the killed one included
+    died = (tmp_path / "died").read_text()
+    assert not (tmp_path / f"ran--1-{died}").exists()
+    for i in items:  # each item ran to its end once: the killed one again, in the restarted actor
+        assert len(list(tmp_path.glob(f"ran-{i}-*"))) == 1, i
+    assert len(list(tmp_path.glob("loaded-*"))) <= 3  # two actors, one of them restarted: loaded again
+
+
+def test_a_domain_error_on_an_actor_is_raised_as_itself(ray_engine, tmp_path):
+    with pytest.raises(BadInput, match="^item -2 is not a number one can square here$"):
+        list(parallel.run_tasks(ray_engine, _square, [1, -2, 3], Marked(tmp_path), actors=True))
 
 
 def test_bad_engine_options_are_one_line():
