@@ -17,7 +17,7 @@ import re
 import threading
 import time
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
@@ -297,14 +297,20 @@ class CatalogConnection:
     @contextmanager
     def registered(self, **data: Any) -> Iterator["CatalogConnection"]:
         """Make Arrow tables, dicts of numpy arrays or relations (``relation``) readable by name in
-        the statements run inside the block (``SELECT ... FROM _ids``); forgotten after it."""
+        the statements run inside the block (``SELECT ... FROM _ids``); forgotten after it. When
+        the block raises inside a transaction, DuckDB refuses to forget them until the rollback:
+        the block's error is the one raised."""
         for name, value in data.items():
             self.con.register(name, _as_arrow(value))
         try:
             yield self
-        finally:
+        except BaseException:
             for name in data:
-                self.con.unregister(name)
+                with suppress(duckdb.Error):
+                    self.con.unregister(name)
+            raise
+        for name in data:
+            self.con.unregister(name)
 
     def insert(self, name: str, data: Mapping[str, Any], **params: Any) -> None:
         """Run the statement ``name`` (an ``INSERT ... SELECT ... FROM <name>``) with ``data``
