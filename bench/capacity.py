@@ -31,8 +31,17 @@ GPU_BYTES_PER_PAIR = 60
 # ---- sizes of what is stored and moved
 EMB_BYTES = 2  # float16 embeddings (DataComp's own type; --dtype auto keeps it)
 CATALOG_BYTES_PER_SAMPLE = 1200  # DataComp metadata in catalog.duckdb, measured at 10k (README)
-SCORE_BYTES_PER_SAMPLE = 18 * 8  # vec_id + 17 float64 score columns, held by the driver to store them
+SCORE_COLUMNS = 17  # float64 score columns (queries.score_params.SCORE_COLUMNS)
+#: the run's column files in its work folder (queries.columns): on disk, read through memory maps
+SCORE_FILE_BYTES_PER_SAMPLE = SCORE_COLUMNS * 8
+#: rows of the scores table the driver holds while storing it (queries.score_store.STORE_ROWS),
+#: vec_id and the 17 columns in one Arrow table
+STORE_ROWS = 1 << 18
+STORE_RANGE_BYTES = STORE_ROWS * (SCORE_COLUMNS + 1) * 8
 PARTIAL_BYTES = 24  # max, s0, s1 (float64) per candidate / per query: queries.exact.Moments
+#: the exact pass of both sides keeps the exact mean score of every caption and image (float64,
+#: queries.scorers.mean_scores) besides the images' column partials
+MEAN_BYTES = 2 * 8
 CHUNK_Q = 65_536  # captions per score chunk (score --batch-size default)
 KEY_BLOCK = 1 << 20  # images per tile of the Ray exact pass (ray-score branch: queries/kl_engine.py)
 CPU_BLOCK = 512 * 4096  # scores per block of the exact pass on CPUs (queries.exact.CPU_CHUNKS)
@@ -71,7 +80,7 @@ def _table(header: list[str], row) -> list[str]:
 
 def _sizes(name: str, n: int, d: int) -> list:
     return [name, d, fmt_bytes(2 * n * d * EMB_BYTES), fmt_bytes(n * CATALOG_BYTES_PER_SAMPLE),
-            fmt_bytes(n * SCORE_BYTES_PER_SAMPLE), fmt_bytes(n * PARTIAL_BYTES)]
+            fmt_bytes(n * SCORE_FILE_BYTES_PER_SAMPLE), fmt_bytes(n * PARTIAL_BYTES)]
 
 
 def _hours(name: str, n: int, d: int) -> list:
@@ -95,13 +104,14 @@ def _moved(name: str, n: int, d: int) -> list:
 def _memory(name: str, n: int, d: int) -> list:
     cpu = (KEY_BLOCK + CHUNK_Q) * (d * 4 + PARTIAL_BYTES) + 3 * CPU_BLOCK * 4
     gpu = (KEY_BLOCK + CHUNK_Q) * d * EMB_BYTES + 3 * GPU_BLOCK * 4
-    driver = n * (SCORE_BYTES_PER_SAMPLE + PARTIAL_BYTES)
-    return [name, d, fmt_bytes(cpu), fmt_bytes(gpu), fmt_bytes(driver), fmt_bytes(n / 64 * d * EMB_BYTES)]
+    exact_pass = n * (PARTIAL_BYTES + MEAN_BYTES)
+    return [name, d, fmt_bytes(cpu), fmt_bytes(gpu), fmt_bytes(exact_pass), fmt_bytes(STORE_RANGE_BYTES),
+            fmt_bytes(n / 64 * d * EMB_BYTES)]
 
 
 def tables() -> str:
-    out = _table(["pool", "d", "embeddings (2 modalities, float16)", "catalog", "scores in the driver",
-                  "column partials (one set)"], _sizes)
+    out = _table(["pool", "d", "embeddings (2 modalities, float16)", "catalog",
+                  "score column files (driver's disk)", "column partials (one set)"], _sizes)
     out += _table(["pool", "d", "pairs n^2", "GEMM FLOPs 2n^2d", "CPU core-hours", "on 1,000 cores",
                    "H100-hours as written", "H200-hours as written", "GPU-hours, fused bound",
                    "on 64 H200 as written"], _hours)
@@ -109,7 +119,8 @@ def tables() -> str:
                    "read, tiles of 65,536 captions x 2^20 images, no cache", "column partials to merge, W = 64",
                    "column partials, tiles"], _moved)
     out += _table(["pool", "d", "CPU tile task (RAM)", "GPU tile task (GPU memory)",
-                   "driver: scores + column partials", "per worker, n/64 captions resident (float16)"], _memory)
+                   "driver, exact pass: column partials + mean scores", "driver, store: one range of rows",
+                   "per worker, n/64 captions resident (float16)"], _memory)
     out.append("Rates used: CPU " + ", ".join(f"d {d}: {cpu_pairs_per_core(d) / 1e6:.1f}M pairs/s per core" for d in DIMS)
                + "; GPU as written " + ", ".join(f"{g} d {d}: {gpu_pairs(d, bw, False) / 1e9:.0f}G"
                                                 for g, bw in GPU_HBM.items() for d in DIMS)

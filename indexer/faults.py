@@ -5,8 +5,8 @@ sends itself SIGKILL when it reaches that point, as a power loss or ``kill -9`` 
 cleanup of any kind. Unset (always, outside tests), ``fault_point`` costs two dictionary lookups.
 
 Points (``POINTS``) are named ``stage.moment``; ``build.*`` and ``swap.*`` are in the builder
-(``indexer.build``, ``indexer.swap``), ``score.*`` (``TASK_POINTS``) in the engine
-tasks of ``score``.
+(``indexer.build``, ``indexer.swap``), ``score.*`` in the engine tasks of ``score``
+(``TASK_POINTS``) and in its final store (``STORE_POINTS``, ``indexer.store``).
 
 ``CLIP_DENSITY_INDEX_FAULT_ARMED`` names a folder of armed points instead: a point fires when a file
 of its name is in that folder, and the process that deletes the file dies, so each armed file kills
@@ -33,6 +33,10 @@ POINTS = (
 #: Points in the engine tasks of ``score`` (``queries.kl_engine``; on a worker, not in a build).
 TASK_POINTS = (
     "score.task",                 # a task computed its chunk and has not returned it yet
+)
+#: Points in the store step of ``score`` (``indexer.store.Store.replace_scores``, in the driver).
+STORE_POINTS = (
+    "score.store_range",          # a range of rows appended to scores__new, its transaction still open
 )
 
 

@@ -17,17 +17,18 @@ import re
 import threading
 import time
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
 
 from clip_density_index.indexer.errors import (BrokenIndex, ClipIndexError, IndexBusy, IndexNotFound, NotReadOnly,
                                                UnknownQuery)
+from clip_density_index.indexer.faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -296,14 +297,20 @@ class CatalogConnection:
     @contextmanager
     def registered(self, **data: Any) -> Iterator["CatalogConnection"]:
         """Make Arrow tables, dicts of numpy arrays or relations (``relation``) readable by name in
-        the statements run inside the block (``SELECT ... FROM _ids``); forgotten after it."""
+        the statements run inside the block (``SELECT ... FROM _ids``); forgotten after it. When
+        the block raises inside a transaction, DuckDB refuses to forget them until the rollback:
+        the block's error is the one raised."""
         for name, value in data.items():
             self.con.register(name, _as_arrow(value))
         try:
             yield self
-        finally:
+        except BaseException:
             for name in data:
-                self.con.unregister(name)
+                with suppress(duckdb.Error):
+                    self.con.unregister(name)
+            raise
+        for name in data:
+            self.con.unregister(name)
 
     def insert(self, name: str, data: Mapping[str, Any], **params: Any) -> None:
         """Run the statement ``name`` (an ``INSERT ... SELECT ... FROM <name>``) with ``data``
@@ -574,17 +581,20 @@ class Store(CatalogConnection):
         self.run("checkpoint")
 
     # --- scoring operations (queries/score_store.py: the atomic replace of `scores`) -------------
-    def replace_scores(self, new: Any, sources: dict[str, str], allowed: tuple[str, ...], rows: int,
-                       record: Any) -> Any:
-        """Replace ``scores`` in one transaction: build ``scores__new`` from the samples and the
-        Arrow table ``new`` (``vec_id`` + the computed columns), check it has ``rows`` rows, swap
-        it in, and call ``record()`` (the run's bookkeeping inserts) before the commit; returns what
+    def replace_scores(self, ranges: Iterable[tuple[int, int, Any]], sources: dict[str, str],
+                       allowed: tuple[str, ...], rows: int, record: Any) -> Any:
+        """Replace ``scores`` in one transaction: create ``scores__new`` empty, append to it the
+        rows of the samples and of every range in ``ranges``, check it has ``rows`` rows, swap it
+        in, and call ``record()`` (the run's bookkeeping inserts) before the commit; returns what
         ``record`` returns. A failure or a kill at any point leaves the old table and no
         ``scores__new``.
 
-        ``sources`` maps every score column, in table order, to ``"new"`` (from ``new``), ``"old"``
-        (carried over from the current ``scores``) or ``"null"``; each must be in ``allowed`` (the
-        identifier allowlist: ``queries.score_params.SCORE_COLUMNS``).
+        ``ranges``: ``(lo, hi, table)`` in vec_id order, ``table`` an Arrow table of ``vec_id`` lo..hi - 1
+        and the computed columns (the same in every range); one is read at a time, so the caller
+        can make each from its column files when it is asked for. ``sources`` maps every score
+        column, in table order, to ``"new"`` (from the ranges), ``"old"`` (carried over from the
+        current ``scores``) or ``"null"``; each must be in ``allowed`` (the identifier allowlist:
+        ``queries.score_params.SCORE_COLUMNS``).
         """
         exprs = []
         for column, source in sources.items():
@@ -593,10 +603,16 @@ class Store(CatalogConnection):
             exprs.append({"new": f"c.{column}", "old": f"o.{column}", "null": f"CAST(NULL AS DOUBLE) AS {column}"}
                          [source])
         carry = load_sql("scores_new_carry") if "old" in sources.values() else ""
-        create = load_sql("scores_new_create").format(columns=", ".join(exprs), carry=carry)
-        with self.registered(_new_scores=new), self.transaction():
+        select = load_sql("scores_new_rows").format(columns=", ".join(exprs), carry=carry)
+        create, append = (load_sql(name).format(rows=select) for name in ("scores_new_create", "scores_new_append"))
+        with self.transaction():
             self.run("scores_new_drop")
-            self.con.execute(create)
+            for i, (lo, hi, table) in enumerate(ranges):
+                with self.registered(_new_scores=table):
+                    if i == 0:
+                        self.con.execute(create, {"lo": lo, "hi": hi})
+                    self.con.execute(append, {"lo": lo, "hi": hi})
+                fault_point("score.store_range")
             got = self.value("scores_new_count")
             if got != rows:
                 raise BrokenIndex(f"{self.path}: samples has {got} rows matching vec_id 0..{rows - 1}, not {rows}")

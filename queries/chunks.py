@@ -5,7 +5,9 @@ A run keeps its finished KL chunks under ``IndexPaths(root).work_dir("score-<has
 (``<side>-<start>.parquet``: ``vec_id``, ``kl_<side>``, ``klr_<side>``) and, for an exact run of
 both sides, one running file of the images' column partials (``imagecols.parquet``) that records
 which chunks it holds. A rerun with the same parameters reuses every chunk that is there and whole.
-The folder is locked while a run works in it and deleted after the scores are stored.
+The run's score columns are files there too (``columns/``, ``queries.columns``: made again by
+every run, never reused). The folder is locked while a run works in it and deleted after the
+scores are stored.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -78,12 +81,24 @@ def rows_done(work: Path, side: str, start: int, stop: int) -> bool:
     return is_done(chunk_path(work, side, start), (f"kl_{side}", f"klr_{side}"), stop - start)
 
 
-def read_side(work: Path, side: str, n: int) -> dict[str, np.ndarray]:
-    """The KL columns of one side from its chunk files, in vec_id order."""
-    table = pq.read_table(sorted(work.glob(f"{side}-*.parquet"))).sort_by("vec_id")
-    if table.num_rows != n:
-        raise RuntimeError(f"{work}: expected {n} rows of {side}-side KL, found {table.num_rows}")
-    return {c: table.column(c).to_numpy() for c in (f"kl_{side}", f"klr_{side}")}
+def read_side(work: Path, side: str, n: int, column: Callable[[str], np.ndarray]) -> None:
+    """Copy the KL columns of one side from its chunk files into ``column("kl_<side>")`` and
+    ``column("klr_<side>")`` (new (n,) float64 arrays: the run's column files,
+    ``queries.columns.Columns.new``), one chunk at a time, in vec_id order."""
+    names = (f"kl_{side}", f"klr_{side}")
+    out = [column(name) for name in names]
+    filled = 0
+    for path in sorted(work.glob(f"{side}-*.parquet")):  # named by their first vec_id, zero-padded
+        part = pq.read_table(path)
+        ids = part.column("vec_id").to_numpy()
+        if filled + len(ids) > n or not np.array_equal(ids, np.arange(filled, filled + len(ids))):
+            raise RuntimeError(f"{work}: {path.name} holds vec_id {ids[:1]}..{ids[-1:]} of {side}-side KL, "
+                               f"expected the {len(ids)} rows from {filled} of {n}")
+        for name, values in zip(names, out):
+            values[filled : filled + len(ids)] = part.column(name).to_numpy()
+        filled += len(ids)
+    if filled != n:
+        raise RuntimeError(f"{work}: expected {n} rows of {side}-side KL, found {filled}")
 
 
 def read_columns(work: Path, n: int):

@@ -7,8 +7,9 @@ Two layers:
   float64 and return float64 arrays of shape ``(rows,)``. Every one is row-wise, so running it over
   chunks and concatenating gives the same result as running it over the whole array.
 * Pool drivers (``closed_form_scores``, ``clipscore_scores``). They stream the memory-mapped
-  embeddings of a ``PoolIndex`` chunk by chunk and return one float64 array per score column, named
-  as in SPEC 11 (``dc_text``, ``loglik_image``, ``clipscore``, ...).
+  embeddings of a ``PoolIndex`` chunk by chunk and write one (n,) float64 array per score column,
+  named as in SPEC 11 (``dc_text``, ``loglik_image``, ``clipscore``, ...), chunk by chunk: arrays in
+  memory, or the arrays a ``column`` hook gives (``score``: its column files, ``queries.columns``).
 
 The statistics come from the catalog (``PoolIndex.stat``, written by ``indexer.stats``): ``mean`` and
 ``sum`` (of the normalised vectors), ``cov`` (normalised vectors, ddof=1), and ``whiten_mean``,
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -285,6 +286,14 @@ def _chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + chunk, n)
 
 
+#: Makes the (n,) float64 array a score column is written into, given the column's name.
+ColumnHook = Callable[[str], np.ndarray]
+
+
+def _in_memory(n: int) -> ColumnHook:
+    return lambda name: np.empty(n, dtype=np.float64)
+
+
 def closed_form_scores(
     pool: _Pool,
     modality: str,
@@ -294,11 +303,13 @@ def closed_form_scores(
     chunk: int = DEFAULT_CHUNK,
     progress: Progress | None = None,
     precision: str = "float64",
+    column: ColumnHook | None = None,
 ) -> dict[str, np.ndarray]:
     """Closed-form score columns of one side of every sample (SPEC 4-6, column names SPEC 11).
 
     Streams ``pool.embeddings(modality)`` in chunks of ``chunk`` rows; only one chunk (in float64)
-    plus a few (d, d) matrices are in memory at a time, besides the (n,) outputs.
+    plus a few (d, d) matrices are in memory at a time, besides the (n,) outputs, which are
+    written chunk by chunk (files, with a ``column`` hook that makes memory maps).
 
     Columns (``side`` = ``modality``):
 
@@ -322,9 +333,12 @@ def closed_form_scores(
         precision: type of the (rows, d) x (d, d) products of ``dw`` and ``loglik``: "float64"
             (exact to rounding) or "float32" (3x faster, relative error ~1e-6; what ``score``
             uses). Everything else is float64 either way.
+        column: makes the (n,) float64 array each column is written into, given its name
+            (``score`` passes ``queries.columns.Columns.new``); default new arrays in memory.
 
     Returns:
-        ``{column name: (n,) float64 array}``, one entry per requested metric.
+        ``{column name: (n,) float64 array}``, one entry per requested metric (the arrays
+        ``column`` made).
 
     Raises:
         ValueError: unknown modality.
@@ -347,9 +361,12 @@ def closed_form_scores(
     norms = _raw_norms(pool, modality) if wanted & {"rawnorm", "loglik"} else None
     stats = _load_stats(pool, modality, other, wanted, emb.shape[1])
 
-    out = {f"{m}_{modality}": np.empty(n, dtype=np.float64) for m in sorted(wanted)}
+    column = column or _in_memory(n)
+    out = {f"{m}_{modality}": column(f"{m}_{modality}") for m in sorted(wanted)}
     if "rawnorm" in wanted:
-        out[f"rawnorm_{modality}"][:] = np.nan if norms is None else rawnorm(norms, a)
+        raw = out[f"rawnorm_{modality}"]
+        for s, e in _chunks(n, chunk):
+            raw[s:e] = np.nan if norms is None else rawnorm(norms[s:e], a)
     if not wanted - {"rawnorm"}:
         return out
     with (progress or null_progress)(f"closed-form {modality}", n) as advance:
@@ -423,7 +440,7 @@ def _chunk_scores(v: np.ndarray, u: np.ndarray | None, wanted: set[str], st: _St
 
 
 def clipscore_scores(
-    pool: _Pool, chunk: int = DEFAULT_CHUNK, progress: Progress | None = None
+    pool: _Pool, chunk: int = DEFAULT_CHUNK, progress: Progress | None = None, column: ColumnHook | None = None
 ) -> np.ndarray:
     """The ``clipscore`` column: CLIPScore of every sample's own image and caption (SPEC 7).
 
@@ -431,16 +448,18 @@ def clipscore_scores(
         pool: an opened ``PoolIndex`` (needs ``n`` and ``embeddings``).
         chunk: rows per chunk.
         progress: optional progress hook (advanced by rows).
+        column: makes the (n,) float64 array the column is written into, chunk by chunk, given its
+            name (as ``closed_form_scores``); default a new array in memory.
 
     Returns:
-        (n,) float64 in [0, 2.5].
+        (n,) float64 in [0, 2.5] (the array ``column`` made).
     """
     chunk = _check_chunk(chunk)
     img, txt = _embeddings(pool, "image"), _embeddings(pool, "text")
     if img.shape != txt.shape:
         raise BadInput(f"{_where(pool)}: image {img.shape} and text {txt.shape} embeddings differ in shape")
     n = pool.n
-    out = np.empty(n, dtype=np.float64)
+    out = (column or _in_memory(n))("clipscore")
     with (progress or null_progress)("clipscore", n) as advance:
         for s, e in _chunks(n, chunk):
             out[s:e] = clipscore(img[s:e], txt[s:e])

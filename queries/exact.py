@@ -215,6 +215,15 @@ class Moments:
         """SPEC 2 over ``n`` candidates, with ``mean_s`` the exact mean score of each query."""
         return kl_from_moments(self.max + np.log(self.s0), self.s1 / self.s0, mean_s, n, b)
 
+    def kl_into(self, kl: np.ndarray, klr: np.ndarray, mean_s: np.ndarray, n: int, b: float | None = None,
+                block: int = 1 << 20) -> None:
+        """``kl`` written into the arrays ``kl`` and ``klr`` (e.g. a run's column files) ``block``
+        queries at a time: the same values, with no temporary as long as all the queries."""
+        for s in range(0, len(self.max), block):
+            sl = slice(s, s + block)
+            kl[sl], klr[sl] = kl_from_moments(self.max[sl] + np.log(self.s0[sl]), self.s1[sl] / self.s0[sl],
+                                              mean_s[sl], n, b)
+
 
 def exact_moments(
     queries: np.ndarray,

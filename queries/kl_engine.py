@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -171,10 +171,10 @@ class _Chunk:
 
 
 def kl_exact_both(engine, pool: PoolIndex, p: ScoreParams, work: Path, report: ScoreReport, progress: Progress,
-                  device: str, key_block: int | None = None) -> dict[str, np.ndarray]:
+                  device: str, column: Callable[[str], np.ndarray], key_block: int | None = None) -> None:
     """Both sides exactly, tile by tile on ``engine`` (see the module's docstring; ``key_block``:
-    images per tile, default ``KEY_BLOCK``); the work folder as ``queries.kl_local.kl_exact_both``
-    keeps it."""
+    images per tile, default ``KEY_BLOCK``), into ``column(name)`` arrays; the work folder and the
+    columns as ``queries.kl_local.kl_exact_both`` keeps them."""
     from clip_density_index.queries.exact import Moments
 
     n, key_block = pool.n, int(key_block or KEY_BLOCK)
@@ -209,9 +209,8 @@ def kl_exact_both(engine, pool: PoolIndex, p: ScoreParams, work: Path, report: S
             if chunk.left == 0:
                 _finish_chunk(work, open_chunks.pop(start), mean_text, columns, merged, p, n, report)
                 advance(stop - start)
-    out = chunks.read_side(work, "text", n)
-    out["kl_image"], out["klr_image"] = columns.kl(mean_image, n, p.b)
-    return out
+    chunks.read_side(work, "text", n, column)
+    columns.kl_into(column("kl_image"), column("klr_image"), mean_image, n, p.b)
 
 
 def _finish_chunk(work: Path, chunk: _Chunk, mean_text: np.ndarray, columns, merged: set[int], p: ScoreParams,

@@ -47,14 +47,17 @@ def kl_side(pool: PoolIndex, side: str, p: ScoreParams, work: Path, report: Scor
 
 
 def kl_exact_both(pool: PoolIndex, p: ScoreParams, work: Path, report: ScoreReport, progress: Progress,
-                  device: str) -> dict[str, np.ndarray]:
-    """Both sides exactly from one pass over ``S = a T I'`` (``queries.exact.exact_moments``).
+                  device: str, column: Callable[[str], np.ndarray]) -> None:
+    """Both sides exactly from one pass over ``S = a T I'`` (``queries.exact.exact_moments``), into
+    ``column(name)`` arrays (the run's column files, ``queries.columns.Columns.new``).
 
     Resumable like the one-sided chunks: chunk ``c`` (captions ``start..stop``) writes the captions'
     finished kl_text / klr_text, then folds the images' column partials over those captions into
     one running file (``chunks.COLUMNS_FILE``, O(n) on disk whatever the number of chunks) that
     records which chunks it holds. A chunk counts as done when its rows file exists and the running
     partials hold it; a crash between the two writes recomputes the chunk and folds it in once.
+    The partials (24 bytes per image) stay in memory for the pass; kl_image / klr_image are
+    computed from them block by block into their column files.
     """
     from clip_density_index.indexer.device import resolve_device
     from clip_density_index.queries.exact import exact_moments, stage
@@ -89,9 +92,8 @@ def kl_exact_both(pool: PoolIndex, p: ScoreParams, work: Path, report: ScoreRepo
                 chunks.write_columns(work, columns, merged)
             report.add_seconds("kl_both.write", time.perf_counter() - t0)
             report.chunks_computed += 1
-    out = chunks.read_side(work, "text", n)
-    out["kl_image"], out["klr_image"] = columns.kl(mean_image, n, p.b)
-    return out
+    chunks.read_side(work, "text", n, column)
+    columns.kl_into(column("kl_image"), column("klr_image"), mean_image, n, p.b)
 
 
 @contextlib.contextmanager

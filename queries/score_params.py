@@ -229,8 +229,9 @@ def _precision(precision, device: str) -> str:
 
 def work_name(pool: PoolIndex, p: ScoreParams) -> str:
     """``score-<hash>``: every parameter that determines the KL chunk files' contents or their set
-    (two runs with different sides or metrics must not share a folder). The engine is not part of
-    it: a run interrupted on one engine resumes on the other."""
+    (two runs with different sides or metrics must not share a folder), and for a run without KL
+    (no chunks, only its column files, ``queries.columns``) the columns it computes. The engine is
+    not part of it: a run interrupted on one engine resumes on the other."""
     key = {
         "n": pool.n, "created_at": str(pool.manifest.get("created_at")),
         "index": [pool.manifest.get("image_index"), pool.manifest.get("text_index")],
@@ -239,4 +240,6 @@ def work_name(pool: PoolIndex, p: ScoreParams) -> str:
         "strata": [p.strata_target, p.max_fraction, p.check],
         "k": p.k, "m": p.m, "a": p.a, "b": p.b, "seed": p.seed, "batch_size": p.batch_size, "nprobe": p.nprobe,
     }
+    if not p.kl:  # runs of other closed-form columns work side by side
+        key["columns"] = p.columns
     return "score-" + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

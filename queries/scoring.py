@@ -11,8 +11,11 @@
   (Spearman, mean absolute error, top-25% overlap; ``queries.accuracy``); reported and stored in
   ``score_checks``.
 
-The new ``scores`` table is swapped in atomically with the run's records (``queries.score_store``).
-The work directory is deleted after success.
+Every column is a float64 file in the run's work folder, written through a memory map
+(``queries.columns``: the KL columns copied chunk by chunk from the chunk files, the closed-form
+ones block by block), so the process holds blocks of rows, not columns of n. The new ``scores``
+table is built from them in row ranges and swapped in atomically with the run's records
+(``queries.score_store``). The work directory is deleted after success.
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from clip_density_index.indexer import defaults, lock
 from clip_density_index.indexer.engine import engine_for
 from clip_density_index.indexer.pool import PoolIndex, as_pool
 from clip_density_index.indexer.progress import Progress, null_progress
-from clip_density_index.queries import chunks
+from clip_density_index.queries import chunks, columns
 from clip_density_index.queries.accuracy import held_out_check
+from clip_density_index.queries.columns import Columns
 from clip_density_index.queries.score_params import (CLOSED_FORM_METRICS, PAPER_SAMPLE, TARGET_OVERLAP,
                                                      TARGET_SPEARMAN, ScoreParams, check_estimator_options,
                                                      resolve_params, work_name)
@@ -181,86 +184,84 @@ def _choose(pool: PoolIndex, p: ScoreParams, device: str) -> tuple[str, str]:
 def _run(pool: PoolIndex, p: ScoreParams, *, held: contextlib.ExitStack, progress: Progress, device: str,
          started: float, engine, fallback: bool = False) -> ScoreReport:
     """``score`` after its checks, under the index's shared lock; ``held`` keeps the run's
-    chunk-folder lock until the folder is cleaned up. With ``fallback`` (auto's choice), an
+    work-folder lock until the folder is cleaned up. The columns are files in the work folder
+    (``queries.columns``), removed when the run ends. With ``fallback`` (auto's choice), an
     approximate run whose held-out check misses the targets stores nothing and raises ``_Missed``."""
     report = ScoreReport.start(pool, p, engine=engine.name)
     work = pool.paths.work_dir(work_name(pool, p))
-    cols: dict[str, np.ndarray] = {}
-    if p.kl:
-        cols.update(_kl_columns(pool, p, work, held, report, progress, device, engine))
-    cols.update(_closed_form_columns(pool, p, report, progress))
-    if p.check:
+    work.mkdir(parents=True, exist_ok=True)
+    held.enter_context(lock.sole(work, f"A score with the same options is already running in "
+                                       f"{str(pool.root)!r} (its work folder is {work}); wait for "
+                                       "it to finish"))
+    with Columns(work / columns.FOLDER, pool.n) as cols:
+        if p.kl:
+            _kl_columns(pool, p, work, cols, report, progress, device, engine)
+        _closed_form_columns(pool, p, cols, report, progress)
+        if p.check:
+            t0 = time.perf_counter()
+            report.checks = held_out_check(pool, p, cols, progress, device)
+            report.seconds["check"] = time.perf_counter() - t0
+            if fallback and report.targets_met is False:
+                worst = min(report.checks, key=lambda c: (c.spearman, c.top25_overlap))
+                missed = (f"{p.estimator} missed the targets on its held-out rows ({worst.column}: Spearman "
+                          f"{worst.spearman:.4f}, top-25% overlap {worst.top25_overlap:.1%}); scored exactly "
+                          "instead")
+                log.warning("auto: %s", missed)
+                chunks.remove_run(work)
+                raise _Missed(missed)
         t0 = time.perf_counter()
-        report.checks = held_out_check(pool, p, cols, progress, device)
-        report.seconds["check"] = time.perf_counter() - t0
-        if fallback and report.targets_met is False:
-            worst = min(report.checks, key=lambda c: (c.spearman, c.top25_overlap))
-            missed = (f"{p.estimator} missed the targets on its held-out rows ({worst.column}: Spearman "
-                      f"{worst.spearman:.4f}, top-25% overlap {worst.top25_overlap:.1%}); scored exactly instead")
-            log.warning("auto: %s", missed)
-            chunks.remove_run(work)
-            raise _Missed(missed)
-    cols = {c: v for c, v in cols.items() if c in report.columns}
-    t0 = time.perf_counter()
-    report.run_id = store_scores(pool, p, cols, report, started)
-    report.seconds["store"] = time.perf_counter() - t0
-    report.seconds["total"] = time.perf_counter() - started
+        report.run_id = store_scores(pool, p, {c: v for c, v in cols.items() if c in report.columns}, report,
+                                     started)
+        report.seconds["store"] = time.perf_counter() - t0
+        report.seconds["total"] = time.perf_counter() - started
     chunks.remove(work)
     log.info("scored %d samples: %s in %.1f s (run %d)", pool.n, ", ".join(report.columns),
              report.seconds["total"], report.run_id)
     return report
 
 
-def _kl_columns(pool: PoolIndex, p: ScoreParams, work: Path, held: contextlib.ExitStack, report: ScoreReport,
-                progress: Progress, device: str, engine) -> dict[str, np.ndarray]:
-    """The KL columns of every side asked for, computed or reused chunk by chunk in ``work`` (held
-    locked by this run until ``held`` closes): in this process (``queries.kl_local``), or as
-    tasks of ``engine`` (``queries.kl_engine``)."""
+def _kl_columns(pool: PoolIndex, p: ScoreParams, work: Path, cols: Columns, report: ScoreReport,
+                progress: Progress, device: str, engine) -> None:
+    """The KL columns of every side asked for, into ``cols``: computed or reused chunk by chunk in
+    ``work`` (held locked by this run), in this process (``queries.kl_local``), or as tasks of
+    ``engine`` (``queries.kl_engine``), then copied from the chunk files."""
     from clip_density_index.queries import kl_engine, kl_local
 
     both, side = kl_local.kl_exact_both, kl_local.kl_side
     if engine.name != "local":
         both, side = functools.partial(kl_engine.kl_exact_both, engine), functools.partial(kl_engine.kl_side, engine)
 
-    work.mkdir(parents=True, exist_ok=True)
-    held.enter_context(lock.sole(work, f"A score with the same options is already running in "
-                                       f"{str(pool.root)!r} (its chunks are in {work}); wait for "
-                                       "it to finish"))
     log.info("scoring KL (%s: %s) of %d samples, %s, %s engine; chunks in %s", p.estimator, p.reason, pool.n,
              "+".join(p.sides), engine.name, work)
-    cols: dict[str, np.ndarray] = {}
     if p.exact and len(p.sides) == 2:
         t0 = time.perf_counter()
-        cols.update(both(pool, p, work, report, progress, device))
+        both(pool, p, work, report, progress, device, cols.new)
         report.seconds["kl_both"] = time.perf_counter() - t0
     else:
         for s in p.sides:
             t0 = time.perf_counter()
             side(pool, s, p, work, report, progress, device)
-            cols.update(chunks.read_side(work, s, pool.n))
+            chunks.read_side(work, s, pool.n, cols.new)
             report.seconds[f"kl_{s}"] = time.perf_counter() - t0
             log.info("KL %s side: %.1f s", s, report.seconds[f"kl_{s}"])
     if report.chunks_reused:
         log.info("resumed: %d chunks reused from %s", report.chunks_reused, work)
-    return cols
 
 
-def _closed_form_columns(pool: PoolIndex, p: ScoreParams, report: ScoreReport,
-                         progress: Progress) -> dict[str, np.ndarray]:
-    """The closed-form columns asked for (``queries.closed_form``, O(n d))."""
+def _closed_form_columns(pool: PoolIndex, p: ScoreParams, cols: Columns, report: ScoreReport,
+                         progress: Progress) -> None:
+    """The closed-form columns asked for (``queries.closed_form``, O(n d)), into ``cols``."""
     t0 = time.perf_counter()
-    cols: dict[str, np.ndarray] = {}
     closed = [m for m in CLOSED_FORM_METRICS if m in p.metrics]
     if closed:
         from clip_density_index.queries.closed_form import closed_form_scores
 
         for s in p.sides:
-            cols.update(closed_form_scores(pool, s, a=p.a, metrics=set(closed), progress=progress,
-                                           precision="float32"))
+            closed_form_scores(pool, s, a=p.a, metrics=set(closed), progress=progress, precision="float32",
+                               column=cols.new)
     if "clipscore" in p.metrics:
         from clip_density_index.queries.closed_form import clipscore_scores
 
-        cols["clipscore"] = clipscore_scores(pool, progress=progress)
-    if cols:
+        clipscore_scores(pool, progress=progress, column=cols.new)
+    if closed or "clipscore" in p.metrics:
         report.seconds["closed_form"] = time.perf_counter() - t0
-    return cols

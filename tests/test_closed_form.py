@@ -352,6 +352,23 @@ def test_progress_hook_sees_every_row(pools):
     assert seen[0] == ("closed-form image", 600) and sum(seen[1:]) == 600
 
 
+def test_a_column_hook_gets_the_same_values_written_into_its_arrays(pools, tmp_path):
+    """``column=`` (``score``'s column files): every column is written into the array the hook
+    made (here memory maps of .npy files), equal bit for bit to the in-memory result."""
+    from clip_density_index.queries.columns import Columns
+
+    for kind, pool in pools.items():
+        want = cf.closed_form_scores(pool, "text", chunk=97)
+        with Columns(tmp_path / kind, pool.n) as cols:
+            got = cf.closed_form_scores(pool, "text", chunk=97, column=cols.new)
+            score = cf.clipscore_scores(pool, chunk=97, column=cols.new)
+            assert sorted(cols) == sorted([*want, "clipscore"])
+            assert all(got[c] is cols[c] for c in want) and score is cols["clipscore"]
+            for c in want:  # NaN where the raw norms are unknown, in both
+                np.testing.assert_array_equal(np.load(tmp_path / kind / f"{c}.npy"), want[c], err_msg=f"{kind} {c}")
+            np.testing.assert_array_equal(cols["clipscore"], cf.clipscore_scores(pool, chunk=97))
+
+
 def test_clipscore_scores(pools):
     for pool in pools.values():
         got = cf.clipscore_scores(pool, chunk=64)

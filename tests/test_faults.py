@@ -104,6 +104,44 @@ def test_an_old_copy_without_proof_is_kept(tmp_path):
     assert stray.is_dir() and (stray / "catalog.duckdb").is_file()
 
 
+#: ``cli.py`` with the scores stored in ranges of 100 rows (``queries.score_store.STORE_ROWS``).
+CLI_RANGES_OF_100 = [sys.executable, "-c",
+                     "import sys; from clip_density_index.queries import score_store; score_store.STORE_ROWS = 100; "
+                     "from clip_density_index.cli import cli; cli(sys.argv[1:], prog_name='cli.py')"]
+
+
+def test_a_kill_in_the_middle_of_the_ranged_store_leaves_the_old_scores(tmp_path):
+    """SIGKILL after the first of three ranges of the new scores table: the old table, its runs,
+    no scores__new; the killed run's column files stay in its work folder until the next run."""
+    out = tmp_path / "idx"
+    build_index(make(300), out)
+    assert run_cli("score", out, "--metrics", "dc", "-q").returncode == 0
+
+    def catalog():
+        with duckdb.connect(str(out / "catalog.duckdb"), read_only=True) as con:
+            names = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+            rows = con.execute("SELECT vec_id, dc_text, dw_text FROM scores ORDER BY vec_id").fetchall()
+            return names, rows, con.execute("SELECT count(*) FROM score_runs").fetchone()[0]
+
+    names, before, runs = catalog()
+    env = {**os.environ, ENV: "score.store_range"}
+    killed = subprocess.run(CLI_RANGES_OF_100 + ["score", str(out), "--metrics", "dc,dw", "-q"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, (killed.returncode, killed.stderr)
+    after_names, after, after_runs = catalog()
+    assert "scores__new" not in after_names and after == before and after_runs == runs == 1
+    assert sorted(p.name for p in out.glob("work/*/columns/*.npy")) == [
+        "dc_image.npy", "dc_text.npy", "dw_image.npy", "dw_text.npy"]
+    done = subprocess.run(CLI_RANGES_OF_100 + ["score", str(out), "--metrics", "dc,dw", "-q"],
+                          env={k: v for k, v in os.environ.items() if k != ENV}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    _, rows, runs = catalog()
+    assert all(dw is None for _, _, dw in before)
+    assert runs == 2 and [r[:2] for r in rows] == [r[:2] for r in before] and all(dw is not None for *_, dw in rows)
+    assert not (out / "work").exists()
+
+
 # -- 2 / 3: a full disk ----------------------------------------------------------------------------
 @contextlib.contextmanager
 def small_fs(path: Path, size: str):

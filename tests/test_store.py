@@ -120,6 +120,26 @@ def test_insert_by_name_and_a_transaction_that_raises_rolls_back(store):
     assert store.checkpoint() is None
 
 
+def test_replace_scores_in_ranges_raises_a_failed_range_own_error_and_keeps_the_old_table(store):
+    """A range that DuckDB refuses (a caption where a score belongs) fails with DuckDB's own error,
+    not the aborted transaction's, and leaves the old table and no scores__new."""
+    import duckdb
+
+    ids = np.arange(6, dtype=np.int64)
+    store.write_samples(pa.table({"vec_id": ids, "uid": [f"{i:032x}" for i in ids]}), create=True)
+
+    def ranges(second):
+        yield 0, 3, pa.table({"vec_id": ids[:3], "dc_text": [1.0, 2.0, 3.0]})
+        yield 3, 6, pa.table({"vec_id": ids[3:], "dc_text": second})
+
+    assert store.replace_scores(ranges([4.0, 5.0, 6.0]), {"dc_text": "new"}, ("dc_text",), 6, lambda: 7) == 7
+    with pytest.raises(duckdb.ConversionException, match="'x'"):
+        store.replace_scores(ranges(["x", "y", "z"]), {"dc_text": "new"}, ("dc_text",), 6, lambda: 8)
+    assert "scores__new" not in store.tables()
+    assert store.arrow_text("SELECT vec_id, dc_text FROM scores").to_pydict() == {
+        "vec_id": list(range(6)), "dc_text": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}
+
+
 def test_arrow_names_repeated_columns_apart_and_arrow_in_keeps_the_lookups(store):
     assert store.arrow_text("SELECT 1 AS a, 2 AS a, 3 AS a_1").column_names == ["a", "a_2", "a_1"]
     store.con.execute("CREATE TABLE samples AS SELECT range AS vec_id, 'u' || range AS uid, "

@@ -1,2 +1,3 @@
--- The join scores_new_create.sql adds when some score columns are carried over from the old table.
-LEFT JOIN scores AS o ON o.vec_id = s.vec_id
+-- The join scores_new_rows.sql adds when some score columns are carried over from the old table: its rows of
+-- the same range only.
+LEFT JOIN (SELECT * FROM scores WHERE vec_id >= $lo AND vec_id < $hi) AS o ON o.vec_id = s.vec_id
