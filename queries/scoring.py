@@ -118,7 +118,7 @@ def score(
             ``queries.strata.DEFAULT_MAX_FRACTION``).
         device: torch device for the dense parts (``"auto"``: CUDA when available).
         engine: where the KL chunks run (``indexer.engine``): ``"local"`` (this process) or
-            ``"ray"`` (tasks on a Ray cluster; the index must be on a path every node reads), or an
+            ``"ray"`` (tasks on a Ray cluster; the index on a path every node reads, or a URI), or an
             engine already open (``indexer.engine.open_engine``). The same estimators, parameters
             and numbers either way; the driver (this process) plans, checks and stores.
         address: the Ray cluster (``"auto"``, ``host:port``, ``ray://...``); default a local
