@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: The running column-partials file of an exact run of both sides.
 COLUMNS_FILE = "imagecols.parquet"
+#: Seconds between writes of that file (``RunningColumns``).
+COLUMNS_EVERY = 600.0
 
 
 def chunk_path(work: Path, side: str, start: int) -> Path:
@@ -118,6 +121,35 @@ def write_columns(work: Path, columns, merged: set[int]) -> None:
     """Replace the running column partials, recording the chunks ``merged`` into them."""
     table = pa.table({"max": columns.max, "s0": columns.s0, "s1": columns.s1})
     write_atomic(table.replace_schema_metadata({"chunks": json.dumps(sorted(merged))}), work / COLUMNS_FILE)
+
+
+class RunningColumns:
+    """When the running column partials are written: at most every ``COLUMNS_EVERY`` seconds, and
+    once at the end of the pass (``save``). The file is rewritten whole (24 bytes per image: 31 GB
+    at 1.28B), so writing it after every chunk would cost more than the pass; a chunk folded in
+    since the last write is not in the file's record, and a resumed run computes its columns again
+    (its rows file is reused or rewritten), so it is counted once either way.
+
+    ``merged`` is the run's set of chunk starts folded into ``columns`` (in memory)."""
+
+    def __init__(self, work: Path, columns, merged: set[int]):
+        self.work, self.columns, self.merged = work, columns, merged
+        self._saved = time.monotonic()
+        self._unsaved = False
+
+    def folded(self, start: int) -> None:
+        """Chunk ``start``'s column partials are in ``columns``: record it, and write the file when
+        ``COLUMNS_EVERY`` seconds have passed since the last write."""
+        self.merged.add(start)
+        self._unsaved = True
+        if time.monotonic() - self._saved >= COLUMNS_EVERY:
+            self.save()
+
+    def save(self) -> None:
+        """Write the file if chunks were folded in since the last write."""
+        if self._unsaved:
+            write_columns(self.work, self.columns, self.merged)
+            self._saved, self._unsaved = time.monotonic(), False
 
 
 def remove(work: Path) -> None:

@@ -14,7 +14,8 @@ The exact pass of both sides splits ``S = a T I'`` into tiles of a chunk of capt
 images (``key_block``): a tile returns its captions' row partials over its images and its images'
 column partials over its captions (``queries.exact.Moments``, merged associatively). A chunk is
 finished when its last tile is in: its rows are written, and its column partials are folded into the
-running file together, so the file never holds part of a chunk. When a run has fewer chunks than
+running partials together (written to their file as ``queries.chunks.RunningColumns`` says), so the
+file never holds part of a chunk. When a run has fewer chunks than
 the cluster has workers, chunks are split likewise into parts (``TASKS_PER_WORKER``); the chunk files
 stay those of the local engine.
 """
@@ -196,6 +197,7 @@ def kl_exact_both(engine, pool: PoolIndex, p: ScoreParams, work: Path, report: S
         c.left = len(blocks)
         tiles += [(c.start, c.stop, c0, c1, c.start not in merged) for c0, c1 in blocks]
     ctx = engine.put(_context(pool, device, p=p))
+    running = chunks.RunningColumns(work, columns, merged)
     with progress(f"KL scores (both sides, exact, {engine.name})", n) as advance:
         advance(n - sum(c.stop - c.start for c in open_chunks.values()))
         for (start, stop, c0, c1, _), (rows, cols, seconds) in engine.map(tile_task, tiles, ctx,
@@ -207,22 +209,22 @@ def kl_exact_both(engine, pool: PoolIndex, p: ScoreParams, work: Path, report: S
                 chunk.cols.append((c0, c1, cols))
             chunk.left -= 1
             if chunk.left == 0:
-                _finish_chunk(work, open_chunks.pop(start), mean_text, columns, merged, p, n, report)
+                _finish_chunk(work, open_chunks.pop(start), mean_text, running, p, n, report)
                 advance(stop - start)
+    running.save()
     chunks.read_side(work, "text", n, column)
     columns.kl_into(column("kl_image"), column("klr_image"), mean_image, n, p.b)
 
 
-def _finish_chunk(work: Path, chunk: _Chunk, mean_text: np.ndarray, columns, merged: set[int], p: ScoreParams,
-                  n: int, report: ScoreReport) -> None:
+def _finish_chunk(work: Path, chunk: _Chunk, mean_text: np.ndarray, running: chunks.RunningColumns,
+                  p: ScoreParams, n: int, report: ScoreReport) -> None:
     """A chunk whose tiles are all in: its rows written, its column partials folded in (once)."""
     t0 = time.perf_counter()
     kl, klr = chunk.rows.kl(mean_text[chunk.start : chunk.stop], n, p.b)
     chunks.write_rows(work, "text", chunk.start, kl, klr)
     if chunk.cols:
         for c0, c1, parts in chunk.cols:
-            columns.merge(slice(c0, c1), *parts)
-        merged.add(chunk.start)
-        chunks.write_columns(work, columns, merged)
+            running.columns.merge(slice(c0, c1), *parts)
+        running.folded(chunk.start)
     report.add_seconds("kl_both.write", time.perf_counter() - t0)
     report.chunks_computed += 1

@@ -54,8 +54,10 @@ def kl_exact_both(pool: PoolIndex, p: ScoreParams, work: Path, report: ScoreRepo
     Resumable like the one-sided chunks: chunk ``c`` (captions ``start..stop``) writes the captions'
     finished kl_text / klr_text, then folds the images' column partials over those captions into
     one running file (``chunks.COLUMNS_FILE``, O(n) on disk whatever the number of chunks) that
-    records which chunks it holds. A chunk counts as done when its rows file exists and the running
-    partials hold it; a crash between the two writes recomputes the chunk and folds it in once.
+    records which chunks it holds; the file is written every ``chunks.COLUMNS_EVERY`` seconds and
+    at the end of the pass (``chunks.RunningColumns``). A chunk counts as done when its rows file
+    exists and the written partials hold it; a crash in between recomputes the chunk and folds it
+    in once.
     The partials (24 bytes per image) stay in memory for the pass; kl_image / klr_image are
     computed from them block by block into their column files.
     """
@@ -71,6 +73,7 @@ def kl_exact_both(pool: PoolIndex, p: ScoreParams, work: Path, report: ScoreRepo
     mean_text = mean_scores(texts, cand_sum(pool, "image"), p.a, n)
     mean_image = mean_scores(pool.embeddings("image"), cand_sum(pool, "text"), p.a, n)
     columns, merged = chunks.read_columns(work, n)
+    running = chunks.RunningColumns(work, columns, merged)
     with progress("KL scores (both sides, exact)", n) as advance:
         for start in range(0, n, p.batch_size):
             stop = min(start + p.batch_size, n)
@@ -88,10 +91,10 @@ def kl_exact_both(pool: PoolIndex, p: ScoreParams, work: Path, report: ScoreRepo
             chunks.write_rows(work, "text", start, kl, klr)
             if cols is not None:
                 columns.merge_all(cols)
-                merged.add(start)
-                chunks.write_columns(work, columns, merged)
+                running.folded(start)
             report.add_seconds("kl_both.write", time.perf_counter() - t0)
             report.chunks_computed += 1
+    running.save()
     chunks.read_side(work, "text", n, column)
     columns.kl_into(column("kl_image"), column("klr_image"), mean_image, n, p.b)
 

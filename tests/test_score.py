@@ -12,7 +12,7 @@ from clip_density_index.indexer.build import build_index
 from clip_density_index.indexer.errors import IndexNotFound, InvalidParameter
 from clip_density_index.indexer.pool import open_index
 from clip_density_index.indexer.sources import ArraySource
-from clip_density_index.queries import estimate
+from clip_density_index.queries import chunks, estimate
 from clip_density_index.queries.accuracy import spearman, top_overlap
 from clip_density_index.queries.exact import exact_kl
 from clip_density_index.queries.score_params import SCORE_COLUMNS
@@ -572,6 +572,7 @@ def test_an_interrupted_exact_run_resumes_with_one_running_column_file(index, mo
     run equals an uninterrupted one."""
     import clip_density_index.queries.exact as qe
 
+    monkeypatch.setattr(chunks, "COLUMNS_EVERY", 0.0)  # the running file written after every chunk
     params = dict(estimator="exact", metrics=["kl", "klr"], batch_size=300, precision="float64")
     real, calls = qe.exact_moments, []
 
@@ -601,6 +602,42 @@ def test_an_interrupted_exact_run_resumes_with_one_running_column_file(index, mo
         np.testing.assert_allclose(resumed[f"kl_{side}"], kl, rtol=1e-9)
         np.testing.assert_allclose(resumed[f"klr_{side}"], klr, rtol=1e-9)
         np.testing.assert_allclose(resumed[f"kl_{side}"], scores(fresh)[f"kl_{side}"], rtol=1e-12)
+
+
+def test_column_partials_written_only_every_columns_every_seconds_are_counted_once(index, monkeypatch):
+    """With the running file written only at the end of the pass, a run killed in the middle leaves
+    its rows files but no partials: the resumed run computes every chunk's columns again (folding
+    each in once) and equals the exact reference; a pass that ends writes the file."""
+    import clip_density_index.queries.exact as qe
+
+    monkeypatch.setattr(chunks, "COLUMNS_EVERY", 1e9)
+    params = dict(estimator="exact", metrics=["kl", "klr"], batch_size=300, precision="float64")
+    real, calls = qe.exact_moments, []
+
+    def dying(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(qe, "exact_moments", dying)
+    with pytest.raises(KeyboardInterrupt):
+        score(index, **params)
+    [work] = (index / "work").iterdir()
+    assert sorted(f.name for f in work.glob("*.parquet")) == ["text-000000000000.parquet",
+                                                              "text-000000000300.parquet"]
+    monkeypatch.setattr(qe, "exact_moments", real)
+    saved, real_write = [], chunks.write_columns
+    monkeypatch.setattr(chunks, "write_columns", lambda *a: saved.append(sorted(a[2])) or real_write(*a))
+    report = score(index, **params)
+    assert report.chunks_reused == 0 and report.chunks_computed == 4
+    assert saved == [[0, 300, 600, 900]]  # once, at the end of the pass
+    pool = open_index(index)
+    got = scores(index)
+    for side, other in (("text", "image"), ("image", "text")):
+        kl, klr = exact_kl(pool.embeddings(side), pool.embeddings(other), 100.0)
+        np.testing.assert_allclose(got[f"kl_{side}"], kl, rtol=1e-9)
+        np.testing.assert_allclose(got[f"klr_{side}"], klr, rtol=1e-9)
 
 
 def test_auto_never_recomputes_an_exact_run_whose_check_misses(index, monkeypatch):
