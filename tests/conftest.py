@@ -30,6 +30,28 @@ def clustered_pairs(n: int, d: int, seed: int = 0, clusters: int = 20):
     return image.astype(np.float32), text.astype(np.float32)
 
 
+@contextlib.contextmanager
+def exact_pass_killed_at(call: int):
+    """``queries.exact.exact_moments`` raises KeyboardInterrupt at its ``call``-th call in this
+    process (a score run killed in the middle of its exact pass) inside the block, and is itself again
+    after it."""
+    import clip_density_index.queries.exact as qe
+
+    real, calls = qe.exact_moments, []
+
+    def dying(*a, **kw):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    qe.exact_moments = dying
+    try:
+        yield
+    finally:
+        qe.exact_moments = real
+
+
 def unit32(x):
     """Rows scaled to unit length, as float32 (what an index stores)."""
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import clustered_pairs
+from conftest import clustered_pairs, exact_pass_killed_at
 from clip_density_index.indexer.build import build_index
 from clip_density_index.indexer.errors import IndexNotFound, InvalidParameter
 from clip_density_index.indexer.pool import open_index
@@ -570,26 +570,14 @@ def test_a_failed_checkpoint_after_the_commit_says_the_scores_are_stored(index, 
 def test_an_interrupted_exact_run_resumes_with_one_running_column_file(index, monkeypatch):
     """The images' column partials are folded into one running file (O(n) on disk), and a resumed
     run equals an uninterrupted one."""
-    import clip_density_index.queries.exact as qe
-
     monkeypatch.setattr(chunks, "COLUMNS_EVERY", 0.0)  # the running file written after every chunk
     params = dict(estimator="exact", metrics=["kl", "klr"], batch_size=300, precision="float64")
-    real, calls = qe.exact_moments, []
-
-    def dying(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(qe, "exact_moments", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with exact_pass_killed_at(3), pytest.raises(KeyboardInterrupt):
         score(index, **params)
     [work] = (index / "work").iterdir()
     assert sorted(f.name for f in work.glob("*.parquet")) == [
         "imagecols.parquet", "text-000000000000.parquet", "text-000000000300.parquet"]
     (work / "text-000000000300.parquet").unlink()  # rows lost after their columns were folded in
-    monkeypatch.setattr(qe, "exact_moments", real)
     report = score(index, **params)
     assert report.chunks_reused == 1 and report.chunks_computed == 3
     resumed = scores(index)
@@ -608,25 +596,13 @@ def test_column_partials_written_only_every_columns_every_seconds_are_counted_on
     """With the running file written only at the end of the pass, a run killed in the middle leaves
     its rows files but no partials: the resumed run computes every chunk's columns again (folding
     each in once) and equals the exact reference; a pass that ends writes the file."""
-    import clip_density_index.queries.exact as qe
-
     monkeypatch.setattr(chunks, "COLUMNS_EVERY", 1e9)
     params = dict(estimator="exact", metrics=["kl", "klr"], batch_size=300, precision="float64")
-    real, calls = qe.exact_moments, []
-
-    def dying(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(qe, "exact_moments", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with exact_pass_killed_at(3), pytest.raises(KeyboardInterrupt):
         score(index, **params)
     [work] = (index / "work").iterdir()
     assert sorted(f.name for f in work.glob("*.parquet")) == ["text-000000000000.parquet",
                                                               "text-000000000300.parquet"]
-    monkeypatch.setattr(qe, "exact_moments", real)
     saved, real_write = [], chunks.write_columns
     monkeypatch.setattr(chunks, "write_columns", lambda *a: saved.append(sorted(a[2])) or real_write(*a))
     report = score(index, **params)

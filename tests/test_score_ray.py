@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import clustered_pairs
+from conftest import clustered_pairs, exact_pass_killed_at
 from clip_density_index.indexer.build import build_index
 from clip_density_index.indexer.engine import open_engine
 from clip_density_index.indexer.faults import ARMED_ENV
@@ -149,22 +149,11 @@ def test_a_killed_worker_costs_only_its_task(engine, index, local_exact, armed, 
 
 
 def test_a_run_interrupted_locally_resumes_on_ray(engine, index, local_exact, monkeypatch):
-    import clip_density_index.queries.exact as qe
     from clip_density_index.queries import chunks
 
     monkeypatch.setattr(chunks, "COLUMNS_EVERY", 0.0)  # the partials written after every chunk
-    real, calls = qe.exact_moments, []
-
-    def dying(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(qe, "exact_moments", dying)  # the driver's own calls only
-    with pytest.raises(KeyboardInterrupt):
+    with exact_pass_killed_at(3), pytest.raises(KeyboardInterrupt):  # the driver's own calls only
         score(index, **EXACT)
-    monkeypatch.setattr(qe, "exact_moments", real)
     report = score(index, engine=engine, **EXACT)
     assert report.chunks_reused == 2 and report.chunks_computed == 2  # the two chunks done are not resubmitted
     assert_same_kl(stored(index), local_exact[1], 1e-9)
