@@ -35,7 +35,7 @@ from clip_density_index.indexer.diskspace import disk_full, is_disk_full
 from clip_density_index.indexer.errors import BadInput, ClipIndexError, InvalidParameter
 from clip_density_index.indexer.faults import fault_point
 from clip_density_index.indexer.fs import input_path
-from clip_density_index.indexer.layout import FORMAT_VERSION, MODALITIES, IndexPaths
+from clip_density_index.indexer.layout import CATALOG, DATA_FILES, FORMAT_VERSION, MODALITIES, IndexPaths
 from clip_density_index.indexer.normalise import normalise_rows
 from clip_density_index.indexer.progress import Progress, null_progress
 from clip_density_index.indexer.source import Batch, Source, SourceInfo
@@ -103,8 +103,8 @@ class LimitedSource:
 
 #: What a build writes into an index directory (and ``score`` / the locks add); anything else in
 #: an index at ``--out`` is the user's, and a rebuild refuses to delete it.
-_INDEX_FILES = re.compile(r"^(catalog\.duckdb(\.wal|\.tmp)?|(image|text)(\.faiss|_emb\.npy|_rawnorm\.npy)"
-                          r"|skipped\.tsv|work|\.lock|\.lock-swap|\.build"  # .tmp: DuckDB's spill folder
+_INDEX_FILES = re.compile(rf"^({DATA_FILES}|{re.escape(CATALOG)}\.tmp"  # .tmp: DuckDB's spill folder
+                          r"|work|\.lock|\.lock-swap|\.build"
                           rf"|{re.escape(remote.MARKER)}|{re.escape(remote.MIRROR_LOCK)}"  # a mirror's (indexer.remote)
                           rf"|\..+{re.escape(remote.PART_SUFFIX)})$")
 

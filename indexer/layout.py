@@ -23,6 +23,7 @@ the raw embedding is ``rawnorm[i] * emb[i]``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,12 @@ MODALITIES = ("image", "text")
 CATALOG = "catalog.duckdb"
 #: The factory key of an exact index; such an index has no .faiss file (it is made from *_emb.npy).
 FLAT_KEY = "Flat"
+#: The names of the data files a build writes into an index directory (the catalog and its
+#: write-ahead log, each modality's FAISS index, embeddings and raw norms, the skipped samples), as
+#: a regular expression's alternatives: what a URI holds (``indexer.remote``), and part of what a
+#: rebuild may replace (``indexer.build``).
+DATA_FILES = (rf"{re.escape(CATALOG)}(\.wal)?|({'|'.join(MODALITIES)})(\.faiss|_emb\.npy|_rawnorm\.npy)"
+              r"|skipped\.tsv")
 
 
 def check_modality(modality: str) -> str:

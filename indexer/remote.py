@@ -39,8 +39,9 @@ from clip_density_index.indexer.errors import (BrokenIndex, FormatVersionMismatc
                                                InvalidParameter, RemoteError)
 from clip_density_index.indexer.fs import RemotePath, input_path, is_uri
 from clip_density_index.indexer.integrity import crc32_file
-from clip_density_index.indexer.layout import CATALOG, FORMAT_VERSION, MODALITIES
+from clip_density_index.indexer.layout import CATALOG, DATA_FILES, FORMAT_VERSION
 from clip_density_index.indexer.progress import Progress, null_progress
+from clip_density_index.indexer.store import first_line
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,7 @@ PART_SUFFIX = ".part"
 CACHE_ENV = "CLIP_DENSITY_INDEX_CACHE"
 #: The files of an index that a URI holds (``indexer.layout``); nothing else is uploaded, and a
 #: marker naming another file is refused.
-DATA_FILE = re.compile(rf"^({re.escape(CATALOG)}(\.wal)?|({'|'.join(MODALITIES)})(\.faiss|_emb\.npy|_rawnorm\.npy)"
-                       r"|skipped\.tsv)$")
+DATA_FILE = re.compile(rf"^({DATA_FILES})$")
 _CHUNK = 16 << 20
 
 
@@ -130,7 +130,7 @@ def _fetch_marker(remote: RemotePath, uri: str) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise RemoteError(f"{uri}: cannot read {MARKER} ({_first_line(e)})") from None
+        raise RemoteError(f"{uri}: cannot read {MARKER} ({first_line(e)})") from None
 
 
 def _missing(uri: str) -> IndexNotFound:
@@ -171,10 +171,15 @@ def _checked(data: bytes, where: str, uri: str) -> dict:
     return m
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}{PART_SUFFIX}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _marker_bytes(marker: dict) -> bytes:
+    return json.dumps(marker, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def _write_marker(root: Path, marker: dict) -> None:
+    """The mirror's copy of the marker, replaced whole."""
+    tmp = root / f".{MARKER}{PART_SUFFIX}"
+    tmp.write_bytes(_marker_bytes(marker))
+    os.replace(tmp, root / MARKER)
 
 
 def _local_marker(root: Path) -> dict | None:
@@ -240,15 +245,14 @@ def publish(local_root: str | Path, uri: str, *, expected_created_at: str | None
             marker = old
         else:
             _upload_all(local_root, remote, uri, send, files, progress or null_progress)
-            _remote_call(uri, f"write {MARKER}", remote.fs.pipe_file, (remote / MARKER).path,
-                         json.dumps(marker, indent=1, sort_keys=True).encode() + b"\n")
+            _remote_call(uri, f"write {MARKER}", remote.fs.pipe_file, (remote / MARKER).path, _marker_bytes(marker))
             for name in set(old["files"] if old else ()) - set(files):  # e.g. a write-ahead log since checkpointed
                 try:
                     remote.fs.rm_file((remote / name).path)
                 except OSError:
                     pass
             log.info("published %s to %s (%d of %d files uploaded)", local_root, uri, len(send), len(files))
-        _write_json(local_root / MARKER, marker)
+        _write_marker(local_root, marker)
     return marker
 
 
@@ -277,7 +281,7 @@ def _upload_all(local_root: Path, remote: RemotePath, uri: str, names: list[str]
                         out.write(block)
                         advance(len(block))
             except OSError as e:
-                raise RemoteError(f"{uri}: uploading {name} failed ({_first_line(e)}); the index there is "
+                raise RemoteError(f"{uri}: uploading {name} failed ({first_line(e)}); the index there is "
                                   f"not complete until a publish finishes (its {MARKER} is written last)") from None
 
 
@@ -289,7 +293,7 @@ def _remote_call(uri: str, what: str, fn: Callable, *args, missing_ok: bool = Fa
         if not missing_ok:
             raise RemoteError(f"{uri}: cannot {what} (not found)") from None
     except OSError as e:
-        raise RemoteError(f"{uri}: cannot {what} ({_first_line(e)})") from None
+        raise RemoteError(f"{uri}: cannot {what} ({first_line(e)})") from None
 
 
 # -- mirror --------------------------------------------------------------------------------------
@@ -318,7 +322,7 @@ def mirror(uri: str, cache_dir: str | Path | None = None, progress: Progress | N
     try:
         local.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InvalidParameter(f"Cannot create the mirror folder {str(local)!r} of {uri} ({_first_line(e)}); "
+        raise InvalidParameter(f"Cannot create the mirror folder {str(local)!r} of {uri} ({first_line(e)}); "
                                f"set {CACHE_ENV} to a folder this user can write") from None
     with lock.waiting(local, MIRROR_LOCK):
         here = _local_marker(local)
@@ -342,7 +346,7 @@ def _refresh(uri: str, local: Path, marker: dict, here: dict | None, progress: P
             for name in need:
                 _download(remote / name, local / name, files[name], uri, advance)
     log.info("mirrored %s in %s (%d of %d files downloaded)", uri, local, len(need), len(files))
-    _write_json(local / MARKER, marker)
+    _write_marker(local, marker)
 
 
 def _current(path: Path, rec: dict, old: dict | None) -> bool:
@@ -374,7 +378,7 @@ def _download(src: RemotePath, dest: Path, rec: dict, uri: str, advance: Callabl
         if isinstance(e, FileNotFoundError):
             raise RemoteError(f"{src.name} of {uri} is missing though its {MARKER} lists it (a publish in "
                               "progress?); run the command again") from None
-        raise RemoteError(f"{uri}: downloading {src.name} failed ({_first_line(e)}); run the command again") from None
+        raise RemoteError(f"{uri}: downloading {src.name} failed ({first_line(e)}); run the command again") from None
     if size != rec["bytes"] or crc != rec["crc32"]:
         part.unlink(missing_ok=True)
         raise BrokenIndex(f"{src.name} of {uri}: downloaded {size:,} bytes, crc32 {crc:08x}; its {MARKER} says "
@@ -382,7 +386,3 @@ def _download(src: RemotePath, dest: Path, rec: dict, uri: str, advance: Callabl
                           "(a publish in progress?) or is damaged; run again, or publish the index again")
     os.replace(part, dest)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -221,8 +221,7 @@ class Moments:
         queries at a time: the same values, with no temporary as long as all the queries."""
         for s in range(0, len(self.max), block):
             sl = slice(s, s + block)
-            kl[sl], klr[sl] = kl_from_moments(self.max[sl] + np.log(self.s0[sl]), self.s1[sl] / self.s0[sl],
-                                              mean_s[sl], n, b)
+            kl[sl], klr[sl] = Moments.of(self.max[sl], self.s0[sl], self.s1[sl]).kl(mean_s[sl], n, b)
 
 
 def exact_moments(

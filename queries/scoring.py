@@ -28,7 +28,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-
 from clip_density_index.indexer import defaults, lock
 from clip_density_index.indexer.engine import engine_for
 from clip_density_index.indexer.pool import PoolIndex, as_pool
